@@ -332,6 +332,38 @@ KVATTN_API kvattn_status kvattn_merge_state(kvattn_context *ctx, const DLTensor 
 KVATTN_API kvattn_status kvattn_merge_states(kvattn_context *ctx, const DLTensor *v, const DLTensor *s,
                                              DLTensor *v_out, DLTensor *s_out, kvattn_stream stream);
 
+/* ======================================================================== */
+/* KV cache maintenance                                                     */
+/* ======================================================================== */
+
+/* Write new K/V tokens into a paged cache (after the page tables were extended to hold them).
+ *   k_new, v_new:   [tokens, kv_heads, head_dim] in the cache's dtype
+ *   batch_indices:  int32 [tokens]: the request of each token
+ *   positions:      int32 [tokens]: the token's position in its request's KV sequence; it lands in
+ *                   page kv->indices[kv_indptr[r] + pos / page_size], slot pos % page_size
+ *   kv:             the paged cache (layout, k/v or kv, indices), on the context's device
+ *   kv_indptr:      int32 [batch+1] on the context's device (pages per request)
+ * A position whose page lies outside the request's pages is INVALID_INDEX (checked on the CPU
+ * backend; on the GPU such a token is skipped, as a kernel cannot fail). Asynchronous on `stream`. */
+KVATTN_API kvattn_status kvattn_append_paged_kv(kvattn_context *ctx, const DLTensor *k_new, const DLTensor *v_new,
+                                                const DLTensor *batch_indices, const DLTensor *positions,
+                                                const kvattn_kv *kv, const DLTensor *kv_indptr,
+                                                kvattn_stream stream);
+
+/* ======================================================================== */
+/* JIT: ahead-of-time compilation and the cubin cache                       */
+/* ======================================================================== */
+
+/* Compile, or find in the disk cache, every GPU kernel an attention with `desc` needs on `arch`
+ * ("sm_80", "sm_86", "sm_89", "sm_90a"). Works on a machine with no GPU (NVRTC only), so a cache
+ * filled here can travel to a GPU machine. cache_dir NULL = the default location. `kernels` and
+ * `seconds` (may be NULL) receive the number of specializations and the compile time spent. */
+KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const char *arch,
+                                       const char *cache_dir, int *kernels, double *seconds);
+
+/* Describe the cubin cache (its directory, entries, bytes, NVRTC found or why not). */
+KVATTN_API kvattn_status kvattn_cache_info(const char *cache_dir, char *buf, size_t size);
+
 #ifdef __cplusplus
 }
 #endif

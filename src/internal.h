@@ -236,6 +236,17 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
 kvattn_status gpu_merge_states(kvattn_context *ctx, const tview *v, const tview *s, const tview *v_out,
                                const tview *s_out, kvattn_stream stream);
 
+/* Append new K/V (see kvattn_append_paged_kv). kv_indptr is a device tensor. */
+kvattn_status gpu_append_paged_kv(kvattn_context *ctx, const tview *k_new, const tview *v_new,
+                                  const tview *batch_indices, const tview *positions, const tview *k,
+                                  const tview *v, const tview *indices, const tview *kv_indptr,
+                                  kvattn_stream stream);
+
+/* CPU append: the same arguments on host memory; checks every position against its pages. */
+kvattn_status cpu_append_paged_kv(const tview *k_new, const tview *v_new, const tview *batch_indices,
+                                  const tview *positions, const tview *k, const tview *v,
+                                  const tview *indices, const tview *kv_indptr);
+
 /* ---------------------------------------------------------------- small helpers */
 
 static inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
