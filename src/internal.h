@@ -165,6 +165,8 @@ struct kvattn_attention {
   int planned;
   kvattn_workspace ws;
   batch_view bv;               /* arrays live in the workspace (CPU) / pinned host part (GPU) */
+  int32_t *qo_scratch;         /* [max_batch+1] host: qo_indptr synthesized while lowering */
+  int64_t *mask_scratch;       /* [max_batch+1] host: mask offsets computed by plan (custom mask) */
   const int64_t *mask_offset;  /* [batch] first bit of request i's custom mask (host), or NULL */
   int64_t mask_bits;           /* total bits the custom mask must hold */
   struct gpu_attention *gpu;   /* NULL on the CPU */
