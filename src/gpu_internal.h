@@ -89,6 +89,37 @@ typedef struct jit_spec {
 kvattn_status jit_compile(const jit_spec *spec, const char *cache_dir, void **cubin, size_t *cubin_size,
                           double *seconds, int *cache_hit);
 
+/* (added by gpurt) Load NVRTC once per process: KVATTN_NVRTC (a library file or a folder), then
+ * $CUDA_HOME / $CUDA_PATH / /usr/local/cuda lib64 and lib, then the sonames libnvrtc.so.13, .12.
+ * BACKEND_UNAVAILABLE with every place tried when none loads. `desc` (may be NULL) receives e.g.
+ * "NVRTC 13.0 (/usr/local/cuda-13.0/lib/libnvrtc.so.13), headers -I/usr/local/cuda-13.0/include". */
+kvattn_status jit_nvrtc_load(char *desc, size_t desc_size);
+
+/* (added by gpurt) A 128-bit non-cryptographic hash (cache keys and entry checksums). */
+typedef struct hash128 {
+  uint64_t a, b;      /* the two lanes */
+  uint64_t tail;      /* bytes not yet absorbed (< 8) */
+  unsigned tail_len;
+  uint64_t total_len;
+} hash128;
+typedef struct jit_key { uint64_t lo, hi; } jit_key;
+void hash128_init(hash128 *h, uint64_t seed);
+void hash128_update(hash128 *h, const void *data, size_t n);
+jit_key hash128_final(const hash128 *h);
+
+/* (added by gpurt) The cubin disk cache (src/jit_cache.c). The directory: `explicit_dir` when set,
+ * else $KVATTN_CACHE_DIR, else $XDG_CACHE_HOME/kvattn, else ~/.cache/kvattn; created if missing
+ * (failure to create is not an error: the cache is then skipped). Returns 0 if no location. */
+int jit_cache_dir(const char *explicit_dir, char *out, size_t size);
+/* 1 and a malloc'ed cubin on a valid entry; 0 on a miss or a corrupt/truncated entry. */
+int jit_cache_load(const char *dir, jit_key key, void **cubin, size_t *size);
+/* Best effort, atomic (temp file in `dir` + fsync + rename): 1 stored, 0 not (read-only dir...). */
+int jit_cache_store(const char *dir, jit_key key, const void *cubin, size_t size);
+/* Serialize the compilers of one key across threads and processes (an OFD byte-range lock on
+ * dir/.lock). Returns a handle >= 0, or -1 when no lock could be taken (compile anyway). */
+int jit_cache_lock(const char *dir, jit_key key);
+void jit_cache_unlock(int handle);
+
 /* ---------------------------------------------------------------- the GPU context */
 
 #define GPU_MAX_KERNELS 128
@@ -120,5 +151,24 @@ kvattn_status gpu_make_current(struct gpu_context *g);
  * attribute to `smem_bytes` when > 48 KiB. */
 kvattn_status gpu_get_kernel(struct gpu_context *g, const char *source, const char *defines,
                              const char *entry, int smem_bytes, CUfunction *fn);
+
+
+/* ---------------------------------------------------------------- kernel families
+
+ * Decode (src/gpu_attention.c, src/plan_decode.c, kernels/decode*.cu) owns gpu_plan / gpu_run and
+ * routes every batch in which some work row has more than one query row (bv->qo_rows_max > 1), and
+ * every ragged or block-sparse batch, to the prefill family below. The prefill family's state hangs
+ * off kvattn_attention.gpu_prefill; its workspace needs are added to the decode family's in
+ * gpu_workspace_size (the two regions do not overlap: prefill uses the bytes after decode's). */
+struct gpu_prefill;
+kvattn_status gpu_prefill_workspace_size(kvattn_context *ctx, const kvattn_attention_desc *desc,
+                                         const kvattn_bounds *bounds, size_t *device_bytes,
+                                         size_t *host_bytes);
+kvattn_status gpu_prefill_init(kvattn_attention *a);   /* compiles its kernels */
+void gpu_prefill_release(kvattn_attention *a);
+/* ws_device_offset / ws_host_offset: where the prefill region starts inside the workspace. */
+kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const kvattn_workspace *ws,
+                               size_t ws_device_offset, size_t ws_host_offset, kvattn_stream stream);
+kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_stream stream);
 
 #endif /* KVATTN_GPU_INTERNAL_H */

@@ -145,6 +145,7 @@ double rope_frequency(const kvattn_attention_desc *d, int pair);
 
 struct gpu_context;
 struct gpu_attention;
+struct gpu_prefill;
 
 struct kvattn_context {
   kvattn_backend backend;      /* never AUTO */
@@ -170,6 +171,7 @@ struct kvattn_attention {
   const int64_t *mask_offset;  /* [batch] first bit of request i's custom mask (host), or NULL */
   int64_t mask_bits;           /* total bits the custom mask must hold */
   struct gpu_attention *gpu;   /* NULL on the CPU */
+  struct gpu_prefill *gpu_prefill; /* the prefill family's state (GPU), or NULL */
 };
 
 /* ---------------------------------------------------------------- run arguments */
