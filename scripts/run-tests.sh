@@ -41,7 +41,7 @@ phase_end() {
   local dt=$((SECONDS - t_phase))
   total_passed=$((total_passed + $1))
   total_failed=$((total_failed + $2))
-  phase_lines+=("$(printf '%-34s %6d passed %4d failed %6ds  %s' "$PHASE" "$1" "$2" "$dt" "${3:-}")")
+  phase_lines+=("$(printf '%-46s %6d passed %4d failed %6ds  %s' "$PHASE" "$1" "$2" "$dt" "${3:-}")")
   echo "=== $PHASE: $1 passed, $2 failed (${dt}s) ${3:-}"
 }
 
@@ -90,7 +90,7 @@ fi
 
 # --------------------------------------------------------------------------------------------
 if [ "${KVATTN_SKIP_SANITIZE:-0}" = 1 ]; then
-  phase_lines+=("$(printf '%-34s %s' "C tests under ASan+UBSan" "skipped (KVATTN_SKIP_SANITIZE=1)")")
+  phase_lines+=("$(printf '%-46s %s' "C tests under ASan+UBSan" "skipped (KVATTN_SKIP_SANITIZE=1)")")
 else
   phase_begin "C tests under ASan+UBSan ($ASAN_BUILD/)"
   # LeakSanitizer needs to stop the process's threads (ptrace-like); some sandboxes forbid that.
@@ -98,8 +98,11 @@ else
   # otherwise.
   printf '#include <stdlib.h>\nvoid *volatile p;\nint main(void) { p = malloc(33); p = 0; return 0; }\n' > "$LOGDIR/leak.c"
   leak_note=""
-  if cc -fsanitize=address -g "$LOGDIR/leak.c" -o "$LOGDIR/leak" >/dev/null 2>&1 &&
-     ASAN_OPTIONS=detect_leaks=1 "$LOGDIR/leak" 2>&1 | grep -q "detected memory leaks"; then
+  leak_report=""
+  if cc -fsanitize=address -g "$LOGDIR/leak.c" -o "$LOGDIR/leak" >/dev/null 2>&1; then
+    leak_report=$(ASAN_OPTIONS=detect_leaks=1 "$LOGDIR/leak" 2>&1)
+  fi
+  if [[ "$leak_report" == *"detected memory leaks"* ]]; then
     detect_leaks=1
   else
     detect_leaks=0
@@ -136,9 +139,9 @@ fi
 
 # --------------------------------------------------------------------------------------------
 if [ "${KVATTN_SKIP_PYTHON:-0}" = 1 ]; then
-  phase_lines+=("$(printf '%-34s %s' "Python tests" "skipped (KVATTN_SKIP_PYTHON=1)")")
+  phase_lines+=("$(printf '%-46s %s' "Python tests" "skipped (KVATTN_SKIP_PYTHON=1)")")
 elif [ ! -d python/tests ]; then
-  phase_lines+=("$(printf '%-34s %s' "Python tests" "none yet (no python/tests)")")
+  phase_lines+=("$(printf '%-46s %s' "Python tests" "none yet (no python/tests)")")
 else
   phase_begin "Python tests (pytest python/tests)"
   # The package straight from the checkout, on the library just built (no install needed).

@@ -48,6 +48,11 @@ layout() {
   return $missing
 }
 check "installed layout: headers, libkvattn.so/.a, kvattn.pc, CMake package, bin/kvattn" layout
+if [ "$failed" -ne 0 ]; then
+  echo "install test: the install failed; nothing further can be checked"
+  echo "$passed passed, $failed failed"
+  exit 1
+fi
 
 soname() {
   local so
@@ -58,13 +63,14 @@ soname() {
 check "SONAME is libkvattn.so.MAJOR and installed" soname
 
 no_cuda() {
-  readelf -d "$PREFIX/lib/libkvattn.so" | grep NEEDED
+  readelf -d "$PREFIX/lib/libkvattn.so" | grep NEEDED || return 1
   ! readelf -d "$PREFIX/lib/libkvattn.so" | grep NEEDED | grep -Eiq 'cuda|nvrtc|nvidia'
 }
 check "libkvattn.so has no link-time dependency on CUDA (NEEDED entries)" no_cuda
 
 exports() {
   local bad
+  nm -D --defined-only "$PREFIX/lib/libkvattn.so" >/dev/null || return 1
   bad=$(nm -D --defined-only "$PREFIX/lib/libkvattn.so" | awk '$2 ~ /^[TDBRV]$/ {print $3}' | grep -v '^kvattn_' || true)
   nm -D --defined-only "$PREFIX/lib/libkvattn.so" | awk '$2 ~ /^[TDBRV]$/ {print $3}' | head -50
   [ -z "$bad" ] || { echo "exported symbols outside kvattn_*: $bad"; return 1; }
@@ -83,8 +89,8 @@ for src in "${examples[@]}"; do
   name=$(basename "$src" .c)
   # shellcheck disable=SC2046
   check "pkg-config: build $name (shared)" \
-    $CC -std=c11 -Wall -Werror $(pkg-config --cflags kvattn) "$src" -o "$WORK/${name}_pc" \
-        $(pkg-config --libs kvattn) -Wl,-rpath,"$PREFIX/lib" -lm
+    $CC -std=c11 -Wall -Werror "$src" -o "$WORK/${name}_pc" $(pkg-config --cflags --libs kvattn) -lm \
+        -Wl,-rpath,"$PREFIX/lib"
   check "pkg-config: run $name (shared)" "$WORK/${name}_pc"
   # shellcheck disable=SC2046
   check "pkg-config --static: build $name (libkvattn.a)" \
