@@ -7,7 +7,9 @@
 #      `pkg-config --static` (static), and runs.
 #   4. The same examples build with a CMake project using find_package(kvattn) -> kvattn::kvattn and
 #      kvattn::kvattn_static, from the install prefix and from the build tree, and run.
-#   5. find_package(kvattn <next major>) is refused (SameMajorVersion).
+#   5. The Python examples run on the installed library (after `pip install ./python` into a venv
+#      when python/ is a package).
+#   6. find_package(kvattn <next major>) is refused (SameMajorVersion).
 # Usage: tests/install/run.sh [BUILD_DIR]   (default: build). Prints "N passed, N failed" last.
 set -uo pipefail
 
@@ -43,7 +45,9 @@ layout() {
            lib/cmake/kvattn/kvattnConfigVersion.cmake lib/cmake/kvattn/kvattnTargets.cmake; do
     [ -e "$PREFIX/$f" ] || { echo "missing $PREFIX/$f"; missing=1; }
   done
-  if [ -e "$ROOT/tools/kvattn.c" ] && [ ! -x "$PREFIX/bin/kvattn" ]; then echo "missing bin/kvattn"; missing=1; fi
+  # The CLI is there when this build made it (KVATTN_BUILD_TOOLS, the default, and tools/kvattn.c).
+  if [ -e "$ROOT/tools/kvattn.c" ] && grep -q '^KVATTN_BUILD_TOOLS:BOOL=ON' "$BUILD/CMakeCache.txt" &&
+     [ ! -x "$PREFIX/bin/kvattn" ]; then echo "missing bin/kvattn"; missing=1; fi
   ls -lR "$PREFIX"
   return $missing
 }
@@ -118,7 +122,34 @@ if [ ${#examples[@]} -gt 0 ]; then
   consume "build tree" -Dkvattn_DIR="$BUILD"
 fi
 
-# 5. A request for the next major version must be refused.
+# 5. Python: the package installed with pip into a fresh venv (when python/ is packaged), run on the
+#    installed library, from outside the checkout; else straight from the checkout. examples/*.py run.
+pyexamples=("$ROOT"/examples/*.py)
+[ -e "${pyexamples[0]}" ] || pyexamples=()
+PYTHON=${PYTHON:-python3}
+if [ ${#pyexamples[@]} -gt 0 ] && command -v "$PYTHON" >/dev/null; then
+  py=$PYTHON
+  pypath="$ROOT/python"
+  if [ -f "$ROOT/python/pyproject.toml" ] || [ -f "$ROOT/python/setup.py" ]; then
+    # --system-site-packages: numpy (and the build backend) come from the interpreter's own site.
+    pip_install() {
+      "$PYTHON" -m venv --system-site-packages "$WORK/venv" || return 1
+      # Without build isolation pip needs no network; with it (backend not installed) it fetches one.
+      "$WORK/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+          --no-build-isolation "$ROOT/python" ||
+        "$WORK/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$ROOT/python"
+    }
+    check "pip install ./python into a venv" pip_install
+    py=$WORK/venv/bin/python
+    pypath=""
+  fi
+  for src in "${pyexamples[@]}"; do
+    check "python: run $(basename "$src") on the installed libkvattn.so" \
+      env -C "$WORK" PYTHONPATH="$pypath" KVATTN_LIBRARY="$PREFIX/lib/libkvattn.so" "$py" "$src"
+  done
+fi
+
+# 6. A request for the next major version must be refused.
 major_refused() {
   local major next
   major=$(sed -n 's/^#define KVATTN_VERSION_MAJOR \([0-9]*\).*/\1/p' "$PREFIX/include/kvattn.h")
