@@ -119,9 +119,12 @@ class _AttentionWrapper:
     def _prepare(self, desc, desc_keep, need):
         """Make sure an attention for `desc` with bounds covering `need` exists, and a workspace big
         enough for it."""
-        slopes, desc.alibi_slopes = desc.alibi_slopes, None  # compare the slopes' values, not address
-        key = bytes(desc)  # the struct's bytes: any changed field means a new attention
-        desc.alibi_slopes = slopes
+        # The struct's bytes: any changed field means a new attention. The slopes are compared by
+        # value, not address (a ctypes pointer field read back is a view, so re-point it from keep).
+        desc.alibi_slopes = None
+        key = bytes(desc)
+        if desc_keep is not None:
+            desc.alibi_slopes = desc_keep.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         if desc_keep is not None:
             key += desc_keep.tobytes()
         old = self._bounds
