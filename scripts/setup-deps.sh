@@ -46,6 +46,11 @@ apt_install() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
+# The install test makes a venv to `pip install ./python`: Debian splits venv/ensurepip out.
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing+=(python3-venv)
+fi
+
 if [ ${#missing[@]} -gt 0 ]; then
   # shellcheck disable=SC2207
   uniq_missing=($(printf '%s\n' "${missing[@]}" | sort -u))
