@@ -1,0 +1,463 @@
+/*
+ * decode_paged.cu - batch decode over a paged KV cache, CUDA-core path.
+ *
+ * One launch, a fixed grid (a multiple of the SM count, chosen at attention creation): CTA b runs
+ * the work items [cta_indptr[b], cta_indptr[b+1]) that the host planner (src/plan_decode.c) wrote.
+ * An item is (query row, KV head, head block, KV token range [tok_start, tok_end)); the group's
+ * query heads of that block are computed together so each K/V byte is read once per group.
+ *
+ * The CTA streams its items as one sequence of KV tiles through a STAGES-deep cp.async ring, so the
+ * loads of the next item are in flight while the current one finishes (no pipeline drain between
+ * items). The thread that loads a 16-byte chunk of K or V is the thread that consumes it, so the
+ * ring needs no barrier for K/V; barriers appear only at item boundaries (the query and the
+ * cross-group reduction pass through shared memory).
+ *
+ * A request whose KV is split over several items (split-KV) writes each piece's (o, lse) to the
+ * workspace; the CTA that finishes the last piece (an atomic counter per split) merges them exactly
+ * and resets the counter, so one launch does everything and a captured graph can replay it.
+ *
+ * Specialization (-D):
+ *   HEAD_DIM 64|128|256, GROUP_SIZE (query heads per KV head), GROUP_HEADS (query heads per item,
+ *   <= 8), HEAD_BLOCKS (ceil(GROUP_SIZE / GROUP_HEADS)), Q_DTYPE, KV_DTYPE, O_DTYPE (KV_F16|KV_BF16),
+ *   STAGES (>= 2), NUM_WARPS, variant hooks SOFT_CAP, ALIBI, ROPE (0|1).
+ *
+ * Math: scores in the log2 domain (s * log2 e) so exp is one ex2; lse is written in natural log.
+ * Positions past a range's end are zero-filled by cp.async (never read), so NaN garbage in a page's
+ * unused tail can not reach the accumulators, and their scores are -inf.
+ */
+#include "common.cuh"
+
+#ifndef HEAD_DIM
+#error "HEAD_DIM must be defined"
+#endif
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 1
+#endif
+#ifndef GROUP_HEADS
+#define GROUP_HEADS GROUP_SIZE
+#endif
+#ifndef HEAD_BLOCKS
+#define HEAD_BLOCKS 1
+#endif
+#ifndef Q_DTYPE
+#define Q_DTYPE KV_BF16
+#endif
+#ifndef KV_DTYPE
+#define KV_DTYPE Q_DTYPE
+#endif
+#ifndef O_DTYPE
+#define O_DTYPE Q_DTYPE
+#endif
+#ifndef STAGES
+#define STAGES 4
+#endif
+#ifndef NUM_WARPS
+#define NUM_WARPS 4
+#endif
+#ifndef SOFT_CAP
+#define SOFT_CAP 0
+#endif
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+#ifndef ROPE
+#define ROPE 0
+#endif
+
+#define NUM_THREADS (NUM_WARPS * 32)
+#define VEC 8                        /* 16-bit elements per 16-byte chunk */
+#define TX (HEAD_DIM / VEC)          /* lanes that share one K/V row */
+#define TG (NUM_THREADS / TX)        /* token groups in the CTA */
+#ifndef TPG
+#define TPG (GROUP_HEADS <= 4 ? 4 : 2) /* tokens per group per tile: bounded by registers */
+#endif
+#define TILE (TG * TPG)              /* tokens per pipeline stage */
+#define GH GROUP_HEADS
+
+/* One work item: 8 int32 (32 bytes), written by the host planner. Keep in sync with
+ * src/plan_decode.h (decode_item). */
+struct decode_item {
+  int row;        /* query row (token) index in q/out */
+  int unit_head;  /* kv_head * HEAD_BLOCKS + head block */
+  int tok_start;  /* KV token range inside the request's sequence */
+  int tok_end;
+  int q_pos;      /* position of the query (RoPE, ALiBi) */
+  int page_base;  /* kv_indptr[request]: first entry of the request in `indices` */
+  int split;      /* -1: the item covers the whole unit; else index into splits/counters */
+  int piece;      /* this item's piece number inside its split */
+};
+
+struct decode_params {
+  const u16 *q;             /* [tokens, qo_heads, head_dim] */
+  i64 q_stride_tok, q_stride_head;
+  const u16 *k, *v;         /* [pages, page_size, kv_heads, head_dim] as strides (NHD or HND) */
+  i64 k_stride_page, k_stride_tok, k_stride_head;
+  i64 v_stride_page, v_stride_tok, v_stride_head;
+  const int *indices;       /* [kv_entries] page ids; NULL: identity (ragged) */
+  i64 indices_stride;
+  u16 *out;                 /* [tokens, qo_heads, head_dim] */
+  i64 o_stride_tok, o_stride_head;
+  float *lse;               /* [tokens, qo_heads] float32, or NULL */
+  i64 lse_stride_tok, lse_stride_head;
+  const int *cta_indptr;    /* [grid + 1] */
+  const struct decode_item *items;
+  const int2 *splits;       /* [splits] (pieces, first partial slot) */
+  int *counters;            /* [splits] zero between launches */
+  float *partial_o;         /* [slots, GROUP_HEADS, head_dim] */
+  float *partial_lse;       /* [slots, GROUP_HEADS] */
+  const float *rope_freq;   /* [head_dim / 2] inverse frequencies / rope_scale */
+  const float *alibi_slopes;/* [qo_heads] */
+  float sm_scale;
+  float soft_cap;
+  int page_size;
+  int page_shift;           /* log2(page_size) when a power of two, else -1 */
+};
+
+/* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
+ * empty range still gets one (fully masked) tile that writes o = 0, lse = -inf. */
+struct tile_iter {
+  int item, item_end;
+  int tok;          /* first token of the current tile */
+  int first;        /* 1 if the tile is its item's first */
+  struct decode_item it;
+};
+
+static __device__ __forceinline__ struct decode_item load_item(const struct decode_item *items, int i) {
+  const int4 *p = (const int4 *)(items + i);
+  int4 a = __ldg(p), b = __ldg(p + 1);
+  struct decode_item r;
+  r.row = a.x; r.unit_head = a.y; r.tok_start = a.z; r.tok_end = a.w;
+  r.q_pos = b.x; r.page_base = b.y; r.split = b.z; r.piece = b.w;
+  return r;
+}
+
+static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p) {
+  ti->item = p.cta_indptr[blockIdx.x];
+  ti->item_end = p.cta_indptr[blockIdx.x + 1];
+  ti->first = 1;
+  if (ti->item < ti->item_end) {
+    ti->it = load_item(p.items, ti->item);
+    ti->tok = ti->it.tok_start;
+  }
+}
+static __device__ __forceinline__ int iter_valid(const struct tile_iter *ti) { return ti->item < ti->item_end; }
+static __device__ __forceinline__ int iter_last(const struct tile_iter *ti) { return ti->tok + TILE >= ti->it.tok_end; }
+static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const struct decode_params &p) {
+  if (!iter_last(ti)) {
+    ti->tok += TILE;
+    ti->first = 0;
+    return;
+  }
+  ti->item++;
+  ti->first = 1;
+  if (ti->item < ti->item_end) {
+    ti->it = load_item(p.items, ti->item);
+    ti->tok = ti->it.tok_start;
+  }
+}
+
+/* Shared memory: the K/V ring, a query slot per stage, and the cross-group reduction area. */
+#define ROW_ELEMS HEAD_DIM
+#define STAGE_ELEMS (2 * TILE * ROW_ELEMS)              /* K tile then V tile */
+#define QSLOT_ELEMS (GH * ROW_ELEMS)
+#define SMEM_RING_BYTES (STAGES * (STAGE_ELEMS + QSLOT_ELEMS) * 2)
+#define SMEM_RED_BYTES ((TG * GH * HEAD_DIM + 2 * TG * GH) * 4)
+#define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES)
+
+/* Issue the cp.async loads of one tile into ring stage `stage` (and the query, on an item's first
+ * tile). Every thread loads the rows it will consume: rows tg + TG * j, chunk tx. */
+static __device__ __forceinline__ void load_tile(const struct decode_params &p, const struct tile_iter *ti,
+                                                 u16 *ring, int stage) {
+  const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+  u16 *sk = ring + stage * (STAGE_ELEMS + QSLOT_ELEMS);
+  u16 *sv = sk + TILE * ROW_ELEMS;
+  u16 *sq = sv + TILE * ROW_ELEMS;
+  const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
+#pragma unroll
+  for (int j = 0; j < TPG; j++) {
+    const int t = tg + TG * j;
+    const int pos = ti->tok + t;
+    const int valid = pos < ti->it.tok_end;
+    const u16 *ksrc = p.k, *vsrc = p.v;
+    if (valid) {
+      int page_idx, off;
+      if (p.page_shift >= 0) {
+        page_idx = pos >> p.page_shift;
+        off = pos & (p.page_size - 1);
+      } else {
+        page_idx = pos / p.page_size;
+        off = pos - page_idx * p.page_size;
+      }
+      const i64 entry = (i64)ti->it.page_base + page_idx;
+      const i64 page = p.indices ? (i64)__ldg(p.indices + entry * p.indices_stride) : entry;
+      ksrc = p.k + page * p.k_stride_page + (i64)off * p.k_stride_tok + (i64)kv_head * p.k_stride_head + tx * VEC;
+      vsrc = p.v + page * p.v_stride_page + (i64)off * p.v_stride_tok + (i64)kv_head * p.v_stride_head + tx * VEC;
+    }
+    cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
+    cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
+  }
+  if (ti->first) {
+    const int hb = ti->it.unit_head % HEAD_BLOCKS;
+    for (int i = tid; i < GH * TX; i += NUM_THREADS) {
+      const int g = i / TX, c = i % TX;
+      const int gi = hb * GH + g; /* head inside the group */
+      const int valid = gi < GROUP_SIZE;
+      const u16 *src = p.q;
+      if (valid)
+        src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
+      cp_async16(sq + g * ROW_ELEMS + c * VEC, src, valid ? 16 : 0);
+    }
+  }
+}
+
+#if ROPE
+/* Rotate-half RoPE on this thread's 8 dims; the partner dims (d +- head_dim/2) live in lane
+ * tx ^ (TX/2) of the same token group. */
+static __device__ __forceinline__ void rope8(float *x, int tx, float pos, const float *freq_reg) {
+  const float sign = tx < TX / 2 ? -1.0f : 1.0f;
+#pragma unroll
+  for (int e = 0; e < VEC; e++) {
+    const float other = __shfl_xor_sync(0xffffffffu, x[e], TX / 2);
+    float sn, cs;
+    sincosf(pos * freq_reg[e], &sn, &cs);
+    x[e] = x[e] * cs + sign * other * sn;
+  }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+decode_paged_kernel(const struct decode_params p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  u16 *ring = (u16 *)smem;
+  float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [TG][GH][HEAD_DIM] */
+  float *red_m = red_acc + TG * GH * HEAD_DIM;        /* [TG][GH] */
+  float *red_l = red_m + TG * GH;                     /* [TG][GH] */
+  __shared__ int sh_last;
+
+  const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+
+  struct tile_iter ld, cs; /* the loader runs STAGES-1 tiles ahead of the consumer */
+  iter_begin(&ld, p);
+  cs = ld;
+  if (!iter_valid(&cs)) return;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (iter_valid(&ld)) {
+      load_tile(p, &ld, ring, s);
+      iter_next(&ld, p);
+    }
+    cp_async_commit();
+  }
+
+#if ROPE
+  float freq_reg[VEC];
+#pragma unroll
+  for (int e = 0; e < VEC; e++) freq_reg[e] = p.rope_freq[(tx * VEC + e) % (HEAD_DIM / 2)];
+#endif
+
+  float q[GH][VEC], acc[GH][VEC], m[GH], l[GH];
+#if ALIBI
+  float slope[GH];
+#endif
+  int stage = 0, ld_stage = STAGES - 1;
+
+  while (iter_valid(&cs)) {
+    cp_async_wait<STAGES - 2>();
+    const u16 *sk = ring + stage * (STAGE_ELEMS + QSLOT_ELEMS);
+    const u16 *sv = sk + TILE * ROW_ELEMS;
+    const u16 *sq = sv + TILE * ROW_ELEMS;
+    const int kv_head = cs.it.unit_head / HEAD_BLOCKS;
+    const int hb = cs.it.unit_head % HEAD_BLOCKS;
+
+    if (cs.first) {
+      __syncthreads(); /* the query slot was filled by other threads */
+#pragma unroll
+      for (int g = 0; g < GH; g++) {
+        uint4 raw = lds128(sq + g * ROW_ELEMS + tx * VEC);
+        KV_UNPACK8(Q_DTYPE, raw, q[g]);
+#if ROPE
+        rope8(q[g], tx, (float)cs.it.q_pos, freq_reg);
+#endif
+#pragma unroll
+        for (int e = 0; e < VEC; e++) {
+          q[g][e] *= p.sm_scale;
+          acc[g][e] = 0.0f;
+        }
+        m[g] = KV_NEG_INF;
+        l[g] = 0.0f;
+#if ALIBI
+        {
+          const int gi = hb * GH + g;
+          slope[g] = gi < GROUP_SIZE ? p.alibi_slopes[kv_head * GROUP_SIZE + gi] : 0.0f;
+        }
+#endif
+      }
+      __syncthreads(); /* everyone has read the slot before it is refilled */
+    }
+
+    /* refill the stage consumed last iteration (each thread rewrites only its own K/V chunks) */
+    if (iter_valid(&ld)) {
+      load_tile(p, &ld, ring, ld_stage);
+      iter_next(&ld, p);
+    }
+    cp_async_commit();
+
+    /* scores of this group's TPG tokens for every head of the block */
+    float s[TPG][GH];
+#pragma unroll
+    for (int j = 0; j < TPG; j++) {
+      const int t = tg + TG * j;
+      uint4 raw = lds128(sk + t * ROW_ELEMS + tx * VEC);
+      float kf[VEC];
+      KV_UNPACK8(KV_DTYPE, raw, kf);
+#if ROPE
+      rope8(kf, tx, (float)(cs.tok + t), freq_reg);
+#endif
+#pragma unroll
+      for (int g = 0; g < GH; g++) {
+        float d = 0.0f;
+#pragma unroll
+        for (int e = 0; e < VEC; e++) d = fmaf(q[g][e], kf[e], d);
+        s[j][g] = d;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < TPG; j++)
+#pragma unroll
+      for (int g = 0; g < GH; g++) s[j][g] = warp_sum(s[j][g], TX);
+
+    /* logits transforms and masking, then the online softmax update */
+#pragma unroll
+    for (int j = 0; j < TPG; j++) {
+      const int pos = cs.tok + tg + TG * j;
+      const int valid = pos < cs.it.tok_end;
+#pragma unroll
+      for (int g = 0; g < GH; g++) {
+        float x = s[j][g];
+#if SOFT_CAP
+        x = p.soft_cap * tanhf(x / p.soft_cap);
+#endif
+#if ALIBI
+        x += slope[g] * (float)(pos - cs.it.q_pos);
+#endif
+        s[j][g] = valid ? x * KV_LOG2E : KV_NEG_INF;
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GH; g++) {
+      float mx = m[g];
+#pragma unroll
+      for (int j = 0; j < TPG; j++) mx = fmaxf(mx, s[j][g]);
+      /* all scores so far masked: keep the state empty (no -inf - -inf) */
+      const float base = mx == KV_NEG_INF ? 0.0f : mx;
+      const float scale = fast_exp2(m[g] - base);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < TPG; j++) {
+        s[j][g] = fast_exp2(s[j][g] - base);
+        sum += s[j][g];
+      }
+      l[g] = l[g] * scale + sum;
+      m[g] = mx;
+#pragma unroll
+      for (int e = 0; e < VEC; e++) acc[g][e] *= scale;
+    }
+#pragma unroll
+    for (int j = 0; j < TPG; j++) {
+      const int t = tg + TG * j;
+      uint4 raw = lds128(sv + t * ROW_ELEMS + tx * VEC);
+      float vf[VEC];
+      KV_UNPACK8(KV_DTYPE, raw, vf);
+#pragma unroll
+      for (int g = 0; g < GH; g++)
+#pragma unroll
+        for (int e = 0; e < VEC; e++) acc[g][e] = fmaf(s[j][g], vf[e], acc[g][e]);
+    }
+
+    if (iter_last(&cs)) {
+      /* reduce the TG token groups' states; one thread per (head, dim) writes the result */
+#pragma unroll
+      for (int g = 0; g < GH; g++) {
+        float4 *dst = (float4 *)(red_acc + (tg * GH + g) * HEAD_DIM + tx * VEC);
+        dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+        dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+        if (tx == 0) {
+          red_m[tg * GH + g] = m[g];
+          red_l[tg * GH + g] = l[g];
+        }
+      }
+      __syncthreads();
+      const struct decode_item it = cs.it;
+      const int split = it.split;
+      int2 sp = make_int2(1, 0);
+      if (split >= 0) sp = __ldg(p.splits + split);
+      for (int i = tid; i < GH * HEAD_DIM; i += NUM_THREADS) {
+        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+        float mm = KV_NEG_INF;
+        for (int k = 0; k < TG; k++) mm = fmaxf(mm, red_m[k * GH + g]);
+        const float base = mm == KV_NEG_INF ? 0.0f : mm;
+        float ll = 0.0f, oo = 0.0f;
+        for (int k = 0; k < TG; k++) {
+          const float w = fast_exp2(red_m[k * GH + g] - base);
+          ll += red_l[k * GH + g] * w;
+          oo += red_acc[(k * GH + g) * HEAD_DIM + d] * w;
+        }
+        const float o = ll > 0.0f ? oo / ll : 0.0f;
+        const float lse = ll > 0.0f ? (mm + __log2f(ll)) * KV_LN2 : KV_NEG_INF;
+        const int gi = hb * GH + g;
+        if (split < 0) {
+          if (gi < GROUP_SIZE) {
+            const int head = kv_head * GROUP_SIZE + gi;
+            u16 *dst = p.out + (i64)it.row * p.o_stride_tok + (i64)head * p.o_stride_head + d;
+            *dst = O_DTYPE == KV_BF16 ? f32_to_bf16(o) : f32_to_f16(o);
+            if (d == 0 && p.lse) p.lse[(i64)it.row * p.lse_stride_tok + (i64)head * p.lse_stride_head] = lse;
+          }
+        } else {
+          const i64 slot = (i64)sp.y + it.piece;
+          p.partial_o[(slot * GH + g) * HEAD_DIM + d] = o;
+          if (d == 0) p.partial_lse[slot * GH + g] = lse;
+        }
+      }
+      if (split >= 0) {
+        /* publish this piece; the CTA that completes the split merges all pieces */
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) sh_last = atomicAdd(p.counters + split, 1) == sp.x - 1;
+        __syncthreads();
+        if (sh_last) {
+          __threadfence();
+          for (int i = tid; i < GH * HEAD_DIM; i += NUM_THREADS) {
+            const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+            const int gi = hb * GH + g;
+            if (gi >= GROUP_SIZE) continue;
+            float mm = KV_NEG_INF;
+            for (int k = 0; k < sp.x; k++) mm = fmaxf(mm, ld_cg_f32(p.partial_lse + ((i64)sp.y + k) * GH + g));
+            float ww = 0.0f, oo = 0.0f;
+            if (mm != KV_NEG_INF) {
+              for (int k = 0; k < sp.x; k++) {
+                const i64 slot = (i64)sp.y + k;
+                const float w = __expf(ld_cg_f32(p.partial_lse + slot * GH + g) - mm);
+                ww += w;
+                oo += w * ld_cg_f32(p.partial_o + (slot * GH + g) * HEAD_DIM + d);
+              }
+            }
+            const float o = ww > 0.0f ? oo / ww : 0.0f;
+            const float lse = ww > 0.0f ? mm + __logf(ww) : KV_NEG_INF;
+            const int head = kv_head * GROUP_SIZE + gi;
+            u16 *dst = p.out + (i64)it.row * p.o_stride_tok + (i64)head * p.o_stride_head + d;
+            *dst = O_DTYPE == KV_BF16 ? f32_to_bf16(o) : f32_to_f16(o);
+            if (d == 0 && p.lse) p.lse[(i64)it.row * p.lse_stride_tok + (i64)head * p.lse_stride_head] = lse;
+          }
+          if (tid == 0) p.counters[split] = 0; /* ready for the next launch (graph replay) */
+        }
+      }
+      __syncthreads(); /* the reduction area is reused by the next item */
+    }
+
+    iter_next(&cs, p);
+    stage = stage + 1 == STAGES ? 0 : stage + 1;
+    ld_stage = ld_stage + 1 == STAGES ? 0 : ld_stage + 1;
+  }
+  cp_async_wait<0>();
+}
