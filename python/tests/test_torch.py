@@ -1,0 +1,149 @@
+"""PyTorch tensors: outputs allocated with torch, bfloat16, views, int64 index tensors, and CUDA
+(on a GPU machine). Skipped where torch is not installed."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import kvattn  # noqa: E402
+import reference as R  # noqa: E402
+
+
+def f64(t):
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def paged_inputs(gen, kv_lens, page_size, qo_heads, kv_heads, head_dim, dtype, device="cpu",
+                 qo_lens=None):
+    rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    kv_indptr, kv_indices, last, num_pages = R.random_paged_batch(rng, kv_lens, page_size)
+    # vLLM's cache layout: [num_blocks, 2, block_size, kv_heads, head_dim]
+    cache = torch.randn(num_pages, 2, page_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+    n_q = len(kv_lens) if qo_lens is None else sum(qo_lens)
+    q = torch.randn(n_q, qo_heads, head_dim, generator=gen).to(device, dtype)
+    return q, cache, kv_indptr, kv_indices, last
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2),
+                                       (torch.bfloat16, 1e-2)])
+def test_torch_decode_cpu(backend, dtype, tol):
+    gen = torch.Generator().manual_seed(1)
+    kv_lens, ps = [17, 1, 40, 0], 16
+    q, cache, kv_indptr, kv_indices, last = paged_inputs(gen, kv_lens, ps, 8, 2, 64, dtype)
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(backend)
+    w.plan(torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices).long(), torch.from_numpy(last),
+           8, 2, 64, ps, q_data_type=dtype)
+    out, lse = w.run(q, cache, return_lse=True)
+    assert isinstance(out, torch.Tensor) and out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32
+    ro, rl = R.paged_attention(f64(q), np.arange(5), f64(cache[:, 0]), f64(cache[:, 1]), kv_indptr,
+                               kv_indices, last, ps)
+    assert R.rel_err(f64(out), ro) < tol
+    assert torch.isneginf(lse[3]).all() and (out[3] == 0).all()
+
+
+def test_torch_prefill_bf16_hnd_view(backend):
+    """HND given as a permuted view of an NHD tensor (non-contiguous), bf16, causal."""
+    gen = torch.Generator().manual_seed(2)
+    qo_lens, kv_lens, ps = [5, 12], [9, 12], 4
+    q, cache, kv_indptr, kv_indices, last = paged_inputs(gen, kv_lens, ps, 4, 4, 32, torch.bfloat16,
+                                                         qo_lens=qo_lens)
+    k_hnd, v_hnd = cache[:, 0].permute(0, 2, 1, 3), cache[:, 1].permute(0, 2, 1, 3)
+    assert not k_hnd.is_contiguous()
+    qo_indptr = torch.tensor([0, 5, 17], dtype=torch.int32)
+    w = kvattn.BatchPrefillWithPagedKVCacheWrapper(backend, "HND")
+    w.plan(qo_indptr, torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices),
+           torch.from_numpy(last), 4, 4, 32, ps, causal=True, q_data_type="bfloat16")
+    out = w.run(q, (k_hnd, v_hnd))
+    ro, _ = R.paged_attention(f64(q), qo_indptr.numpy(), f64(cache[:, 0]), f64(cache[:, 1]),
+                              kv_indptr, kv_indices, last, ps, causal=True)
+    assert out.dtype == torch.bfloat16 and R.rel_err(f64(out), ro) < 1e-2
+
+
+def test_torch_tensors_requiring_grad(backend):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 8, generator=gen, requires_grad=True)
+    k = torch.randn(7, 2, 8, generator=gen, requires_grad=True)
+    v = torch.randn(7, 2, 8, generator=gen)
+    w = kvattn.BatchPrefillWithRaggedKVCacheWrapper(backend)
+    w.plan([0, 3], [0, 7], 2, 2, 8, q_data_type=torch.float32)
+    out = w.run(q, k, v)
+    ro, _ = R.attention(f64(q), f64(k), f64(v))
+    assert R.rel_err(f64(out), ro) < 1e-5
+
+
+def test_torch_merge_state(backend):
+    gen = torch.Generator().manual_seed(4)
+    va, vb = torch.randn(4, 2, 8, generator=gen), torch.randn(4, 2, 8, generator=gen)
+    sa, sb = torch.randn(4, 2, generator=gen), torch.randn(4, 2, generator=gen)
+    v, s = kvattn.merge_state(va, sa, vb, sb, context=backend)
+    assert isinstance(v, torch.Tensor)
+    ref_s = torch.logaddexp(sa.double(), sb.double())
+    ref_v = va.double() * torch.exp(sa.double() - ref_s)[..., None] + \
+        vb.double() * torch.exp(sb.double() - ref_s)[..., None]
+    assert torch.allclose(v.double(), ref_v, atol=1e-5) and torch.allclose(s.double(), ref_s, atol=1e-5)
+
+
+def test_torch_int64_batch_indices_for_append(backend):
+    cache = torch.zeros(2, 2, 4, 1, 8)
+    kvattn.append_paged_kv_cache(torch.ones(2, 1, 8), 2 * torch.ones(2, 1, 8),
+                                 torch.tensor([0, 0]), torch.tensor([0, 5]), cache,
+                                 torch.tensor([1, 0]), torch.tensor([0, 2]), context=backend)
+    assert (cache[1, 0, 0] == 1).all() and (cache[1, 1, 0] == 2).all()
+    assert (cache[0, 0, 1] == 1).all() and (cache[0, 1, 1] == 2).all()
+    assert cache.sum() == 2 * 8 * 3
+
+
+# --------------------------------------------------------------------------- CUDA
+
+def _cuda_context():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device for torch")
+    try:
+        return kvattn.Context("cuda")
+    except kvattn.BackendUnavailableError as e:
+        pytest.skip("kvattn has no CUDA backend here: %s" % e.detail)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_cuda_decode(dtype, page_size):
+    ctx = _cuda_context()
+    gen = torch.Generator().manual_seed(5)
+    kv_lens = [1, 100, 0, 513, 37]
+    q, cache, kv_indptr, kv_indices, last = paged_inputs(gen, kv_lens, page_size, 32, 8, 128, dtype,
+                                                         device="cuda")
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(ctx)
+    w.plan(torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices).cuda(), torch.from_numpy(last),
+           32, 8, 128, page_size, q_data_type=dtype)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):  # the run goes on torch's current stream
+        out, lse = w.run(q, cache, return_lse=True)
+    stream.synchronize()
+    assert out.is_cuda and out.dtype == dtype
+    ro, rl = R.paged_attention(f64(q), np.arange(len(kv_lens) + 1), f64(cache[:, 0]),
+                               f64(cache[:, 1]), kv_indptr, kv_indices, last, page_size)
+    assert R.rel_err(f64(out), ro) < 1e-2
+    assert torch.isneginf(lse[2]).all().item()
+
+
+def test_cuda_numpy_input_is_a_device_mismatch():
+    ctx = _cuda_context()
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(ctx)
+    w.plan([0, 1], torch.tensor([0], dtype=torch.int32, device="cuda"), [1], 2, 2, 64, 4,
+           q_data_type="float16")
+    cache = torch.zeros(1, 2, 4, 2, 64, dtype=torch.float16, device="cuda")
+    with pytest.raises(kvattn.DeviceMismatchError):
+        w.run(np.zeros((1, 2, 64), np.float16), cache)
+
+
+def test_cuda_merge_state():
+    ctx = _cuda_context()
+    va, vb = torch.randn(9, 4, 128, device="cuda"), torch.randn(9, 4, 128, device="cuda")
+    sa, sb = torch.randn(9, 4, device="cuda"), torch.randn(9, 4, device="cuda")
+    v, s = kvattn.merge_state(va, sa, vb, sb, context=ctx)
+    torch.cuda.synchronize()
+    ref_s = torch.logaddexp(sa, sb)
+    ref_v = va * torch.exp(sa - ref_s)[..., None] + vb * torch.exp(sb - ref_s)[..., None]
+    assert torch.allclose(v, ref_v, atol=1e-4) and torch.allclose(s, ref_s, atol=1e-4)
