@@ -303,7 +303,14 @@ static void hash_str(hash128 *h, const char *s) {
   hash128_update(h, s, n);
 }
 
-/* The log's first lines, at most `max` bytes, on one line each. */
+/* KVATTN_JIT_VERBOSE=1: every compile and cache hit, and NVRTC's full log, on stderr (logging is
+ * opt-in; errors always travel as statuses and kvattn_last_error()). */
+static int jit_verbose(void) {
+  const char *e = getenv("KVATTN_JIT_VERBOSE");
+  return e && e[0] && strcmp(e, "0") != 0;
+}
+
+/* The log's first lines, at most `max` bytes. */
 static void log_head(const char *log, char *out, size_t max) {
   size_t n = 0;
   for (const char *p = log; *p && n + 1 < max; p++) out[n++] = *p;
@@ -338,9 +345,21 @@ static kvattn_status nvrtc_compile(const jit_spec *spec, const kernel_source *fi
     st = set_error(r == NVRTC_ERR_INVALID_OPTION ? KVATTN_ERROR_INVALID_ARGUMENT : KVATTN_ERROR_COMPILE,
                    "jit: NVRTC %d.%d failed on %s for %s (%s) [%s]: %s", a->major, a->minor, spec->source,
                    spec->arch, a->nvrtcGetErrorString(r), spec->defines ? spec->defines : "", head);
+    if (jit_verbose() && log) fprintf(stderr, "kvattn jit: NVRTC log for %s (%s):\n%s\n", spec->source, spec->arch, log);
     free(log);
     a->nvrtcDestroyProgram(&prog);
     return st;
+  }
+  if (jit_verbose()) { /* warnings of a successful compile, only when asked for */
+    size_t log_size = 0;
+    char *log = NULL;
+    if (a->nvrtcGetProgramLogSize(prog, &log_size) == 0 && log_size > 1 && (log = malloc(log_size + 1)) &&
+        a->nvrtcGetProgramLog(prog, log) == 0) {
+      log[log_size] = 0;
+      fprintf(stderr, "kvattn jit: NVRTC log for %s (%s) [%s]:\n%s\n", spec->source, spec->arch,
+              spec->defines ? spec->defines : "", log);
+    }
+    free(log);
   }
   size_t n = 0;
   if ((r = a->nvrtcGetCUBINSize(prog, &n)) != 0 || n == 0) {
@@ -401,6 +420,9 @@ kvattn_status jit_compile(const jit_spec *spec, const char *cache_dir, void **cu
   char *defs = strdup(spec->defines ? spec->defines : "");
   RETURN_IF(!defs, KVATTN_ERROR_OUT_OF_MEMORY, "jit_compile: out of memory");
   kvattn_status st = KVATTN_SUCCESS;
+  int hit = 0;
+  double compile_s = 0;
+  jit_key key = {0, 0};
   for (char *save = NULL, *tok = strtok_r(defs, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
     /* Only definitions: an option smuggled in here would change the code without the reader of the
      * spec seeing it. */
@@ -431,27 +453,33 @@ kvattn_status jit_compile(const jit_spec *spec, const char *cache_dir, void **cu
     hash128_update(&h, &len, sizeof len);
     hash128_update(&h, files[i]->text, files[i]->size);
   }
-  jit_key key = hash128_final(&h);
+  key = hash128_final(&h);
 
   char dir[1024];
   int have_dir = jit_cache_dir(cache_dir, dir, sizeof dir);
   if (have_dir && jit_cache_load(dir, key, cubin, cubin_size)) {
-    if (cache_hit) *cache_hit = 1;
+    hit = 1;
     goto done;
   }
   /* Miss: take the key's lock, look again (another process may have just compiled it), compile. */
   int lock = have_dir ? jit_cache_lock(dir, key) : -1;
   if (lock >= 0 && jit_cache_load(dir, key, cubin, cubin_size)) {
     jit_cache_unlock(lock);
-    if (cache_hit) *cache_hit = 1;
+    hit = 1;
     goto done;
   }
   double t0 = now_seconds();
   st = nvrtc_compile(spec, files, nfiles, options, nopt, cubin, cubin_size);
-  if (seconds) *seconds = now_seconds() - t0;
+  compile_s = now_seconds() - t0;
+  if (seconds) *seconds = compile_s;
   if (st == KVATTN_SUCCESS && have_dir) jit_cache_store(dir, key, *cubin, *cubin_size);
   jit_cache_unlock(lock);
 done:
+  if (jit_verbose() && st == KVATTN_SUCCESS)
+    fprintf(stderr, "kvattn jit: %s %s [%s] key %016llx%016llx: %s %.3f s, %zu-byte cubin\n", spec->source,
+            spec->arch, spec->defines ? spec->defines : "", (unsigned long long)key.hi, (unsigned long long)key.lo,
+            hit ? "cache hit" : "compiled in", compile_s, *cubin_size);
+  if (cache_hit) *cache_hit = hit;
   free(defs);
   return st;
 }
