@@ -22,16 +22,6 @@ need_cmd readelf binutils
 need_cmd nm binutils
 need_cmd python3 python3
 
-# The sanitizer runtimes come with gcc on Debian, but a trimmed image may lack them: probe a link.
-if command -v gcc >/dev/null 2>&1; then
-  probe_dir=$(mktemp -d)
-  trap 'rm -rf "$probe_dir"' EXIT
-  echo 'int main(void) { return 0; }' > "$probe_dir/p.c"
-  if ! gcc -fsanitize=address,undefined "$probe_dir/p.c" -o "$probe_dir/p" >/dev/null 2>&1; then
-    missing+=(libasan8 libubsan1 liblsan0)
-  fi
-fi
-
 apt_install() {
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
@@ -42,7 +32,10 @@ apt_install() {
   fi
   echo "setup-deps: installing Debian packages: $*"
   # The package lists may be absent or stale on a fresh machine: update once, then install.
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  if [ -z "${apt_updated:-}" ]; then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
@@ -55,6 +48,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   # shellcheck disable=SC2207
   uniq_missing=($(printf '%s\n' "${missing[@]}" | sort -u))
   apt_install "${uniq_missing[@]}"
+fi
+
+# The sanitizer runtimes (libasan8, libubsan1, liblsan0) are only recommended by Debian's gcc, so an
+# install without recommends lacks them: probe a link.
+if command -v gcc >/dev/null 2>&1; then
+  probe_dir=$(mktemp -d)
+  trap 'rm -rf "$probe_dir"' EXIT
+  echo 'int main(void) { return 0; }' > "$probe_dir/p.c"
+  if ! gcc -fsanitize=address,undefined "$probe_dir/p.c" -o "$probe_dir/p" >/dev/null 2>&1; then
+    apt_install libasan8 libubsan1 liblsan0
+  fi
 fi
 
 # Python: numpy and pytest for python/tests. Prefer pip (the interpreter on PATH, which may be a
