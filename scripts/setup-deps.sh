@@ -50,13 +50,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${uniq_missing[@]}"
 fi
 
-# The sanitizer runtimes (libasan8, libubsan1, liblsan0) are only recommended by Debian's gcc, so an
-# install without recommends lacks them: probe a link.
+# Debian's gcc only recommends the C library headers (libc6-dev) and the sanitizer runtimes
+# (libasan8, libubsan1, liblsan0), so an install without recommends lacks them: probe two links.
 if command -v gcc >/dev/null 2>&1; then
   probe_dir=$(mktemp -d)
   trap 'rm -rf "$probe_dir"' EXIT
-  echo 'int main(void) { return 0; }' > "$probe_dir/p.c"
-  if ! gcc -fsanitize=address,undefined "$probe_dir/p.c" -o "$probe_dir/p" >/dev/null 2>&1; then
+  printf '#include <stdio.h>\n#include <math.h>\n#include <pthread.h>\n#include <dlfcn.h>\nint main(void) { return 0; }\n' \
+    > "$probe_dir/p.c"
+  if ! gcc "$probe_dir/p.c" -o "$probe_dir/p" -lm -lpthread -ldl >/dev/null 2>&1; then
+    apt_install libc6-dev
+  fi
+  if ! gcc -fsanitize=address,undefined "$probe_dir/p.c" -o "$probe_dir/p" -lm -lpthread -ldl >/dev/null 2>&1; then
     apt_install libasan8 libubsan1 liblsan0
   fi
 fi
