@@ -1028,7 +1028,8 @@ static int open_contexts(int backend, int64_t threads, kvattn_context **ctx, kva
   kvattn_options opt = KVATTN_OPTIONS_INIT;
   opt.backend = backend;
   opt.num_threads = (int32_t)threads;
-  *ctx = *ref = NULL;
+  *ctx = NULL;
+  if (ref) *ref = NULL;
   kvattn_status s = kvattn_context_create(&opt, ctx);
   if (s) {
     char what[64];
@@ -2025,7 +2026,8 @@ static int cmp_entry(const void *a, const void *b) {
 static void list_directory(const char *dir, int limit) {
   DIR *d = opendir(dir);
   if (!d) {
-    printf("    (cannot open %s: %s)\n", dir, strerror(errno));
+    if (errno == ENOENT) printf("    (does not exist yet)\n");
+    else printf("    (cannot open %s: %s)\n", dir, strerror(errno));
     return;
   }
   int n = 0, cap = 64;
