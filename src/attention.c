@@ -426,6 +426,14 @@ kvattn_status run_tensors_check(const kvattn_attention *a, const DLTensor *q, co
             "kvattn_run: out overlaps the KV cache");
   RETURN_IF(tview_overlap(&rt->lse, &rt->out) || tview_overlap(&rt->lse, &rt->q), KVATTN_ERROR_INVALID_ARGUMENT,
             "kvattn_run: lse overlaps out or q");
+  RETURN_IF(tview_overlap(&rt->lse, &rt->k) || tview_overlap(&rt->lse, &rt->v), KVATTN_ERROR_INVALID_ARGUMENT,
+            "kvattn_run: lse overlaps the KV cache");
+  /* The page table and the mask are read while rows are written: writing them would send later
+   * reads anywhere. */
+  RETURN_IF(tview_overlap(&rt->out, &rt->indices) || tview_overlap(&rt->lse, &rt->indices),
+            KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_run: out or lse overlaps kv.indices");
+  RETURN_IF(tview_overlap(&rt->out, &rt->mask) || tview_overlap(&rt->lse, &rt->mask), KVATTN_ERROR_INVALID_ARGUMENT,
+            "kvattn_run: out or lse overlaps custom_mask");
   return KVATTN_SUCCESS;
 }
 
