@@ -2,8 +2,8 @@
 # Install what building and testing kvattn needs and is missing; quick (well under a second) when
 # everything is present, so `make test` runs it every time.
 #   Debian packages: a C compiler with ASan/UBSan, make, cmake, pkg-config, binutils (readelf, nm),
-#                    python3 with venv and pip
-#   Python packages: numpy, pytest (the binding's test suite)
+#                    python3 with venv
+#   Python packages: numpy, pytest (the binding's test suite); setuptools, wheel (pip install ./python)
 # apt-get update runs only when a package has to be installed. Nothing CUDA is needed: kvattn loads
 # the driver and NVRTC at run time when they are there.
 set -euo pipefail
@@ -65,13 +65,16 @@ if command -v gcc >/dev/null 2>&1; then
   fi
 fi
 
-# Python: numpy and pytest for python/tests. Prefer pip (the interpreter on PATH, which may be a
-# pyenv or a venv one); a Debian system Python refuses pip (PEP 668), so fall back to its packages.
-if ! python3 -c 'import numpy, pytest' >/dev/null 2>&1; then
-  echo "setup-deps: installing numpy and pytest for $(command -v python3)"
-  if ! python3 -m pip install --quiet --disable-pip-version-check numpy pytest; then
-    apt_install python3-numpy python3-pytest
+# Python: numpy and pytest for python/tests; setuptools and wheel so that the install test's
+# `pip install --no-build-isolation ./python` builds offline (setuptools < 70.1 needs wheel for it).
+# Prefer pip (the interpreter on PATH, which may be a pyenv or a venv one); a Debian system Python
+# refuses pip (PEP 668), so fall back to its packages.
+if ! python3 -c 'import numpy, pytest, setuptools, wheel' >/dev/null 2>&1; then
+  echo "setup-deps: installing numpy, pytest, setuptools, wheel for $(command -v python3)"
+  if ! python3 -m pip install --quiet --disable-pip-version-check numpy pytest setuptools wheel; then
+    apt_install python3-numpy python3-pytest python3-setuptools python3-wheel
   fi
-  python3 -c 'import numpy, pytest' || { echo "setup-deps: numpy/pytest still not importable" >&2; exit 1; }
+  python3 -c 'import numpy, pytest, setuptools, wheel' ||
+    { echo "setup-deps: numpy/pytest/setuptools/wheel still not importable" >&2; exit 1; }
 fi
 exit 0
