@@ -41,7 +41,8 @@ void decode_layout_init(decode_layout *l, const decode_config *c) {
   const int64_t heads = (int64_t)c->num_kv_heads * c->head_blocks;
   const int64_t units = max64(c->max_qo_tokens, 0) * heads;
   if (c->fixed_split_pages > 0) {
-    /* every piece is whole: a row of a request of p pages has at most ceil(p / F) pieces */
+    /* every piece is whole: a request of p pages has at most ceil(p / F) <= p / F + 1 pieces per
+     * head (the planner takes one query row per request in this mode) */
     int64_t pieces = (max64(c->max_qo_tokens, 0) + (c->max_kv_entries + c->fixed_split_pages - 1) / c->fixed_split_pages) * heads;
     l->max_items = pieces;
     l->max_splits = units;
@@ -100,13 +101,16 @@ typedef struct walker {
   int32_t *cta_indptr;
   int64_t n_items, n_splits, n_slots;
   int64_t b, cap, L, cta_cost, max_cta_cost;
+  int64_t consumed; /* cost laid on the line so far */
 } walker;
 
 static void close_cta(walker *w) {
   if (w->b >= w->c->grid - 1) return; /* the last CTA takes whatever is left */
   w->max_cta_cost = max64(w->max_cta_cost, w->cta_cost);
   w->cta_indptr[++w->b] = (int32_t)w->n_items;
-  w->cap = w->L;
+  /* CTA b's stretch ends at (b+1) L on the line: what a CTA left unfilled (or overfilled) is
+   * given to (taken from) the next, so slack never piles up on the last CTA */
+  w->cap = (w->b + 1) * w->L - w->consumed;
   w->cta_cost = 0;
 }
 
@@ -126,6 +130,7 @@ static kvattn_status emit(walker *w, int32_t row, int32_t head, int64_t a, int64
   int64_t cost = (b - a) + w->c->item_cost;
   w->cap -= cost;
   w->cta_cost += cost;
+  w->consumed += cost;
   return KVATTN_SUCCESS;
 }
 
@@ -161,10 +166,15 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
   const int32_t heads = c->num_kv_heads * c->head_blocks;
   const int64_t fixed_tokens = c->fixed_split_pages > 0 ? (int64_t)c->fixed_split_pages * bv->page_size : 0;
 
+  const int split_free = !c->disable_split && fixed_tokens == 0;
+
   /* pass 1: the line's length */
   int64_t total = 0, units = 0;
   for (int32_t i = 0; i < bv->batch; i++) {
     const int64_t kv_len = bv_kv_len(bv, i), qo_len = bv_qo_len(bv, i);
+    RETURN_IF(fixed_tokens > 0 && qo_len > 1, KVATTN_ERROR_UNSUPPORTED,
+              "kvattn_plan: fixed_split_size with %lld query rows in request %d: the decode planner takes one row "
+              "per request in that mode", (long long)qo_len, i);
     RETURN_IF(kv_len > INT32_MAX, KVATTN_ERROR_UNSUPPORTED,
               "kvattn_plan: request %d has %lld KV tokens; the GPU decode kernels take at most 2^31-1", i, (long long)kv_len);
     for (int64_t r = 0; r < qo_len; r++) {
@@ -178,12 +188,13 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
   }
   if (units > (int64_t)c->max_qo_tokens * heads)
     return set_error(KVATTN_ERROR_INTERNAL, "plan_decode: %lld units exceed the bounds (please report)", (long long)units);
-  w.L = max64(1, (total + c->grid - 1) / c->grid);
+  /* each CTA boundary may cut a unit once more, adding one item's fixed cost to the line */
+  const int64_t line = total + (split_free ? (int64_t)(c->grid - 1) * c->item_cost : 0);
+  w.L = max64(1, (line + c->grid - 1) / c->grid);
   w.cap = w.L;
   w.cta_indptr[0] = 0;
 
   /* pass 2: walk the line */
-  const int split_free = !c->disable_split && fixed_tokens == 0;
   for (int32_t i = 0; i < bv->batch; i++) {
     const int64_t kv_len = bv_kv_len(bv, i), qo_len = bv_qo_len(bv, i);
     const int32_t page_base = bv->kv_indptr[i];
