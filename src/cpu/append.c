@@ -40,8 +40,11 @@ kvattn_status cpu_append_paged_kv(const tview *k_new, const tview *v_new, const 
     RETURN_IF(pos < 0, KVATTN_ERROR_INVALID_INDEX, "%s: positions[%lld]=%lld is negative", fn, (long long)t,
               (long long)pos);
     int64_t first = read_i32(kv_indptr, r), end = read_i32(kv_indptr, r + 1);
-    RETURN_IF(first < 0 || end < first || end > entries, KVATTN_ERROR_INVALID_INDEX,
-              "%s: kv_indptr[%lld..%lld] = %lld..%lld is not a range inside the %lld indices", fn,
+    RETURN_IF(end < first, KVATTN_ERROR_INVALID_INDEX,
+              "%s: kv_indptr[%lld]=%lld < kv_indptr[%lld]=%lld: indptr must be non-decreasing", fn,
+              (long long)r + 1, (long long)end, (long long)r, (long long)first);
+    RETURN_IF(first < 0 || end > entries, KVATTN_ERROR_INVALID_INDEX,
+              "%s: kv_indptr[%lld..%lld] = %lld..%lld lies outside kv.indices' %lld entries", fn,
               (long long)r, (long long)r + 1, (long long)first, (long long)end, (long long)entries);
     int64_t entry = first + pos / page_size;
     RETURN_IF(entry >= end, KVATTN_ERROR_INVALID_INDEX,
