@@ -17,6 +17,9 @@ JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE      ?= cmake
 CMAKE_ARGS ?=
 
+# CMake's own makefiles run under this make: keep their output to the build lines.
+MAKEFLAGS += --no-print-directory
+
 .PHONY: all build demo test sanitize install clean
 
 all: build
