@@ -93,6 +93,8 @@ def device_of(x):
     """(DLDeviceType, device_id) of a tensor-like, without exporting it."""
     if isinstance(x, np.ndarray):
         return (_lib.kDLCPU, 0)
+    if is_torch(x):  # torch's __dlpack_device__ is slow Python; these are C attributes
+        return (_lib.kDLCUDA, x.get_device()) if x.is_cuda else (_lib.kDLCPU, 0)
     f = getattr(x, "__dlpack_device__", None)
     if f is None:
         return (_lib.kDLCPU, 0)  # lists and other host data, converted with numpy
@@ -135,14 +137,15 @@ class Borrowed:
         return (self.tensor.device.device_type, self.tensor.device.device_id)
 
 
-def _export(x, stream):
+def _export(x, dev_type, stream, same_stream):
     """Call x.__dlpack__ as DLPack 1.1 asks, falling back for producers that predate it."""
-    dev_type = device_of(x)[0]
     # For CUDA data the consumer names the stream it will use, so the producer can order its pending
-    # work before it (1 = the legacy default stream; 0 is not allowed by the standard).
+    # work before it (1 = the legacy default stream; 0 is not allowed by the standard). When that
+    # stream is torch's own current stream, -1 ("no synchronization") says so and spares torch
+    # building a stream object and an event on every call.
     dl_stream = None
     if dev_type in (_lib.kDLCUDA, _lib.kDLCUDAManaged):
-        dl_stream = 1 if not stream else int(stream)
+        dl_stream = -1 if same_stream else (1 if not stream else int(stream))
     try:
         return x.__dlpack__(stream=dl_stream, max_version=(1, 1))
     except TypeError:
@@ -152,19 +155,25 @@ def _export(x, stream):
     return x.__dlpack__(stream=dl_stream)
 
 
-def borrow(x, name, stream=None, writable=False):
+def borrow(x, name, stream=None, writable=False, same_stream=False):
     """Borrow `x` (anything with __dlpack__) as a DLTensor. `name` is the argument's name for error
-    messages; `writable` refuses producers that flag their data read-only."""
+    messages; `writable` refuses producers that flag their data read-only; `same_stream` says that
+    `stream` is torch's current stream (so a torch producer needs no synchronization)."""
     if x is None:
         return None
-    if not hasattr(x, "__dlpack__"):
+    if is_torch(x):
+        if x.requires_grad:
+            x = x.detach()  # torch refuses to export tensors that require grad; we only touch data
+        dev_type = _lib.kDLCUDA if x.is_cuda else _lib.kDLCPU  # cheaper than __dlpack_device__
+    elif not hasattr(x, "__dlpack__"):
         raise_error(Status.INVALID_ARGUMENT, "%s: a %s has no __dlpack__; pass a NumPy array or a "
                     "PyTorch tensor" % (name, type(x).__name__))
-    if is_torch(x) and x.requires_grad:
-        x = x.detach()  # torch refuses to export tensors that require grad; we only read/write data
+    else:
+        dev_type = device_of(x)[0]
+        same_stream = False  # -1 is torch's promise; other producers get the stream itself
     try:
-        capsule = _export(x, stream)
-    except BufferError as e:  # e.g. NumPy refusing a read-only array to an old-style consumer
+        capsule = _export(x, dev_type, stream, same_stream)
+    except BufferError as e:  # NumPy refusing read-only data to an old consumer, torch another GPU
         raise_error(Status.INVALID_ARGUMENT, "%s: the producer refused to export it: %s" % (name, e))
     cname = _pyapi.PyCapsule_GetName(capsule)
     if cname == b"dltensor_versioned":

@@ -220,13 +220,15 @@ class _AttentionWrapper:
         if return_lse and lse is None:
             lse = _tensor.empty(q, (rows, heads), "float32", "lse")
         s = self._ctx.resolve_stream(stream, (q, k, v, kv, out))
-        bq = _tensor.borrow(q, "q", s)
-        bk, bv = _tensor.borrow(k, "k", s), _tensor.borrow(v, "v", s)
-        bkv = _tensor.borrow(kv, "paged_kv_cache", s)
-        bidx = _tensor.borrow(p.get("indices"), "indices", s)
-        bmask = _tensor.borrow(p.get("mask"), "custom_mask", s)
-        bout = _tensor.borrow(out, "out", s, writable=True)
-        blse = _tensor.borrow(lse, "lse", s, writable=True)
+        same = stream is None  # s is then torch's current stream (when torch tensors are here)
+        bq = _tensor.borrow(q, "q", s, same_stream=same)
+        bk = _tensor.borrow(k, "k", s, same_stream=same)
+        bv = _tensor.borrow(v, "v", s, same_stream=same)
+        bkv = _tensor.borrow(kv, "paged_kv_cache", s, same_stream=same)
+        bidx = _tensor.borrow(p.get("indices"), "indices", s, same_stream=same)
+        bmask = _tensor.borrow(p.get("mask"), "custom_mask", s, same_stream=same)
+        bout = _tensor.borrow(out, "out", s, writable=True, same_stream=same)
+        blse = _tensor.borrow(lse, "lse", s, writable=True, same_stream=same)
         kvs = _lib.kv_init(self._layout)
         kvs.k, kvs.v, kvs.kv, kvs.indices = (_tensor.ptr(bk), _tensor.ptr(bv), _tensor.ptr(bkv),
                                              _tensor.ptr(bidx))
@@ -246,8 +248,15 @@ class _AttentionWrapper:
             raise_error(Status.INVALID_ARGUMENT, "paged_kv_cache is None")
         return None, None, paged_kv_cache
 
-    def _device_indices(self, indices, name):
-        return _tensor.device_int32(indices, self._ctx.device, name)
+    def _device_indices(self, indices, name, kv_indptr):
+        """The index tensor run() reads, on the context's device. A buffer longer than the batch
+        needs (serving systems keep one of fixed size, e.g. for CUDA graphs) is viewed as its first
+        kv_indptr[-1] entries: same address, the shape the plan expects."""
+        x = _tensor.device_int32(indices, self._ctx.device, name)
+        entries = int(kv_indptr[-1]) if len(kv_indptr) else 0
+        if len(x) > entries >= 0:
+            x = x[:entries]
+        return x
 
     def _device_mask(self, custom_mask, packed_custom_mask, qo_lens, kv_lens):
         """The packed mask the run reads, on the context's device, or None."""
@@ -299,7 +308,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_AttentionWrapper):
         q_data_type, kv_data_type = _legacy_dtype(q_data_type, kv_data_type, data_type)
         kv_indptr = _tensor.host_int32(indptr, "indptr")
         lpl = _tensor.host_int32(last_page_len, "last_page_len")
-        dev_indices = self._device_indices(indices, "indices")
+        dev_indices = self._device_indices(indices, "indices", kv_indptr)
         host_indices = dev_indices if isinstance(dev_indices, np.ndarray) else None
         batch_size = max(len(kv_indptr) - 1, 0)
         desc, keep = self._make_desc(num_qo_heads, num_kv_heads, head_dim, causal=False,
@@ -352,7 +361,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_AttentionWrapper):
         qo = _tensor.host_int32(qo_indptr, "qo_indptr")
         kv_indptr = _tensor.host_int32(paged_kv_indptr, "paged_kv_indptr")
         lpl = _tensor.host_int32(paged_kv_last_page_len, "paged_kv_last_page_len")
-        dev_indices = self._device_indices(paged_kv_indices, "paged_kv_indices")
+        dev_indices = self._device_indices(paged_kv_indices, "paged_kv_indices", kv_indptr)
         host_indices = dev_indices if isinstance(dev_indices, np.ndarray) else None
         batch_size = max(len(kv_indptr) - 1, 0)
         mask = None
@@ -458,7 +467,7 @@ class BlockSparseAttentionWrapper(_AttentionWrapper):
         _check_fa_compat(head_dim, None, use_fp16_qk_reduction)
         ctx = self._resolve_context(indices, indptr)
         bptr = _tensor.host_int32(indptr, "indptr")
-        dev_indices = self._device_indices(indices, "indices")
+        dev_indices = self._device_indices(indices, "indices", bptr)
         host_indices = dev_indices if isinstance(dev_indices, np.ndarray) else \
             _tensor.host_int32(indices, "indices") if mask is not None else None
         M, N, R, C = int(M), int(N), int(R), int(C)

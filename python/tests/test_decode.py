@@ -165,3 +165,19 @@ def test_decode_alibi(backend, rng):
             p = np.exp(s - s.max())
             ref = p @ vv[:, h, :] / p.sum()
             assert np.allclose(out[i, h], ref, atol=1e-5)
+
+
+def test_indices_buffer_longer_than_the_batch(backend, rng):
+    """Serving systems keep one fixed-size page-id buffer; only its first kv_indptr[-1] entries
+    belong to the batch."""
+    kv_lens = [6, 11]
+    kv_indptr, kv_indices, last, num_pages = R.random_paged_batch(rng, kv_lens, 4)
+    buf = np.full(64, 12345, np.int32)  # garbage past the batch's entries
+    buf[:len(kv_indices)] = kv_indices
+    k, v = make_cache(rng, num_pages, 4, 2, 8, np.float32, "NHD")
+    q = rng.standard_normal((2, 2, 8)).astype(np.float32)
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(backend)
+    w.plan(kv_indptr, buf, last, 2, 2, 8, 4, q_data_type="float32")
+    out = w.run(q, (k, v))
+    ro, _ = R.paged_attention(q, np.arange(3), k, v, kv_indptr, kv_indices, last, 4)
+    assert R.rel_err(out, ro) < 1e-5

@@ -115,10 +115,11 @@ def test_cuda_decode(dtype, page_size):
     q, cache, kv_indptr, kv_indices, last = paged_inputs(gen, kv_lens, page_size, 32, 8, 128, dtype,
                                                          device="cuda")
     w = kvattn.BatchDecodeWithPagedKVCacheWrapper(ctx)
-    w.plan(torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices).cuda(), torch.from_numpy(last),
-           32, 8, 128, page_size, q_data_type=dtype)
     stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # the run goes on torch's current stream
+    stream.wait_stream(torch.cuda.current_stream())  # q and the cache were made on the default one
+    with torch.cuda.stream(stream):  # plan's copy and the run go on torch's current stream
+        w.plan(torch.from_numpy(kv_indptr), torch.from_numpy(kv_indices).cuda(),
+               torch.from_numpy(last), 32, 8, 128, page_size, q_data_type=dtype)
         out, lse = w.run(q, cache, return_lse=True)
     stream.synchronize()
     assert out.is_cuda and out.dtype == dtype
@@ -147,3 +148,85 @@ def test_cuda_merge_state():
     ref_s = torch.logaddexp(sa, sb)
     ref_v = va * torch.exp(sa - ref_s)[..., None] + vb * torch.exp(sb - ref_s)[..., None]
     assert torch.allclose(v, ref_v, atol=1e-4) and torch.allclose(s, ref_s, atol=1e-4)
+
+
+def test_cuda_graph_replays_new_plans_within_bounds():
+    """Capture run() once; re-plan other batches (same batch size, other lengths, pages rewritten in
+    the same index buffer) and replay: every replay equals the reference (the serving pattern)."""
+    ctx = _cuda_context()
+    batch, ps, heads, kv_heads, dim, max_pages = 8, 16, 8, 2, 128, 64
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(max_pages, 2, ps, kv_heads, dim, generator=gen).to("cuda", torch.float16)
+    q = torch.zeros(batch, heads, dim, dtype=torch.float16, device="cuda")
+    out = torch.zeros_like(q)
+    indices = torch.zeros(max_pages, dtype=torch.int32, device="cuda")
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(ctx, "NHD", use_cuda_graph=True, max_batch=batch,
+                                                  max_qo_tokens=batch, max_kv_entries=max_pages)
+    rng = np.random.default_rng(6)
+
+    def new_batch():
+        kv_lens = rng.integers(0, 6 * ps, size=batch).tolist()
+        kv_indptr, kv_indices, last, _ = R.random_paged_batch(rng, kv_lens, ps, spare_pages=0)
+        kv_indices = rng.permutation(max_pages)[:len(kv_indices)].astype(np.int32)
+        indices[:len(kv_indices)].copy_(torch.from_numpy(kv_indices))
+        w.plan(kv_indptr, indices, last, heads, kv_heads, dim, ps, q_data_type=torch.float16)
+        q.copy_(torch.randn(batch, heads, dim, generator=gen).to(torch.float16))
+        return kv_indptr, kv_indices, last
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        new_batch()
+        w.run(q, cache, out=out)  # warm-up outside the capture (compiles the kernels)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            w.run(q, cache, out=out)
+        for _ in range(5):
+            kv_indptr, kv_indices, last = new_batch()
+            out.fill_(float("nan"))
+            graph.replay()
+            stream.synchronize()
+            ro, _ = R.paged_attention(f64(q), np.arange(batch + 1), f64(cache[:, 0]),
+                                      f64(cache[:, 1]), kv_indptr, kv_indices, last, ps)
+            assert R.rel_err(f64(out), ro) < 1e-2
+    with pytest.raises(kvattn.BoundsExceededError):  # one more request than captured
+        w.plan(np.zeros(batch + 2, np.int32), indices, np.ones(batch + 1, np.int32), heads, kv_heads,
+               dim, ps, q_data_type=torch.float16)
+
+
+def test_cuda_append_paged_kv_cache():
+    ctx = _cuda_context()
+    cache = torch.zeros(4, 2, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+    k_new = torch.randn(3, 2, 64, device="cuda").to(torch.bfloat16)
+    v_new = torch.randn(3, 2, 64, device="cuda").to(torch.bfloat16)
+    kv_indptr = torch.tensor([0, 1, 3], dtype=torch.int32, device="cuda")
+    kv_indices = torch.tensor([2, 0, 3], dtype=torch.int32, device="cuda")
+    bi, pos = kvattn.get_batch_indices_positions(torch.tensor([0, 1, 3], dtype=torch.int32,
+                                                              device="cuda"),
+                                                 torch.tensor([5, 17], device="cuda"))
+    kvattn.append_paged_kv_cache(k_new, v_new, bi, pos, cache, kv_indices, kv_indptr, context=ctx)
+    torch.cuda.synchronize()
+    assert torch.equal(cache[2, 0, 4], k_new[0]) and torch.equal(cache[2, 1, 4], v_new[0])
+    assert torch.equal(cache[0, 0, 15], k_new[1]) and torch.equal(cache[3, 0, 0], k_new[2])
+    assert int((cache != 0).sum()) == 3 * 2 * 2 * 64 - int((k_new == 0).sum() + (v_new == 0).sum())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_paged_prefill(causal):
+    ctx = _cuda_context()
+    gen = torch.Generator().manual_seed(8)
+    qo_lens, kv_lens, ps = [7, 1, 33], [20, 1, 90], 16
+    q, cache, kv_indptr, kv_indices, last = paged_inputs(gen, kv_lens, ps, 8, 2, 128, torch.float16,
+                                                         device="cuda", qo_lens=qo_lens)
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    w = kvattn.BatchPrefillWithPagedKVCacheWrapper(ctx)
+    try:
+        w.plan(qo_indptr, kv_indptr, torch.from_numpy(kv_indices).cuda(), last, 8, 2, 128, ps,
+               causal=causal, q_data_type=torch.float16)
+        out = w.run(q, cache)
+    except kvattn.UnsupportedError as e:
+        pytest.xfail("GPU prefill not implemented in this build: %s" % e.detail)
+    torch.cuda.synchronize()
+    ro, _ = R.paged_attention(f64(q), qo_indptr, f64(cache[:, 0]), f64(cache[:, 1]), kv_indptr,
+                              kv_indices, last, ps, causal=causal)
+    assert R.rel_err(f64(out), ro) < 1e-2
