@@ -440,26 +440,3 @@ KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const 
   if (seconds) *seconds = total;
   return KVATTN_SUCCESS;
 }
-
-/* ---------------------------------------------------------------- prefill family, until it lands
- * TEMPORARY weak stand-ins so the library links while src/gpu_prefill*.c is being written: a
- * routed batch fails with a clear UNSUPPORTED. Delete this block when the prefill family lands
- * (a weak definition in a static archive can shadow the real one). */
-#define PREFILL_ABSENT(fn) \
-  set_error(KVATTN_ERROR_UNSUPPORTED, "%s: the GPU prefill family (several query rows per request, ragged or " \
-            "block-sparse KV, custom masks) is not built yet", fn)
-__attribute__((weak)) kvattn_status gpu_prefill_workspace_size(kvattn_context *ctx, const kvattn_attention_desc *desc,
-                                                               const kvattn_bounds *bounds, size_t *device_bytes,
-                                                               size_t *host_bytes) {
-  *device_bytes = *host_bytes = 0;
-  return KVATTN_SUCCESS;
-}
-__attribute__((weak)) kvattn_status gpu_prefill_init(kvattn_attention *a) { return PREFILL_ABSENT("gpu_prefill_init"); }
-__attribute__((weak)) void gpu_prefill_release(kvattn_attention *a) {}
-__attribute__((weak)) kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const kvattn_workspace *ws,
-                                                     size_t dev_off, size_t host_off, kvattn_stream stream) {
-  return PREFILL_ABSENT("gpu_prefill_plan");
-}
-__attribute__((weak)) kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_stream stream) {
-  return PREFILL_ABSENT("gpu_prefill_run");
-}

@@ -1,0 +1,579 @@
+/*
+ * prefill.cu - batch prefill / append attention on tensor cores (FA2-class, sm_80 and newer).
+ *
+ * One launch per query-tile size, a fixed grid (a multiple of the SM count, chosen when the
+ * attention is created): CTA b runs the work items [cta_indptr[b], cta_indptr[b+1]) that the host
+ * planner (src/plan_prefill.c) wrote. An item is (request, KV head, query tile, KV token chunk).
+ * The grid never depends on the batch, so a captured CUDA graph replays any batch within bounds.
+ *
+ * GQA packing: a request's query rows and the GROUP_SIZE query heads of one KV head form
+ * qo_len * GROUP_SIZE "packed rows" (packed row = token * GROUP_SIZE + head in group), so each
+ * K/V byte loaded serves the whole group and short queries still fill the 16-row MMA tiles.
+ *
+ * Per item: the Q tile goes to shared memory once; K and V tiles of KV_TILE tokens are gathered
+ * through the page index with cp.async (16 bytes per thread per copy; rows past the chunk are
+ * zero-filled, never read, so NaN garbage in unused page slots cannot reach an accumulator).
+ * K(t+1) is in flight while softmax and P*V of tile t run, V(t+1) while S of tile t+1 runs.
+ * Each warp owns 16*MF packed rows: S = Q K^T with mma.sync m16n8k16 (fp32 accumulation,
+ * fragments from ldmatrix), the online softmax in registers (log2 domain: one ex2 per score),
+ * then O += P V with P re-packed from the S accumulators as the A operand (no shared memory trip).
+ *
+ * Shared memory rows are HEAD_DIM 16-bit values; 16-byte chunk c of row r is stored at chunk
+ * c ^ (r % 8), so the 8 row addresses of one ldmatrix phase hit 8 different bank groups (no
+ * conflicts) and cp.async writes stay 16-byte aligned.
+ *
+ * Split KV: an item with part >= 0 writes its normalized o (fp32) and lse to the workspace and
+ * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
+ *
+ * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE, DTYPE
+ * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
+ * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
+ * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
+ */
+#include "common.cuh"
+
+#ifndef HEAD_DIM
+#error "HEAD_DIM must be defined"
+#endif
+#ifndef GROUP_SIZE
+#define GROUP_SIZE 1
+#endif
+#ifndef CTA_Q
+#define CTA_Q 128
+#endif
+#ifndef DTYPE
+#define DTYPE KV_BF16
+#endif
+#ifndef O_DTYPE
+#define O_DTYPE DTYPE
+#endif
+#ifndef KV_TILE
+#define KV_TILE (HEAD_DIM > 128 ? 32 : 64)
+#endif
+#ifndef CAUSAL
+#define CAUSAL 0
+#endif
+#ifndef WINDOW
+#define WINDOW 0
+#endif
+#ifndef CUSTOM_MASK
+#define CUSTOM_MASK 0
+#endif
+#ifndef SOFT_CAP
+#define SOFT_CAP 0
+#endif
+#ifndef ALIBI
+#define ALIBI 0
+#endif
+#ifndef ROPE
+#define ROPE 0
+#endif
+
+#if CTA_Q == 16
+#define NUM_WARPS 1
+#define MF 1
+#elif CTA_Q == 64
+#define NUM_WARPS 4
+#define MF 1
+#elif CTA_Q == 128 && HEAD_DIM > 128
+#define NUM_WARPS 8 /* two fragments per warp would spill at head_dim 256 */
+#define MF 1
+#elif CTA_Q == 128
+#define NUM_WARPS 4 /* two 16-row fragments per warp: each K/V fragment feeds two MMAs */
+#define MF 2
+#else
+#error "CTA_Q must be 16, 64 or 128"
+#endif
+#define NUM_THREADS (NUM_WARPS * 32)
+#define CH (HEAD_DIM / 8)   /* 16-byte chunks per row */
+#define NF (KV_TILE / 8)    /* n-fragments of S per warp */
+#define DF (HEAD_DIM / 8)   /* n-fragments of O per warp */
+
+/* One work item: 16 int32 (64 bytes). Keep in sync with src/plan_prefill.h (prefill_item). */
+struct prefill_item {
+  int q_start;    /* first query token of the request (global row of q/out) */
+  int qo_len;     /* query tokens of the request */
+  int kv_len;     /* KV tokens of the request */
+  int kv_entry;   /* kv_indptr[request]: first entry of the request in `indices` */
+  int kv_head;
+  int row_start;  /* first packed row of the tile */
+  int kv_begin;   /* token chunk [kv_begin, kv_end) of the request's KV */
+  int kv_end;
+  int part;       /* -1: write out; else first row of this item's partial-state rows */
+  int q_pos_base; /* q_pos of token r = q_pos_base + r */
+  int mask_lo;    /* custom mask: first bit of the request (int64, low and high words) */
+  int mask_hi;
+  int pad[4];
+};
+
+/* A merge entry: the chunks of one split tile, rows [part, part + chunks * CTA_Q) of the partial
+ * states (chunk c of local row x at part + c * CTA_Q + x). 8 int32. */
+struct prefill_merge_entry {
+  int part;
+  int chunks;
+  int q_start;
+  int qo_len;
+  int kv_head;
+  int row_start;
+  int rows;       /* CTA_Q of the tile */
+  int pad;
+};
+
+struct prefill_params {
+  const u16 *q;
+  i64 q_stride_tok, q_stride_head;
+  const u16 *k, *v;   /* 4-d views (page, slot, kv_head, dim) */
+  i64 k_stride_page, k_stride_slot, k_stride_head;
+  i64 v_stride_page, v_stride_slot, v_stride_head;
+  const int *indices; /* [kv_entries] page ids; NULL: identity (ragged) */
+  const u8 *mask;     /* custom mask bits */
+  u16 *out;
+  i64 o_stride_tok, o_stride_head;
+  float *lse;         /* float32 [tokens, qo_heads] or NULL */
+  i64 lse_stride_tok, lse_stride_head;
+  const int *lists;   /* the plan's list region (int32 words) */
+  int cta_indptr_off; /* words: [grid + 1] for this tile size */
+  int items_off_word; /* lists[items_off_word] = the word where this tile size's items start (set by
+                         the plan, so a captured graph's fixed parameters stay valid) */
+  int merge_off;      /* words: merge entries; merge count at lists[merge_count_word] */
+  int merge_count_word;
+  const float *rope_freq;    /* [HEAD_DIM / 2] inverse frequencies / rope_scale */
+  const float *alibi_slopes; /* [qo_heads] */
+  float *part_o;      /* [rows, HEAD_DIM] */
+  float *part_lse;    /* [rows] natural log */
+  float sm_scale;
+  float soft_cap;
+  int window_left;
+  int page_size;
+  int bsr;            /* 1: block-sparse positions */
+  long long kv_token_limit;
+};
+
+/* Element (row, d) of a swizzled tile. */
+static __device__ __forceinline__ int swz(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3); }
+
+static __device__ __forceinline__ void mma16816(float *d, const u32 *a, const u32 *b) {
+#if DTYPE == KV_BF16
+  mma_bf16_16816(d, a, b);
+#else
+  mma_f16_16816(d, a, b);
+#endif
+}
+
+static __device__ __forceinline__ float to_f32(u16 h) {
+#if DTYPE == KV_BF16
+  return bf16_to_f32(h);
+#else
+  return f16_to_f32(h);
+#endif
+}
+static __device__ __forceinline__ u16 from_f32(float f) {
+#if DTYPE == KV_BF16
+  return f32_to_bf16(f);
+#else
+  return f32_to_f16(f);
+#endif
+}
+
+/* The global offset (elements) of token j of the item's KV in a K or V view, through the index. */
+static __device__ __forceinline__ i64 kv_row_offset(const struct prefill_params &p, const struct prefill_item &it, int j,
+                                                    i64 s_page, i64 s_slot, i64 s_head) {
+  int e = it.kv_entry + j / p.page_size;
+  int slot = j - (j / p.page_size) * p.page_size;
+  i64 page = p.indices ? (i64)__ldg(p.indices + e) : (i64)e;
+  return page * s_page + (i64)slot * s_slot + (i64)it.kv_head * s_head;
+}
+
+/* Gather KV_TILE rows [t0, t0 + KV_TILE) of K or V into a swizzled tile; rows at or past `end`
+ * become zeros (src_bytes 0: nothing is read). */
+static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, const struct prefill_params &p,
+                                                    const struct prefill_item &it, int t0, int end, i64 s_page,
+                                                    i64 s_slot, i64 s_head) {
+  for (int idx = threadIdx.x; idx < KV_TILE * CH; idx += NUM_THREADS) {
+    int row = idx / CH, c = idx % CH;
+    int j = t0 + row;
+    const u16 *src = base;
+    int bytes = 0;
+    if (j < end) {
+      src = base + kv_row_offset(p, it, j, s_page, s_slot, s_head) + c * 8;
+      bytes = 16;
+    }
+    cp_async16(dst + swz(row, c), src, bytes);
+  }
+}
+
+/* The position of KV token j of the item (BSR: the global column). */
+static __device__ __forceinline__ long long kv_position(const struct prefill_params &p, const struct prefill_item &it,
+                                                        int j) {
+  if (!p.bsr) return j;
+  int e = it.kv_entry + j / p.page_size;
+  int slot = j - (j / p.page_size) * p.page_size;
+  return (long long)__ldg(p.indices + e) * p.page_size + slot;
+}
+
+#if ROPE
+/* Rotate-half RoPE of the rows of a swizzled tile in place: pair (d, d + HEAD_DIM/2) of row r is
+ * rotated by pos(r) * freq[d]. Each thread takes whole 8-element chunks of the low half. */
+static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const long long *pos, const float *freq) {
+  for (int idx = threadIdx.x; idx < rows * (CH / 2); idx += NUM_THREADS) {
+    int row = idx / (CH / 2), c = idx % (CH / 2);
+    u16 *lo = tile + swz(row, c), *hi = tile + swz(row, c + CH / 2);
+    float ps = (float)pos[row];
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      float s, co;
+      sincosf(ps * __ldg(freq + c * 8 + e), &s, &co);
+      float a = to_f32(lo[e]), b = to_f32(hi[e]);
+      lo[e] = from_f32(a * co - b * s);
+      hi[e] = from_f32(b * co + a * s);
+    }
+  }
+}
+#endif
+
+static __device__ __forceinline__ struct prefill_item load_item(const int *lists, int off, int i) {
+  const int4 *src = (const int4 *)(lists + off) + (i64)i * 4;
+  int4 a = __ldg(src), b = __ldg(src + 1), c = __ldg(src + 2);
+  struct prefill_item r;
+  r.q_start = a.x; r.qo_len = a.y; r.kv_len = a.z; r.kv_entry = a.w;
+  r.kv_head = b.x; r.row_start = b.y; r.kv_begin = b.z; r.kv_end = b.w;
+  r.part = c.x; r.q_pos_base = c.y; r.mask_lo = c.z; r.mask_hi = c.w;
+  return r;
+}
+
+#define SMEM_Q (CTA_Q * HEAD_DIM)
+#define SMEM_KV (KV_TILE * HEAD_DIM)
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+prefill_kernel(const struct prefill_params p) {
+  extern __shared__ __align__(16) u16 smem[];
+  u16 *sq = smem, *sk = smem + SMEM_Q, *sv = sk + SMEM_KV;
+  long long *skpos = (long long *)(sv + SMEM_KV); /* [2][KV_TILE] BSR/RoPE positions */
+#if ROPE
+  long long *sqpos = skpos + 2 * KV_TILE;         /* [CTA_Q] */
+#endif
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int *cta = p.lists + p.cta_indptr_off;
+  const int item_begin = cta[blockIdx.x], item_end = cta[blockIdx.x + 1];
+  const int items_off = p.lists[p.items_off_word];
+  const float log2e = KV_LOG2E;
+  const float scale_log2 = p.sm_scale * log2e;
+
+  for (int item_i = item_begin; item_i < item_end; item_i++) {
+    const struct prefill_item it = load_item(p.lists, items_off, item_i);
+    const int qo_heads_base = it.kv_head * GROUP_SIZE;
+    __syncthreads(); /* the previous item is done with the shared tiles */
+
+    /* ---- Q tile: packed rows [row_start, row_start + CTA_Q) */
+    for (int idx = threadIdx.x; idx < CTA_Q * CH; idx += NUM_THREADS) {
+      int row = idx / CH, c = idx % CH;
+      int pr = it.row_start + row;
+      int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
+      const u16 *src = p.q;
+      int bytes = 0;
+      if (tok < it.qo_len) {
+        src = p.q + (i64)(it.q_start + tok) * p.q_stride_tok + (i64)(qo_heads_base + g) * p.q_stride_head + c * 8;
+        bytes = 16;
+      }
+      cp_async16(sq + swz(row, c), src, bytes);
+    }
+    cp_async_commit();
+#if ROPE
+    for (int row = threadIdx.x; row < CTA_Q; row += NUM_THREADS)
+      sqpos[row] = (long long)it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
+#endif
+
+    /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
+    long long q_pos[MF][2];
+    int row_ok[MF][2];
+#if ALIBI
+    float slope[MF][2];
+#endif
+#if CUSTOM_MASK
+    long long mask_row[MF][2];
+    const long long mask_first = ((long long)(unsigned)it.mask_lo) | ((long long)it.mask_hi << 32);
+#endif
+#pragma unroll
+    for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        int pr = it.row_start + warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
+        int tok = pr / GROUP_SIZE;
+        q_pos[mf][h] = (long long)it.q_pos_base + tok;
+        row_ok[mf][h] = tok < it.qo_len;
+#if ALIBI
+        slope[mf][h] = p.alibi_slopes[qo_heads_base + (pr - tok * GROUP_SIZE)] * log2e;
+#endif
+#if CUSTOM_MASK
+        mask_row[mf][h] = p.bsr ? (long long)(it.q_start + tok) * p.kv_token_limit
+                                : mask_first + (long long)tok * it.kv_len;
+#endif
+      }
+    /* first and last query position of the tile (causal/window tile classification) */
+#if CAUSAL
+    const long long tile_qpos_lo = (long long)it.q_pos_base + it.row_start / GROUP_SIZE;
+#endif
+#if WINDOW
+    const long long tile_qpos_hi = (long long)it.q_pos_base + (it.row_start + CTA_Q - 1) / GROUP_SIZE;
+#endif
+
+    float o[MF][DF][4];
+    float m[MF][2], d[MF][2];
+#pragma unroll
+    for (int mf = 0; mf < MF; mf++) {
+#pragma unroll
+      for (int df = 0; df < DF; df++) o[mf][df][0] = o[mf][df][1] = o[mf][df][2] = o[mf][df][3] = 0.f;
+      m[mf][0] = m[mf][1] = KV_NEG_INF;
+      d[mf][0] = d[mf][1] = 0.f;
+    }
+
+    const int kv_end = it.kv_end;
+    int t0 = it.kv_begin;
+    if (t0 < kv_end) {
+      load_kv_tile(sk, p.k, p, it, t0, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+      cp_async_commit();
+      load_kv_tile(sv, p.v, p, it, t0, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+      cp_async_commit();
+    }
+#if ROPE
+    cp_async_wait<0>();
+    __syncthreads();
+    rope_tile(sq, CTA_Q, sqpos, p.rope_freq);
+#endif
+    int buf = 0;
+    for (; t0 < kv_end; t0 += KV_TILE, buf ^= 1) {
+      const int t1 = t0 + KV_TILE;
+      long long *kpos = skpos + buf * KV_TILE;
+      if (p.bsr || ROPE) {
+        for (int c = threadIdx.x; c < KV_TILE; c += NUM_THREADS) kpos[c] = t0 + c < kv_end ? kv_position(p, it, t0 + c) : 0;
+      }
+      cp_async_wait<1>(); /* K(t) (and Q) landed; V(t) may still be in flight */
+      __syncthreads();
+#if ROPE
+      rope_tile(sk, KV_TILE, kpos, p.rope_freq);
+      __syncthreads();
+#endif
+
+      /* ---- S = Q K^T */
+      float s[MF][NF][4];
+#pragma unroll
+      for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+        for (int nf = 0; nf < NF; nf++) s[mf][nf][0] = s[mf][nf][1] = s[mf][nf][2] = s[mf][nf][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < HEAD_DIM / 16; kk++) {
+        u32 a[MF][4];
+#pragma unroll
+        for (int mf = 0; mf < MF; mf++)
+          ldmatrix_x4(a[mf], sq + swz(warp * 16 * MF + mf * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+#pragma unroll
+        for (int nb = 0; nb < NF / 2; nb++) {
+          u32 b[4];
+          ldmatrix_x4(b, sk + swz(nb * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+#pragma unroll
+          for (int mf = 0; mf < MF; mf++) {
+            mma16816(s[mf][2 * nb], a[mf], b);
+            mma16816(s[mf][2 * nb + 1], a[mf], b + 2);
+          }
+        }
+      }
+      __syncthreads(); /* every warp is done with K(t) */
+      if (t1 < kv_end)
+        load_kv_tile(sk, p.k, p, it, t1, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+      cp_async_commit();
+
+      /* ---- scores: scale, variants, masks (log2 domain) */
+      int need_mask = t1 > kv_end || p.bsr;
+#if CAUSAL
+      need_mask |= (long long)(t1 - 1) > tile_qpos_lo;
+#endif
+#if WINDOW
+      need_mask |= (long long)t0 < tile_qpos_hi - p.window_left;
+#endif
+#if CUSTOM_MASK
+      need_mask = 1;
+#endif
+#pragma unroll
+      for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+        for (int nf = 0; nf < NF; nf++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            const int h = e >> 1;
+            const int col = nf * 8 + 2 * (lane & 3) + (e & 1);
+            float x = s[mf][nf][e];
+#if SOFT_CAP
+            {
+              float y = x * (p.sm_scale / p.soft_cap), t;
+              asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
+              x = p.soft_cap * t * log2e;
+            }
+#else
+            x *= scale_log2;
+#endif
+#if ALIBI || CAUSAL || WINDOW || CUSTOM_MASK
+            const long long kp = p.bsr ? kpos[col] : (long long)(t0 + col);
+#endif
+#if ALIBI
+            x += slope[mf][h] * (float)(kp - q_pos[mf][h]);
+#endif
+            if (need_mask) {
+              bool keep = t0 + col < kv_end;
+              if (p.bsr) keep = keep && kpos[col] < p.kv_token_limit;
+#if CAUSAL
+              keep = keep && kp <= q_pos[mf][h];
+#endif
+#if WINDOW
+              keep = keep && kp >= q_pos[mf][h] - p.window_left;
+#endif
+#if CUSTOM_MASK
+              if (keep && row_ok[mf][h]) {
+                long long bit = mask_row[mf][h] + (p.bsr ? kp : (long long)(t0 + col));
+                keep = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
+              }
+#endif
+              if (!keep) x = KV_NEG_INF;
+            }
+            s[mf][nf][e] = x;
+          }
+
+      /* ---- online softmax: rows are shared by the 4 lanes of a quad */
+#pragma unroll
+      for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          float mx = m[mf][h];
+#pragma unroll
+          for (int nf = 0; nf < NF; nf++) mx = fmaxf(mx, fmaxf(s[mf][nf][2 * h], s[mf][nf][2 * h + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float m_use = mx == KV_NEG_INF ? 0.f : mx; /* a row masked so far stays exactly 0 */
+          const float corr = fast_exp2(m[mf][h] - m_use);
+          m[mf][h] = mx;
+          d[mf][h] *= corr;
+#pragma unroll
+          for (int df = 0; df < DF; df++) {
+            o[mf][df][2 * h] *= corr;
+            o[mf][df][2 * h + 1] *= corr;
+          }
+#pragma unroll
+          for (int nf = 0; nf < NF; nf++) {
+            float p0 = fast_exp2(s[mf][nf][2 * h] - m_use), p1 = fast_exp2(s[mf][nf][2 * h + 1] - m_use);
+            s[mf][nf][2 * h] = p0;
+            s[mf][nf][2 * h + 1] = p1;
+            d[mf][h] += p0 + p1;
+          }
+        }
+
+      cp_async_wait<1>(); /* V(t) landed; K(t+1) may still be in flight */
+      __syncthreads();
+
+      /* ---- O += P V */
+#pragma unroll
+      for (int kb = 0; kb < KV_TILE / 16; kb++) {
+        u32 a[MF][4];
+#pragma unroll
+        for (int mf = 0; mf < MF; mf++) {
+          a[mf][0] = pack2(DTYPE, s[mf][2 * kb][0], s[mf][2 * kb][1]);
+          a[mf][1] = pack2(DTYPE, s[mf][2 * kb][2], s[mf][2 * kb][3]);
+          a[mf][2] = pack2(DTYPE, s[mf][2 * kb + 1][0], s[mf][2 * kb + 1][1]);
+          a[mf][3] = pack2(DTYPE, s[mf][2 * kb + 1][2], s[mf][2 * kb + 1][3]);
+        }
+#pragma unroll
+        for (int db = 0; db < HEAD_DIM / 16; db++) {
+          u32 b[4];
+          ldmatrix_x4_trans(b, sv + swz(kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
+#pragma unroll
+          for (int mf = 0; mf < MF; mf++) {
+            mma16816(o[mf][2 * db], a[mf], b);
+            mma16816(o[mf][2 * db + 1], a[mf], b + 2);
+          }
+        }
+      }
+      __syncthreads(); /* every warp is done with V(t) */
+      if (t1 < kv_end)
+        load_kv_tile(sv, p.v, p, it, t1, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();
+
+    /* ---- epilogue: o / d, lse = (m + log2 d) * ln 2; a row with nothing visible: 0 and -inf */
+#pragma unroll
+    for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        float dd = d[mf][h];
+        dd += __shfl_xor_sync(0xffffffffu, dd, 1);
+        dd += __shfl_xor_sync(0xffffffffu, dd, 2);
+        const float inv = dd > 0.f ? 1.f / dd : 0.f;
+        const float lse = dd > 0.f ? (m[mf][h] + __log2f(dd)) * KV_LN2 : KV_NEG_INF;
+        const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
+        const int pr = it.row_start + local;
+        const int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
+        if (!row_ok[mf][h]) continue;
+        if (it.part >= 0) {
+          float *dst = p.part_o + (i64)(it.part + local) * HEAD_DIM + 2 * (lane & 3);
+#pragma unroll
+          for (int df = 0; df < DF; df++)
+            *(float2 *)(dst + df * 8) = make_float2(o[mf][df][2 * h] * inv, o[mf][df][2 * h + 1] * inv);
+          if ((lane & 3) == 0) p.part_lse[it.part + local] = lse;
+        } else {
+          u16 *dst = p.out + (i64)(it.q_start + tok) * p.o_stride_tok + (i64)(qo_heads_base + g) * p.o_stride_head +
+                     2 * (lane & 3);
+#pragma unroll
+          for (int df = 0; df < DF; df++)
+            *(u32 *)(dst + df * 8) = pack2(O_DTYPE, o[mf][df][2 * h] * inv, o[mf][df][2 * h + 1] * inv);
+          if (p.lse && (lane & 3) == 0)
+            p.lse[(i64)(it.q_start + tok) * p.lse_stride_tok + (i64)(qo_heads_base + g) * p.lse_stride_head] = lse;
+        }
+      }
+  }
+}
+
+/* Merge the KV chunks of split tiles: one warp per (entry, local row), grid-stride over the
+ * entries the plan wrote (their count is read from the list region, so the grid is fixed). */
+extern "C" __global__ void __launch_bounds__(128) prefill_merge(const struct prefill_params p) {
+  const int count = p.lists[p.merge_count_word];
+  const struct prefill_merge_entry *entries = (const struct prefill_merge_entry *)(p.lists + p.merge_off);
+  const int lane = threadIdx.x & 31;
+  const i64 warps = (i64)gridDim.x * (blockDim.x / 32);
+  /* every entry claims 128 rows of the index space (the largest tile); rows past its tile skip */
+  for (i64 w = (i64)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5); w < (i64)count * 128; w += warps) {
+    const struct prefill_merge_entry en = entries[w / 128];
+    const int local = (int)(w % 128);
+    if (local >= en.rows) continue;
+    const int pr = en.row_start + local;
+    const int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
+    if (tok >= en.qo_len) continue;
+    float mx = KV_NEG_INF;
+    for (int c = 0; c < en.chunks; c++) mx = fmaxf(mx, p.part_lse[en.part + c * en.rows + local]);
+    float acc[HEAD_DIM / 32];
+#pragma unroll
+    for (int x = 0; x < HEAD_DIM / 32; x++) acc[x] = 0.f;
+    float sum = 0.f;
+    if (mx != KV_NEG_INF) {
+      for (int c = 0; c < en.chunks; c++) {
+        const i64 row = en.part + c * en.rows + local;
+        const float w_c = __expf(p.part_lse[row] - mx);
+        sum += w_c;
+        const float *src = p.part_o + row * HEAD_DIM;
+#pragma unroll
+        for (int x = 0; x < HEAD_DIM / 32; x++) acc[x] += w_c * src[lane + 32 * x];
+      }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int head = en.kv_head * GROUP_SIZE + g;
+    u16 *dst = p.out + (i64)(en.q_start + tok) * p.o_stride_tok + (i64)head * p.o_stride_head;
+#pragma unroll
+    for (int x = 0; x < HEAD_DIM / 32; x++) {
+#if O_DTYPE == KV_BF16
+      dst[lane + 32 * x] = f32_to_bf16(acc[x] * inv);
+#else
+      dst[lane + 32 * x] = f32_to_f16(acc[x] * inv);
+#endif
+    }
+    if (p.lse && lane == 0)
+      p.lse[(i64)(en.q_start + tok) * p.lse_stride_tok + (i64)head * p.lse_stride_head] =
+          sum > 0.f ? mx + __logf(sum) : KV_NEG_INF;
+  }
+}

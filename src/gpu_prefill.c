@@ -1,0 +1,361 @@
+/*
+ * gpu_prefill.c - the prefill family on the GPU (kernels/prefill.cu, planner src/plan_prefill.c):
+ * batch prefill, append and multi-token decode over paged, ragged and block-sparse KV.
+ *
+ * Routed here by gpu_plan/gpu_run (src/gpu_attention.c) for every batch that is not single-row
+ * paged decode. Its workspace region follows decode's: [list region | partial o | partial lse] on
+ * the device, the list region's pinned mirror on the host. The plan writes the mirror and sends
+ * its used prefix with one async copy; run launches one kernel per query-tile kind the bounds
+ * allow (whether or not this batch uses it: an empty list costs a few microseconds, and the
+ * launch sequence, grids and parameters never change between plans, so a captured graph replays
+ * any batch within the bounds), then the merge kernel when split-KV is possible.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_internal.h"
+#include "plan_prefill.h"
+
+enum { CU_FUNC_ATTR_NUM_REGS_ = 4 };
+
+/* Host mirror of kernels/prefill.cu's struct prefill_params (same order, natural alignment). */
+typedef struct prefill_params {
+  const void *q;
+  int64_t q_stride_tok, q_stride_head;
+  const void *k, *v;
+  int64_t k_stride_page, k_stride_slot, k_stride_head;
+  int64_t v_stride_page, v_stride_slot, v_stride_head;
+  const int32_t *indices;
+  const uint8_t *mask;
+  void *out;
+  int64_t o_stride_tok, o_stride_head;
+  float *lse;
+  int64_t lse_stride_tok, lse_stride_head;
+  const int32_t *lists;
+  int32_t cta_indptr_off;
+  int32_t items_off_word;
+  int32_t merge_off;
+  int32_t merge_count_word;
+  const float *rope_freq;
+  const float *alibi_slopes;
+  float *part_o;
+  float *part_lse;
+  float sm_scale;
+  float soft_cap;
+  int32_t window_left;
+  int32_t page_size;
+  int32_t bsr;
+  long long kv_token_limit;
+} prefill_params;
+
+struct gpu_prefill {
+  prefill_config cfg;
+  prefill_layout lay;
+  int reachable[PREFILL_TILE_KINDS]; /* kinds the bounds allow: compiled and launched */
+  int threads[PREFILL_TILE_KINDS];
+  int smem[PREFILL_TILE_KINDS];
+  CUfunction fn[PREFILL_TILE_KINDS];
+  CUfunction merge_fn;
+  int merge_grid;
+  char defines[PREFILL_TILE_KINDS][512];
+  float rope_freq[128];
+  void *scratch;
+  int32_t *qo_indptr, *kv_indptr, *last_page_len; /* host copies of the planned batch */
+  /* the current plan */
+  int planned;
+  prefill_plan_out out;
+  CUdeviceptr lists, part_o, part_lse;
+  int32_t page_size;
+};
+
+static int dtype_code(DLDataType t) {
+  if (dtype_eq(t, DT_F16)) return 1;
+  if (dtype_eq(t, DT_BF16)) return 2;
+  return 0;
+}
+
+/* Kernel shape of a tile kind; mirrors prefill.cu (NUM_WARPS, KV_TILE, shared memory). */
+static int kv_tile_for(int head_dim) { return head_dim > 128 ? 32 : 64; }
+static int threads_for(int kind, int head_dim) {
+  if (kind == 0) return 32;
+  if (kind == 2 && head_dim > 128) return 256;
+  return 128;
+}
+static int smem_for(int kind, int head_dim, int rope) {
+  int q = prefill_tile_rows[kind], kt = kv_tile_for(head_dim);
+  return (q + 2 * kt) * head_dim * 2 + 2 * kt * 8 + (rope ? q * 8 : 0);
+}
+/* Resident CTAs per SM the grid assumes (registers: ~128-255 per thread; shared memory). A
+ * wrong guess only costs balance: the CTAs of a persistent grid beyond residency wait. */
+static int ctas_per_sm(int kind, int head_dim, int rope, int smem_per_sm) {
+  int by_regs = kind == 0 ? 8 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (head_dim > 128 ? 1 : 2);
+  int by_smem = smem_per_sm / (smem_for(kind, head_dim, rope) + 1024);
+  int n = by_regs < by_smem ? by_regs : by_smem;
+  return n < 1 ? 1 : n;
+}
+
+static kvattn_status prefill_supported(const kvattn_attention_desc *d) {
+  RETURN_IF(d->head_dim != 64 && d->head_dim != 128 && d->head_dim != 256, KVATTN_ERROR_UNSUPPORTED,
+            "GPU prefill: head_dim=%d; the GPU kernels support 64, 128 and 256", d->head_dim);
+  int q = dtype_code(d->q_dtype), kv = dtype_code(d->kv_dtype), o = dtype_code(d->o_dtype);
+  RETURN_IF(!q || !kv || !o, KVATTN_ERROR_UNSUPPORTED,
+            "GPU prefill: dtypes q=%s kv=%s o=%s; the tensor-core kernels take float16 or bfloat16",
+            dtype_name(d->q_dtype), dtype_name(d->kv_dtype), dtype_name(d->o_dtype));
+  RETURN_IF(q != kv, KVATTN_ERROR_UNSUPPORTED,
+            "GPU prefill: q_dtype %s differs from kv_dtype %s; the MMA needs one input type", dtype_name(d->q_dtype),
+            dtype_name(d->kv_dtype));
+  return KVATTN_SUCCESS;
+}
+
+static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], const struct gpu_context *g,
+                        const kvattn_attention_desc *d, const kvattn_bounds *b) {
+  memset(c, 0, sizeof *c);
+  c->group_size = d->num_qo_heads / d->num_kv_heads;
+  c->num_kv_heads = d->num_kv_heads;
+  c->num_qo_heads = d->num_qo_heads;
+  c->head_dim = d->head_dim;
+  c->kv_tile = kv_tile_for(d->head_dim);
+  c->causal = d->causal;
+  c->window_left = d->window_left;
+  c->disable_split = d->disable_split_kv;
+  c->fixed_split_tokens = 0; /* fixed_split_size counts pages: set per plan from the page size */
+  c->min_chunk = 256;
+  c->max_batch = b->max_batch;
+  c->max_qo_tokens = b->max_qo_tokens;
+  c->max_kv_entries = b->max_kv_entries;
+  int64_t packed_max = b->max_qo_tokens * c->group_size;
+  int smem_sm = g->max_smem_per_block_optin + 1024;
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    reachable[k] = k == 0 || packed_max > (k == 1 ? 16 : 64);
+    c->grid[k] = g->sm_count * ctas_per_sm(k, d->head_dim, d->rope, smem_sm);
+  }
+}
+
+/* Partial-state rows only for the kinds the bounds can reach. */
+static int64_t part_rows_reachable(const prefill_layout *l, const prefill_config *c, const int reachable[]) {
+  int64_t rows = 0;
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++)
+    if (reachable[k]) rows = l->part_base[k] + (int64_t)c->grid[k] * prefill_tile_rows[k];
+  return rows;
+}
+
+typedef struct dev_layout {
+  size_t lists, part_o, part_lse, total;
+} dev_layout;
+
+static dev_layout dev_layout_of(const prefill_layout *l, const prefill_config *c, const int reachable[]) {
+  dev_layout d;
+  int64_t rows = part_rows_reachable(l, c, reachable);
+  d.lists = 0;
+  d.part_o = align_up((size_t)l->list_words * 4, 256);
+  d.part_lse = align_up(d.part_o + (size_t)rows * c->head_dim * 4, 256);
+  d.total = align_up(d.part_lse + (size_t)rows * 4, 256) + 256; /* + slack: the region start is aligned up */
+  return d;
+}
+
+kvattn_status gpu_prefill_workspace_size(kvattn_context *ctx, const kvattn_attention_desc *desc,
+                                         const kvattn_bounds *bounds, size_t *device_bytes, size_t *host_bytes) {
+  RETURN_IF(!ctx || !ctx->gpu, KVATTN_ERROR_INTERNAL, "gpu_prefill_workspace_size: no GPU context");
+  *device_bytes = *host_bytes = 0;
+  /* An attention this family cannot serve needs none of its workspace (init says why). */
+  if (prefill_supported(desc) != KVATTN_SUCCESS) {
+    clear_error();
+    return KVATTN_SUCCESS;
+  }
+  prefill_config c;
+  prefill_layout l;
+  int reachable[PREFILL_TILE_KINDS];
+  config_init(&c, reachable, ctx->gpu, desc, bounds);
+  TRY(prefill_layout_compute(&c, &l));
+  dev_layout d = dev_layout_of(&l, &c, reachable);
+  *device_bytes = d.total;
+  *host_bytes = align_up((size_t)l.list_words * 4, 256) + 16;
+  return KVATTN_SUCCESS;
+}
+
+static void make_defines(const kvattn_attention_desc *d, int group, int cta_q, char *out, size_t size) {
+  snprintf(out, size,
+           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d "
+           "-DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
+           d->head_dim, group, cta_q, dtype_code(d->q_dtype), dtype_code(d->o_dtype), d->causal != 0,
+           d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
+}
+
+void gpu_prefill_release(kvattn_attention *a) {
+  if (!a || !a->gpu_prefill) return;
+  struct gpu_prefill *p = a->gpu_prefill;
+  free(p->scratch);
+  free(p->qo_indptr);
+  free(p->kv_indptr);
+  free(p->last_page_len);
+  free(p);
+  a->gpu_prefill = NULL;
+}
+
+kvattn_status gpu_prefill_init(kvattn_attention *a) {
+  RETURN_IF(!a || !a->ctx || !a->ctx->gpu, KVATTN_ERROR_INTERNAL, "gpu_prefill_init: no GPU context");
+  if (a->gpu_prefill) return KVATTN_SUCCESS;
+  struct gpu_context *g = a->ctx->gpu;
+  const kvattn_attention_desc *d = &a->desc;
+  TRY(prefill_supported(d));
+  RETURN_IF(g->cc_major < 8, KVATTN_ERROR_UNSUPPORTED, "GPU prefill: %s is sm_%d%d; the kernels need sm_80 or newer",
+            g->name, g->cc_major, g->cc_minor);
+  struct gpu_prefill *p = calloc(1, sizeof *p);
+  RETURN_IF(!p, KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
+  kvattn_status s = KVATTN_SUCCESS;
+  config_init(&p->cfg, p->reachable, g, d, &a->bounds);
+  TRY_GOTO(prefill_layout_compute(&p->cfg, &p->lay), s, fail);
+  size_t nb = (size_t)a->bounds.max_batch + 1;
+  p->scratch = malloc(p->lay.scratch_bytes ? p->lay.scratch_bytes : 1);
+  p->qo_indptr = malloc(nb * sizeof(int32_t));
+  p->kv_indptr = malloc(nb * sizeof(int32_t));
+  p->last_page_len = malloc(nb * sizeof(int32_t));
+  if (!p->scratch || !p->qo_indptr || !p->kv_indptr || !p->last_page_len) {
+    s = set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: %zu bytes of host memory for the prefill planner",
+                  p->lay.scratch_bytes);
+    goto fail;
+  }
+  if (d->rope)
+    for (int i = 0; i < d->head_dim / 2; i++)
+      p->rope_freq[i] = (float)(rope_frequency(d, i) / (d->rope_scale > 0.0f ? d->rope_scale : 1.0f));
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    if (!p->reachable[k]) continue;
+    make_defines(d, p->cfg.group_size, prefill_tile_rows[k], p->defines[k], sizeof p->defines[k]);
+    p->threads[k] = threads_for(k, d->head_dim);
+    p->smem[k] = smem_for(k, d->head_dim, d->rope);
+    TRY_GOTO(gpu_get_kernel(g, "prefill.cu", p->defines[k], "prefill_kernel", p->smem[k], &p->fn[k]), s, fail);
+    if (!p->merge_fn) TRY_GOTO(gpu_get_kernel(g, "prefill.cu", p->defines[k], "prefill_merge", 0, &p->merge_fn), s, fail);
+  }
+  p->merge_grid = g->sm_count * 4;
+  a->gpu_prefill = p;
+  return KVATTN_SUCCESS;
+fail:
+  a->gpu_prefill = p;
+  gpu_prefill_release(a);
+  return s;
+}
+
+kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const kvattn_workspace *ws,
+                               size_t ws_device_offset, size_t ws_host_offset, kvattn_stream stream) {
+  struct gpu_prefill *p = a->gpu_prefill;
+  RETURN_IF(!p, KVATTN_ERROR_INTERNAL, "gpu_prefill_plan: prefill not initialised");
+  struct gpu_context *g = a->ctx->gpu;
+  p->planned = 0;
+  RETURN_IF(bv->batch > a->bounds.max_batch, KVATTN_ERROR_BOUNDS_EXCEEDED,
+            "kvattn_plan: %d work rows, more than bounds.max_batch=%lld", bv->batch, (long long)a->bounds.max_batch);
+  for (int64_t i = 0; i < bv->batch; i++) {
+    int64_t q = bv_qo_len(bv, i);
+    int k = prefill_tile_kind(q * p->cfg.group_size);
+    RETURN_IF(q > 0 && !p->reachable[k], KVATTN_ERROR_BOUNDS_EXCEEDED,
+              "kvattn_plan: request %lld has %lld query rows; the bounds (max_qo_tokens=%lld) promised fewer",
+              (long long)i, (long long)q, (long long)a->bounds.max_qo_tokens);
+    RETURN_IF(bv_kv_len(bv, i) > INT32_MAX - 1024, KVATTN_ERROR_UNSUPPORTED,
+              "kvattn_plan: request %lld has %lld KV tokens; the GPU prefill takes < 2^31", (long long)i,
+              (long long)bv_kv_len(bv, i));
+  }
+  size_t need_dev, need_host;
+  {
+    dev_layout dl = dev_layout_of(&p->lay, &p->cfg, p->reachable);
+    need_dev = dl.total;
+    need_host = align_up((size_t)p->lay.list_words * 4, 256) + 16;
+  }
+  RETURN_IF(ws->device_bytes < ws_device_offset + need_dev || ws->host_bytes < ws_host_offset + need_host,
+            KVATTN_ERROR_WORKSPACE_TOO_SMALL,
+            "kvattn_plan: the prefill region needs %zu device + %zu host bytes after offsets %zu / %zu; the workspace "
+            "has %zu / %zu",
+            need_dev, need_host, ws_device_offset, ws_host_offset, ws->device_bytes, ws->host_bytes);
+
+  prefill_config c = p->cfg;
+  if (a->desc.fixed_split_size > 0) c.fixed_split_tokens = a->desc.fixed_split_size * bv->page_size;
+  int32_t *host = (int32_t *)(((uintptr_t)ws->host + ws_host_offset + 15) / 16 * 16);
+  TRY(prefill_plan_build(&c, &p->lay, bv, a->mask_offset, a->desc.rope ? p->rope_freq : NULL,
+                         a->desc.alibi ? a->alibi_slopes : NULL, host, p->scratch, &p->out));
+  dev_layout dl = dev_layout_of(&p->lay, &p->cfg, p->reachable);
+  CUdeviceptr base = ((CUdeviceptr)(uintptr_t)ws->device + ws_device_offset + 255) / 256 * 256;
+  TRY(gpu_make_current(g));
+  CU_TRY(g->api, cuMemcpyHtoDAsync(base + dl.lists, host, (size_t)p->out.copy_words * 4, (CUstream)stream));
+  p->lists = base + dl.lists;
+  p->part_o = base + dl.part_o;
+  p->part_lse = base + dl.part_lse;
+  p->page_size = bv->page_size;
+
+  /* run's checks read the view; keep host copies of its arrays (the caller's are not kept) */
+  a->bv = *bv;
+  memcpy(p->qo_indptr, bv->qo_indptr, ((size_t)bv->batch + 1) * sizeof(int32_t));
+  memcpy(p->kv_indptr, bv->kv_indptr, ((size_t)bv->batch + 1) * sizeof(int32_t));
+  a->bv.qo_indptr = p->qo_indptr;
+  a->bv.kv_indptr = p->kv_indptr;
+  if (bv->last_page_len) {
+    memcpy(p->last_page_len, bv->last_page_len, (size_t)bv->batch * sizeof(int32_t));
+    a->bv.last_page_len = p->last_page_len;
+  }
+  a->bv.indices = NULL;
+  p->planned = 1;
+  return KVATTN_SUCCESS;
+}
+
+kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_stream stream) {
+  struct gpu_prefill *p = a->gpu_prefill;
+  RETURN_IF(!p || !p->planned, KVATTN_ERROR_INVALID_USAGE, "kvattn_run: no prefill plan: call kvattn_plan() first");
+  struct gpu_context *g = a->ctx->gpu;
+  const batch_view *bv = &a->bv;
+  RETURN_IF(bv->format != KVATTN_FORMAT_RAGGED && bv->kv_entries > 0 && !t->indices.data, KVATTN_ERROR_INVALID_ARGUMENT,
+            "kvattn_run: kv.indices is needed for a paged or block-sparse cache");
+  RETURN_IF(t->indices.data && bv->kv_entries > 1 && t->indices.stride[0] != 1, KVATTN_ERROR_INVALID_STRIDE,
+            "kvattn_run: kv.indices.strides[0]=%lld; the GPU prefill reads a contiguous index array",
+            (long long)t->indices.stride[0]);
+
+  prefill_params pp;
+  memset(&pp, 0, sizeof pp);
+  pp.q = t->q.data;
+  pp.q_stride_tok = t->q.stride[0];
+  pp.q_stride_head = t->q.stride[1];
+  pp.k = t->k.data;
+  pp.v = t->v.data;
+  pp.k_stride_page = t->k.stride[0];
+  pp.k_stride_slot = t->k.stride[1];
+  pp.k_stride_head = t->k.stride[2];
+  pp.v_stride_page = t->v.stride[0];
+  pp.v_stride_slot = t->v.stride[1];
+  pp.v_stride_head = t->v.stride[2];
+  pp.indices = bv->format == KVATTN_FORMAT_RAGGED ? NULL : (const int32_t *)t->indices.data;
+  pp.mask = (const uint8_t *)t->mask.data;
+  pp.out = t->out.data;
+  pp.o_stride_tok = t->out.stride[0];
+  pp.o_stride_head = t->out.stride[1];
+  pp.lse = (float *)t->lse.data;
+  if (pp.lse) {
+    pp.lse_stride_tok = t->lse.stride[0];
+    pp.lse_stride_head = t->lse.stride[1];
+  }
+  pp.lists = (const int32_t *)(uintptr_t)p->lists;
+  pp.merge_off = (int32_t)p->lay.merge_off;
+  pp.merge_count_word = PREFILL_META_MERGE_COUNT;
+  pp.rope_freq = (const float *)(uintptr_t)(p->lists + (size_t)p->lay.rope_off * 4);
+  pp.alibi_slopes = (const float *)(uintptr_t)(p->lists + (size_t)p->lay.alibi_off * 4);
+  pp.part_o = (float *)(uintptr_t)p->part_o;
+  pp.part_lse = (float *)(uintptr_t)p->part_lse;
+  pp.sm_scale = a->desc.sm_scale;
+  pp.soft_cap = a->desc.logits_soft_cap;
+  pp.window_left = a->desc.window_left;
+  pp.page_size = p->page_size;
+  pp.bsr = bv->bsr_positions;
+  pp.kv_token_limit = bv->kv_token_limit;
+
+  TRY(gpu_make_current(g));
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    if (!p->reachable[k]) continue;
+    pp.cta_indptr_off = (int32_t)p->lay.cta_off[k];
+    pp.items_off_word = PREFILL_META_ITEMS_OFF + k;
+    void *args[] = {&pp};
+    CU_TRY(g->api, cuLaunchKernel(p->fn[k], (unsigned)p->cfg.grid[k], 1, 1, (unsigned)p->threads[k], 1, 1,
+                                  (unsigned)p->smem[k], (CUstream)stream, args, NULL));
+  }
+  if (!p->cfg.disable_split) {
+    void *args[] = {&pp};
+    CU_TRY(g->api, cuLaunchKernel(p->merge_fn, (unsigned)p->merge_grid, 1, 1, 128, 1, 1, 0, (CUstream)stream, args,
+                                  NULL));
+  }
+  return KVATTN_SUCCESS;
+}

@@ -1,0 +1,289 @@
+/*
+ * plan_prefill.c - the prefill family's planner: (request, KV head, query tile, KV chunk) work
+ * items dealt over a fixed grid per query-tile size, longest first onto the least loaded CTA.
+ *
+ * Query tiles: a request's packed rows (qo_len * group) go in tiles of 16, 64 or 128 rows, the
+ * smallest that holds them (so a 3-token speculative draft does not pay for a 128-row tile).
+ * KV ranges: causal trims a tile's range to the last query's position + 1 and a sliding window
+ * its start (paged/ragged positions only: block-sparse positions come from the block ids).
+ * Split-KV: when a tile kind has fewer items than its grid has CTAs (few query rows against long
+ * KV: chunked prefill, speculative verification), the smallest chunk size that keeps the items
+ * within the grid is found by bisection; each chunk writes a partial (o, lse) and a merge entry
+ * combines them. The partial rows of a kind never exceed grid * tile rows, which sizes the
+ * workspace from the bounds alone.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "plan_prefill.h"
+
+#define ITEM_WORDS ((int64_t)(sizeof(prefill_item) / 4))
+#define MERGE_WORDS ((int64_t)(sizeof(prefill_merge_entry) / 4))
+
+/* Scratch: the base tiles and the expanded items (prefill_item), sort keys, CTA loads. */
+typedef struct sort_key {
+  int64_t cost;
+  int64_t index;
+} sort_key;
+
+static int grid_max(const prefill_config *c) {
+  int g = 0;
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++)
+    if (c->grid[k] > g) g = c->grid[k];
+  return g;
+}
+
+kvattn_status prefill_layout_compute(const prefill_config *c, prefill_layout *l) {
+  memset(l, 0, sizeof *l);
+  RETURN_IF(c->group_size < 1 || c->num_kv_heads < 1 || c->kv_tile < 16 || c->kv_tile % 16, KVATTN_ERROR_INTERNAL,
+            "prefill: bad config (group %d, kv_heads %d, kv_tile %d)", c->group_size, c->num_kv_heads, c->kv_tile);
+  RETURN_IF(c->max_batch < 0 || c->max_qo_tokens < 0 || c->max_kv_entries < 0, KVATTN_ERROR_INVALID_ARGUMENT,
+            "prefill: negative bounds");
+  int64_t grid_sum = 0;
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    RETURN_IF(c->grid[k] < 1, KVATTN_ERROR_INTERNAL, "prefill: grid[%d]=%d", k, c->grid[k]);
+    grid_sum += c->grid[k];
+  }
+  /* Every request's tiles: ceil(qo * group / T) <= qo * group / 16 + 1 whatever T is. Splitting
+   * happens only for a kind with fewer items than its grid and keeps it within the grid. */
+  int64_t tiles = c->max_qo_tokens * c->group_size / 16 + c->max_batch;
+  l->max_items = tiles * c->num_kv_heads + grid_sum;
+  l->max_merges = grid_sum;
+  int64_t at = PREFILL_META_WORDS;
+  l->rope_off = at;
+  at += 128;
+  l->alibi_off = at;
+  at += (c->num_qo_heads + 3) / 4 * 4;
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    l->cta_off[k] = at;
+    at += (c->grid[k] + 1 + 3) / 4 * 4;
+  }
+  l->merge_off = at;
+  at += l->max_merges * MERGE_WORDS;
+  l->items_off = at;
+  at += l->max_items * ITEM_WORDS;
+  l->list_words = at;
+  RETURN_IF(at > INT32_MAX || l->max_items > INT32_MAX, KVATTN_ERROR_BOUNDS_EXCEEDED,
+            "prefill: bounds (max_batch=%lld, max_qo_tokens=%lld) need %lld work items, more than 2^31",
+            (long long)c->max_batch, (long long)c->max_qo_tokens, (long long)l->max_items);
+  int64_t rows = 0;
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    l->part_base[k] = rows;
+    rows += (int64_t)c->grid[k] * prefill_tile_rows[k];
+  }
+  l->part_rows = rows;
+  l->scratch_bytes = (size_t)l->max_items * (2 * sizeof(prefill_item) + sizeof(sort_key) + sizeof(int32_t)) +
+                     (size_t)(grid_max(c) + 1) * (sizeof(int64_t) + sizeof(int32_t) * 2);
+  return KVATTN_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- min-heap of CTA loads */
+
+static void heap_sift_down(int64_t *load, int32_t *cta, int n, int i) {
+  for (;;) {
+    int a = 2 * i + 1, b = a + 1, m = i;
+    if (a < n && (load[a] < load[m] || (load[a] == load[m] && cta[a] < cta[m]))) m = a;
+    if (b < n && (load[b] < load[m] || (load[b] == load[m] && cta[b] < cta[m]))) m = b;
+    if (m == i) return;
+    int64_t tl = load[i];
+    load[i] = load[m];
+    load[m] = tl;
+    int32_t tc = cta[i];
+    cta[i] = cta[m];
+    cta[m] = tc;
+    i = m;
+  }
+}
+
+static int cmp_cost_desc(const void *x, const void *y) {
+  const sort_key *a = x, *b = y;
+  if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
+  return a->index < b->index ? -1 : a->index > b->index;
+}
+
+/* Items of ranges `len` split in chunks of `chunk` tokens (0: unsplit). */
+static int64_t count_chunks(const prefill_item *base, int64_t n, int64_t chunk) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; i++) {
+    int64_t len = base[i].kv_end - base[i].kv_begin;
+    total += (chunk > 0 && len > chunk) ? ceil_div64(len, chunk) : 1;
+  }
+  return total;
+}
+
+kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *l, const batch_view *bv,
+                                 const int64_t *mask_offset, const float *rope_freq, const float *alibi_slopes,
+                                 int32_t *lists, void *scratch, prefill_plan_out *out) {
+  memset(out, 0, sizeof *out);
+  const int G = c->group_size;
+  char *sp = scratch;
+  prefill_item *base = (prefill_item *)sp;
+  sp += (size_t)l->max_items * sizeof(prefill_item);
+  prefill_item *exp = (prefill_item *)sp;
+  sp += (size_t)l->max_items * sizeof(prefill_item);
+  sort_key *keys = (sort_key *)sp;
+  sp += (size_t)l->max_items * sizeof(sort_key);
+  int32_t *owner = (int32_t *)sp;
+  sp += (size_t)l->max_items * sizeof(int32_t);
+  int64_t *heap_load = (int64_t *)sp;
+  sp += (size_t)(grid_max(c) + 1) * sizeof(int64_t);
+  int32_t *heap_cta = (int32_t *)sp;
+  sp += (size_t)(grid_max(c) + 1) * sizeof(int32_t);
+  int32_t *fill = (int32_t *)sp;
+
+  memset(lists, 0, (size_t)PREFILL_META_WORDS * 4);
+  float *rope = (float *)(lists + l->rope_off);
+  for (int i = 0; i < 128; i++) rope[i] = (rope_freq && i < c->head_dim / 2) ? rope_freq[i] : 0.f;
+  float *slopes = (float *)(lists + l->alibi_off);
+  for (int h = 0; h < c->num_qo_heads; h++) slopes[h] = alibi_slopes ? alibi_slopes[h] : 0.f;
+
+  int64_t next_item = 0; /* items written so far (all kinds) */
+  int64_t merges = 0;
+  prefill_merge_entry *merge = (prefill_merge_entry *)(lists + l->merge_off);
+  prefill_item *items = (prefill_item *)(lists + l->items_off);
+
+  for (int kind = 0; kind < PREFILL_TILE_KINDS; kind++) {
+    const int T = prefill_tile_rows[kind];
+    const int grid = c->grid[kind];
+    /* ---- base tiles of this kind */
+    int64_t n = 0;
+    for (int64_t i = 0; i < bv->batch; i++) {
+      const int64_t qo_len = bv_qo_len(bv, i), kv_len = bv_kv_len(bv, i);
+      if (qo_len <= 0) continue;
+      const int64_t packed = qo_len * G;
+      if (prefill_tile_kind(packed) != kind) continue;
+      const int64_t q_pos_base = bv->bsr_positions ? bv->qo_indptr[i] : kv_len - qo_len;
+      const int64_t mask_first = mask_offset ? mask_offset[i] : 0;
+      for (int64_t row = 0; row < packed; row += T) {
+        const int64_t r0 = row / G, r1 = (row + T - 1) / G < qo_len - 1 ? (row + T - 1) / G : qo_len - 1;
+        int64_t begin = 0, end = kv_len;
+        if (!bv->bsr_positions) {
+          if (c->causal && q_pos_base + r1 + 1 < end) end = q_pos_base + r1 + 1;
+          if (c->window_left >= 0 && q_pos_base + r0 - c->window_left > begin) begin = q_pos_base + r0 - c->window_left;
+          if (end < 0) end = 0;
+          if (begin > end) begin = end;
+        }
+        for (int h = 0; h < c->num_kv_heads; h++) {
+          RETURN_IF(n >= l->max_items, KVATTN_ERROR_BOUNDS_EXCEEDED,
+                    "kvattn_plan: the batch needs more than %lld prefill work items (bounds)", (long long)l->max_items);
+          prefill_item *it = &base[n++];
+          memset(it, 0, sizeof *it);
+          it->q_start = bv->qo_indptr[i];
+          it->qo_len = (int32_t)qo_len;
+          it->kv_len = (int32_t)kv_len;
+          it->kv_entry = bv->kv_indptr[i];
+          it->kv_head = h;
+          it->row_start = (int32_t)row;
+          it->kv_begin = (int32_t)begin;
+          it->kv_end = (int32_t)end;
+          it->part = -1;
+          it->q_pos_base = (int32_t)q_pos_base;
+          it->mask_lo = (int32_t)(uint32_t)(mask_first & 0xffffffffu);
+          it->mask_hi = (int32_t)(mask_first >> 32);
+        }
+      }
+    }
+
+    /* ---- split-KV chunk size */
+    int64_t chunk = 0, max_len = 0;
+    for (int64_t t = 0; t < n; t++)
+      if (base[t].kv_end - base[t].kv_begin > max_len) max_len = base[t].kv_end - base[t].kv_begin;
+    if (!c->disable_split && n > 0 && n < grid) {
+      const int64_t kt = c->kv_tile;
+      int64_t lo = ceil_div64(c->min_chunk > kt ? c->min_chunk : kt, kt); /* in kv_tile units */
+      int64_t hi = ceil_div64(max_len, kt);
+      if (hi > lo) {
+        if (c->fixed_split_tokens > 0) {
+          int64_t f = ceil_div64(c->fixed_split_tokens, kt);
+          if (f < lo) f = lo;
+          if (f < hi && count_chunks(base, n, f * kt) <= grid) hi = lo = f;
+        }
+        while (lo < hi) { /* the smallest chunk whose items fit the grid */
+          int64_t mid = (lo + hi) / 2;
+          if (count_chunks(base, n, mid * kt) <= grid)
+            hi = mid;
+          else
+            lo = mid + 1;
+        }
+        if (lo * kt < max_len) chunk = lo * kt;
+      }
+    }
+
+    /* ---- expand into items (chunks), partial rows and merge entries */
+    int64_t m = 0, part_used = 0;
+    for (int64_t t = 0; t < n; t++) {
+      const prefill_item *b = &base[t];
+      const int64_t len = b->kv_end - b->kv_begin;
+      if (chunk == 0 || len <= chunk) {
+        exp[m++] = *b;
+        continue;
+      }
+      const int64_t chunks = ceil_div64(len, chunk);
+      RETURN_IF(l->part_base[kind] + part_used + chunks * T > l->part_base[kind] + (int64_t)grid * T ||
+                    merges >= l->max_merges || m + chunks > l->max_items,
+                KVATTN_ERROR_INTERNAL, "prefill plan: split budget exceeded (kind %d)", kind);
+      const int64_t part = l->part_base[kind] + part_used;
+      for (int64_t ch = 0; ch < chunks; ch++) {
+        prefill_item *it = &exp[m++];
+        *it = *b;
+        it->kv_begin = (int32_t)(b->kv_begin + ch * chunk);
+        it->kv_end = (int32_t)(b->kv_begin + (ch + 1) * chunk < b->kv_end ? b->kv_begin + (ch + 1) * chunk : b->kv_end);
+        it->part = (int32_t)(part + ch * T);
+      }
+      prefill_merge_entry *e = &merge[merges++];
+      memset(e, 0, sizeof *e);
+      e->part = (int32_t)part;
+      e->chunks = (int32_t)chunks;
+      e->q_start = b->q_start;
+      e->qo_len = b->qo_len;
+      e->kv_head = b->kv_head;
+      e->row_start = b->row_start;
+      e->rows = T;
+      part_used += chunks * T;
+      out->split_tiles++;
+    }
+    out->part_rows_used += part_used;
+
+    /* ---- longest first onto the least loaded CTA; the fixed cost stands for Q load + epilogue */
+    for (int64_t t = 0; t < m; t++) {
+      keys[t].cost = (int64_t)(exp[t].kv_end - exp[t].kv_begin) + 2 * c->kv_tile;
+      keys[t].index = t;
+    }
+    qsort(keys, (size_t)m, sizeof *keys, cmp_cost_desc);
+    for (int b = 0; b < grid; b++) {
+      heap_load[b] = 0;
+      heap_cta[b] = b;
+      fill[b] = 0;
+    }
+    for (int64_t t = 0; t < m; t++) {
+      owner[keys[t].index] = heap_cta[0];
+      fill[heap_cta[0]]++;
+      heap_load[0] += keys[t].cost;
+      heap_sift_down(heap_load, heap_cta, grid, 0);
+    }
+    /* CTA b's items are contiguous: an exclusive scan of the counts, then a scatter in LPT order */
+    RETURN_IF(next_item + m > l->max_items, KVATTN_ERROR_BOUNDS_EXCEEDED,
+              "kvattn_plan: the batch needs more than %lld prefill work items (bounds)", (long long)l->max_items);
+    int32_t *cta_indptr = lists + l->cta_off[kind];
+    int32_t acc = 0;
+    for (int b = 0; b < grid; b++) {
+      cta_indptr[b] = acc;
+      acc += fill[b];
+      fill[b] = cta_indptr[b];
+    }
+    cta_indptr[grid] = acc;
+    prefill_item *dst = items + next_item;
+    for (int64_t t = 0; t < m; t++) {
+      int64_t src = keys[t].index;
+      dst[fill[owner[src]]++] = exp[src];
+    }
+    out->items[kind] = m;
+    out->items_off[kind] = l->items_off + next_item * ITEM_WORDS;
+    lists[PREFILL_META_ITEMS_OFF + kind] = (int32_t)out->items_off[kind];
+    next_item += m;
+  }
+  lists[PREFILL_META_MERGE_COUNT] = (int32_t)merges;
+  out->merges = merges;
+  out->copy_words = l->items_off + next_item * ITEM_WORDS;
+  return KVATTN_SUCCESS;
+}

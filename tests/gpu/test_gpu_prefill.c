@@ -1,0 +1,412 @@
+/*
+ * test_gpu_prefill.c - the prefill family (kernels/prefill.cu) on a real GPU against the float64
+ * reference: paged (NHD/HND, combined K/V views, page sizes 1/5/16), ragged and block-sparse KV;
+ * causal (bottom-right aligned, qo_len > kv_len included), custom masks, sliding window, soft-cap,
+ * ALiBi, RoPE, LSE; group sizes 1/4/8, head dims 64/128/256, f16 and bf16; empty requests; NaN in
+ * unused page slots; split-KV (few rows against long KV); 50 random batches replayed through one
+ * captured CUDA graph.
+ *
+ * Inputs are built on the host (tests/util.h), the reference runs on the host copies, the GPU on
+ * device copies of the very same bytes (gaps and poison included). Outputs are poisoned with NaN
+ * before each run. Skipped, with the reason, when there is no usable GPU.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <time.h>
+
+#include "gpu_internal.h"
+#include "test.h"
+#include "util.h"
+
+static kvattn_context *g_ref, *g_gpu;
+static const char *g_skip;
+
+static int setup(void) {
+  if (g_gpu || g_skip) return g_gpu != NULL;
+  kvattn_options o = KVATTN_OPTIONS_INIT;
+  o.backend = KVATTN_BACKEND_CUDA;
+  kvattn_status s = kvattn_context_create(&o, &g_gpu);
+  if (s != KVATTN_SUCCESS) {
+    static char why[1024];
+    snprintf(why, sizeof why, "%s", kvattn_last_error());
+    g_skip = why;
+    g_gpu = NULL;
+    return 0;
+  }
+  g_ref = test_context(KVATTN_BACKEND_REFERENCE, 1);
+  return g_ref != NULL;
+}
+#define NEED_GPU()                                         \
+  do {                                                     \
+    if (!setup()) SKIP("no usable GPU: %s", g_skip ? g_skip : "?"); \
+  } while (0)
+
+/* ---------------------------------------------------------------- device mirrors */
+
+typedef struct dev_tensor {
+  DLTensor t;
+  int64_t shape[6], strides[6];
+  CUdeviceptr ptr;
+  size_t bytes;
+} dev_tensor;
+
+static const cuda_api *api(void) { return g_gpu->gpu->api; }
+
+/* A device copy of a host tensor: the whole allocation (gaps and poison too), same strides. */
+static int dev_mirror(dev_tensor *d, const host_tensor *h) {
+  memset(d, 0, sizeof *d);
+  if (!h->alloc) return 1;
+  d->bytes = h->alloc_bytes;
+  if (api()->cuMemAlloc(&d->ptr, d->bytes)) return 0;
+  if (api()->cuMemcpyHtoDAsync(d->ptr, h->alloc, d->bytes, NULL) || api()->cuStreamSynchronize(NULL)) return 0;
+  d->t = h->t;
+  memcpy(d->shape, h->shape, sizeof d->shape);
+  memcpy(d->strides, h->strides, sizeof d->strides);
+  d->t.shape = d->shape;
+  d->t.strides = d->strides;
+  d->t.data = (void *)(uintptr_t)d->ptr;
+  d->t.device.device_type = kDLCUDA;
+  d->t.device.device_id = 0;
+  return 1;
+}
+static int dev_download(host_tensor *h, const dev_tensor *d) {
+  if (!d->ptr) return 1;
+  return !api()->cuMemcpyDtoHAsync(h->alloc, d->ptr, d->bytes, NULL) && !api()->cuStreamSynchronize(NULL);
+}
+static void dev_free(dev_tensor *d) {
+  if (d->ptr) api()->cuMemFree(d->ptr);
+  memset(d, 0, sizeof *d);
+}
+
+typedef struct dev_batch {
+  dev_tensor q, k, v, kvc, indices, mask, out, lse;
+  kvattn_kv kv;
+} dev_batch;
+
+static int dev_batch_make(dev_batch *db, const test_batch *tb) {
+  memset(db, 0, sizeof *db);
+  int ok = dev_mirror(&db->q, &tb->q) && dev_mirror(&db->k, &tb->k) && dev_mirror(&db->v, &tb->v) &&
+           dev_mirror(&db->kvc, &tb->kvc) && dev_mirror(&db->indices, &tb->indices) && dev_mirror(&db->mask, &tb->mask) &&
+           dev_mirror(&db->out, &tb->out) && dev_mirror(&db->lse, &tb->out_lse);
+  db->kv = tb->kv;
+  db->kv.k = tb->kv.k ? &db->k.t : NULL;
+  db->kv.v = tb->kv.v ? &db->v.t : NULL;
+  db->kv.kv = tb->kv.kv ? &db->kvc.t : NULL;
+  db->kv.indices = tb->kv.indices ? &db->indices.t : NULL;
+  return ok;
+}
+static void dev_batch_free(dev_batch *db) {
+  dev_free(&db->q), dev_free(&db->k), dev_free(&db->v), dev_free(&db->kvc), dev_free(&db->indices);
+  dev_free(&db->mask), dev_free(&db->out), dev_free(&db->lse);
+}
+
+/* Reference on the host, then the GPU on device copies: rel error of out and max lse error. */
+static kvattn_status gpu_compare(const kvattn_attention_desc *desc, test_batch *tb, double *err, double *lse_err) {
+  *err = *lse_err = INFINITY;
+  int lse = tb->spec.want_lse;
+  kvattn_status s = tb_run(g_ref, desc, tb, &tb->ref, lse ? &tb->ref_lse : NULL);
+  if (s) return s;
+  ht_poison(&tb->out);
+  ht_poison(&tb->out_lse);
+  dev_batch db;
+  if (!dev_batch_make(&db, tb)) {
+    dev_batch_free(&db);
+    return set_error(KVATTN_ERROR_CUDA, "test: device copies failed");
+  }
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = tb->rows > 0 ? tb->rows : 1;
+  bounds.max_qo_tokens = tb->qo_tokens;
+  bounds.max_kv_entries = tb->kv_entries;
+  kvattn_attention *attn = NULL;
+  kvattn_workspace ws;
+  memset(&ws, 0, sizeof ws);
+  size_t dev = 0, host = 0;
+  s = kvattn_attention_create(g_gpu, desc, &bounds, &attn);
+  if (!s) s = kvattn_workspace_size(g_gpu, desc, &bounds, &dev, &host);
+  if (!s) s = kvattn_workspace_alloc(g_gpu, dev, host, &ws);
+  if (!s) s = kvattn_plan(attn, &tb->batch, &ws, NULL);
+  if (!s)
+    s = kvattn_run(attn, &db.q.t, &db.kv, tb->spec.custom_mask ? &db.mask.t : NULL, &db.out.t, lse ? &db.lse.t : NULL,
+                   NULL);
+  if (!s && api()->cuStreamSynchronize(NULL)) s = set_error(KVATTN_ERROR_CUDA, "test: the run faulted");
+  static char msg[1024];
+  if (s) snprintf(msg, sizeof msg, "%s", kvattn_last_error());
+  if (!s && (!dev_download(&tb->out, &db.out) || (lse && !dev_download(&tb->out_lse, &db.lse))))
+    s = set_error(KVATTN_ERROR_CUDA, "test: download failed");
+  kvattn_workspace_free(g_gpu, &ws);
+  kvattn_attention_destroy(attn);
+  dev_batch_free(&db);
+  if (s) {
+    fprintf(stderr, "  gpu run: %s: %s\n", kvattn_status_string(s), msg);
+    return s;
+  }
+  *err = rel_error(&tb->out, &tb->ref);
+  *lse_err = lse ? lse_error(&tb->out_lse, &tb->ref_lse) : 0;
+  return KVATTN_SUCCESS;
+}
+
+/* ---------------------------------------------------------------- cases */
+
+typedef struct variant {
+  int causal, window_left, alibi, rope, custom_mask;
+  float soft_cap;
+} variant;
+
+static const variant V_PLAIN = {0, -1, 0, 0, 0, 0.f}, V_CAUSAL = {1, -1, 0, 0, 0, 0.f};
+
+/* One randomized case: `batch` requests with qo lengths in [0, qo_max] and kv lengths in
+ * [0, kv_max] (qo_len > kv_len allowed), checked against the reference. */
+static int run_case(const char *name, int format, int layout, int combined, int page_size, int batch, int qo_max,
+                    int kv_max, int qo_heads, int kv_heads, int head_dim, DLDataType dt, variant v, uint64_t seed,
+                    int poison_tails) {
+  test_rng r = rng_seed(seed);
+  int32_t qo[64], kv[64];
+  for (int i = 0; i < batch; i++) {
+    qo[i] = (int32_t)rng_int(&r, 0, qo_max);
+    kv[i] = (int32_t)rng_int(&r, 0, kv_max);
+    if (i == 0) qo[i] = qo_max, kv[i] = kv_max; /* the extremes always appear */
+  }
+  test_spec sp = test_spec_default();
+  sp.format = format;
+  sp.layout = layout;
+  sp.combined_kv = combined;
+  sp.page_size = page_size;
+  sp.extra_pages = 3;
+  sp.batch_size = batch;
+  sp.qo_lens = qo;
+  sp.kv_lens = kv;
+  sp.num_qo_heads = qo_heads;
+  sp.num_kv_heads = kv_heads;
+  sp.head_dim = head_dim;
+  sp.q_dtype = sp.kv_dtype = sp.o_dtype = dt;
+  sp.custom_mask = v.custom_mask;
+  sp.want_lse = 1;
+  if (format == KVATTN_FORMAT_BLOCK_SPARSE) {
+    sp.block_rows = page_size;  /* reuse: Br = page_size, Bc = page_size + 2 */
+    sp.block_cols = page_size + 2;
+    sp.num_rows = qo_max;
+    sp.num_cols = kv_max;
+    sp.block_density = 0.6;
+  }
+  test_batch tb;
+  if (!tb_build(&tb, &sp, &r)) {
+    fprintf(stderr, "  %s: tb_build failed\n", name);
+    return 0;
+  }
+  if (poison_tails) tb_poison_unused(&tb);
+  kvattn_attention_desc d = tb_desc(&sp);
+  d.causal = v.causal;
+  d.window_left = v.window_left;
+  d.alibi = v.alibi;
+  d.rope = v.rope;
+  d.logits_soft_cap = v.soft_cap;
+  double err, lerr;
+  kvattn_status s = gpu_compare(&d, &tb, &err, &lerr);
+  int ok = s == KVATTN_SUCCESS && err < 1e-2 && lerr < 2e-2;
+  fprintf(stderr, "  %-44s rel_err %.2e lse_err %.2e %s\n", name, err, lerr, ok ? "ok" : "FAIL");
+  tb_free(&tb);
+  return ok;
+}
+
+#define PAGED KVATTN_FORMAT_PAGED
+#define RAGGED KVATTN_FORMAT_RAGGED
+#define BSR KVATTN_FORMAT_BLOCK_SPARSE
+#define NHD KVATTN_LAYOUT_NHD
+#define HND KVATTN_LAYOUT_HND
+
+TEST(paged_causal_bf16_matches_reference) {
+  NEED_GPU();
+  CHECK(run_case("paged p16 causal bf16 g4 d128", PAGED, NHD, 0, 16, 7, 150, 400, 8, 2, 128, TDT_BF16, V_CAUSAL, 1, 1));
+  CHECK(run_case("paged p16 full bf16 g4 d128", PAGED, NHD, 0, 16, 7, 150, 400, 8, 2, 128, TDT_BF16, V_PLAIN, 2, 1));
+  CHECK(run_case("paged p16 causal qo>kv", PAGED, NHD, 0, 16, 5, 300, 120, 8, 2, 128, TDT_BF16, V_CAUSAL, 3, 1));
+}
+
+TEST(page_size_one_and_odd_pages) {
+  NEED_GPU();
+  CHECK(run_case("paged p1 causal f16 g4 d128", PAGED, NHD, 0, 1, 6, 90, 300, 8, 2, 128, TDT_F16, V_CAUSAL, 4, 1));
+  CHECK(run_case("paged p5 causal HND combined", PAGED, HND, 1, 5, 6, 70, 333, 8, 2, 128, TDT_BF16, V_CAUSAL, 5, 1));
+  CHECK(run_case("paged p16 HND combined full f16", PAGED, HND, 1, 16, 4, 40, 200, 4, 4, 128, TDT_F16, V_PLAIN, 6, 1));
+}
+
+TEST(ragged_and_block_sparse) {
+  NEED_GPU();
+  CHECK(run_case("ragged causal bf16", RAGGED, NHD, 0, 1, 6, 200, 260, 8, 2, 128, TDT_BF16, V_CAUSAL, 7, 0));
+  CHECK(run_case("ragged full HND f16", RAGGED, HND, 0, 1, 5, 100, 180, 8, 1, 64, TDT_F16, V_PLAIN, 8, 0));
+  CHECK(run_case("bsr Br5 Bc7 full", BSR, NHD, 0, 5, 1, 37, 97, 8, 2, 128, TDT_BF16, V_PLAIN, 9, 0));
+  CHECK(run_case("bsr Br16 Bc18 causal", BSR, NHD, 0, 16, 1, 100, 150, 8, 2, 128, TDT_BF16, V_CAUSAL, 10, 0));
+}
+
+TEST(group_sizes_and_head_dims) {
+  NEED_GPU();
+  CHECK(run_case("g1 d64 causal", PAGED, NHD, 0, 16, 5, 100, 300, 4, 4, 64, TDT_BF16, V_CAUSAL, 11, 1));
+  CHECK(run_case("g8 d128 causal", PAGED, NHD, 0, 16, 5, 60, 300, 8, 1, 128, TDT_BF16, V_CAUSAL, 12, 1));
+  CHECK(run_case("g4 d256 causal", PAGED, NHD, 0, 16, 5, 100, 300, 8, 2, 256, TDT_BF16, V_CAUSAL, 13, 1));
+  CHECK(run_case("g2 d256 full f16", RAGGED, NHD, 0, 1, 4, 80, 200, 4, 2, 256, TDT_F16, V_PLAIN, 14, 0));
+}
+
+TEST(masks_and_options) {
+  NEED_GPU();
+  variant win = {1, 37, 0, 0, 0, 0.f}, cap = {1, -1, 0, 0, 0, 30.f}, alibi = {1, -1, 1, 0, 0, 0.f},
+          rope = {1, -1, 0, 1, 0, 0.f}, mask = {0, -1, 0, 0, 1, 0.f}, all = {1, 50, 1, 1, 1, 20.f};
+  CHECK(run_case("window 37", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, win, 15, 1));
+  CHECK(run_case("soft-cap 30", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, cap, 16, 1));
+  CHECK(run_case("alibi", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, alibi, 17, 1));
+  CHECK(run_case("rope", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, rope, 18, 1));
+  CHECK(run_case("custom mask paged", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, mask, 19, 1));
+  CHECK(run_case("custom mask bsr", BSR, NHD, 0, 16, 1, 90, 120, 8, 2, 128, TDT_BF16, mask, 20, 0));
+  CHECK(run_case("all options ragged d64", RAGGED, NHD, 0, 1, 4, 90, 200, 8, 2, 64, TDT_F16, all, 21, 0));
+}
+
+TEST(split_kv_few_rows_long_kv) {
+  NEED_GPU();
+  /* chunked prefill / speculative verification: few rows, long KV -> split and merge */
+  CHECK(run_case("append 8 rows onto 6000", PAGED, NHD, 0, 16, 2, 8, 6000, 8, 2, 128, TDT_BF16, V_CAUSAL, 22, 1));
+  CHECK(run_case("spec decode 3 rows p1", PAGED, NHD, 0, 1, 3, 3, 3000, 32, 8, 128, TDT_BF16, V_CAUSAL, 23, 1));
+  CHECK(run_case("append 70 rows g8 d256", PAGED, NHD, 0, 16, 2, 70, 4000, 8, 1, 256, TDT_BF16, V_CAUSAL, 24, 1));
+}
+
+TEST(empty_requests_give_zero_and_minus_inf) {
+  NEED_GPU();
+  /* kv_max 0: every row fully masked -> o = 0, lse = -inf (the reference says the same) */
+  CHECK(run_case("all kv empty", PAGED, NHD, 0, 16, 4, 20, 0, 8, 2, 128, TDT_BF16, V_CAUSAL, 25, 1));
+  CHECK(run_case("qo and kv empty mix", RAGGED, NHD, 0, 1, 8, 3, 5, 8, 2, 128, TDT_BF16, V_CAUSAL, 26, 0));
+}
+
+/* ---------------------------------------------------------------- CUDA graph: capture once, replay 50 batches */
+
+typedef int (*fn_stream_create)(CUstream *, unsigned);
+typedef int (*fn_begin)(CUstream, int);
+typedef int (*fn_end)(CUstream, void **);
+typedef int (*fn_inst)(void **, void *, unsigned long long);
+typedef int (*fn_launch)(void *, CUstream);
+
+TEST(graph_replays_fifty_varlen_batches) {
+  NEED_GPU();
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  CHECK(lib);
+  fn_stream_create stream_create = (fn_stream_create)dlsym(lib, "cuStreamCreate");
+  fn_begin begin = (fn_begin)dlsym(lib, "cuStreamBeginCapture_v2");
+  fn_end end = (fn_end)dlsym(lib, "cuStreamEndCapture");
+  fn_inst inst = (fn_inst)dlsym(lib, "cuGraphInstantiateWithFlags");
+  fn_launch launch = (fn_launch)dlsym(lib, "cuGraphLaunch");
+  CHECK(stream_create && begin && end && inst && launch);
+  CUstream st;
+  CHECK(stream_create(&st, 1) == 0);
+
+  /* bounds: 6 requests, 400 query tokens, 1200 pages of 16; fixed device buffers sized to them */
+  const int B = 6, QMAX = 400, Hq = 8, Hk = 2, D = 128, P = 16;
+  const int64_t PAGES = 1200;
+  kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
+  d.num_qo_heads = Hq, d.num_kv_heads = Hk, d.head_dim = D;
+  d.q_dtype = d.kv_dtype = d.o_dtype = TDT_BF16;
+  d.causal = 1;
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = B, bounds.max_qo_tokens = QMAX, bounds.max_kv_entries = PAGES;
+  kvattn_attention *attn = NULL;
+  CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &attn));
+  size_t dev = 0, host = 0;
+  CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
+  kvattn_workspace ws;
+  CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws));
+
+  /* fixed device buffers */
+  CUdeviceptr dq, dk, dv, dix, dout, dlse;
+  const size_t qbytes = (size_t)QMAX * Hq * D * 2, kvbytes = (size_t)PAGES * P * Hk * D * 2;
+  CHECK(!api()->cuMemAlloc(&dq, qbytes) && !api()->cuMemAlloc(&dk, kvbytes) && !api()->cuMemAlloc(&dv, kvbytes));
+  CHECK(!api()->cuMemAlloc(&dix, PAGES * 4) && !api()->cuMemAlloc(&dout, qbytes) &&
+        !api()->cuMemAlloc(&dlse, (size_t)QMAX * Hq * 4));
+
+  test_rng r = rng_seed(77);
+  int failures = 0;
+  void *exec = NULL;
+  for (int step = 0; step <= 50; step++) {
+    /* a random batch within the bounds; step 0 is the captured one */
+    int n = (int)rng_int(&r, 1, B);
+    int32_t qo[8], kv[8];
+    int64_t qsum = 0, pages = 0;
+    for (int i = 0; i < n; i++) {
+      qo[i] = (int32_t)rng_int(&r, 0, QMAX / n);
+      kv[i] = (int32_t)rng_int(&r, 0, (int)(PAGES / n) * P);
+      qsum += qo[i];
+      pages += (kv[i] + P - 1) / P;
+    }
+    if (step == 0) qo[0] = QMAX / n > 0 ? QMAX / n : 1;
+    test_spec sp = test_spec_default();
+    sp.batch_size = n, sp.qo_lens = qo, sp.kv_lens = kv, sp.page_size = P;
+    sp.extra_pages = (int)(PAGES - pages) > 0 ? (int)(PAGES - pages) : 0;
+    sp.num_qo_heads = Hq, sp.num_kv_heads = Hk, sp.head_dim = D;
+    sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
+    test_batch tb;
+    CHECK(tb_build(&tb, &sp, &r));
+    CHECK(tb.num_pages <= PAGES && tb.qo_tokens <= QMAX);
+    CHECK_OK(tb_run(g_ref, &d, &tb, &tb.ref, &tb.ref_lse));
+    /* inputs into the fixed buffers (same strides: compact) */
+    CHECK(!api()->cuMemcpyHtoDAsync(dq, tb.q.alloc, (size_t)tb.qo_tokens * Hq * D * 2, st));
+    CHECK(!api()->cuMemcpyHtoDAsync(dk, tb.k.alloc, (size_t)tb.num_pages * P * Hk * D * 2, st));
+    CHECK(!api()->cuMemcpyHtoDAsync(dv, tb.v.alloc, (size_t)tb.num_pages * P * Hk * D * 2, st));
+    CHECK(!api()->cuMemcpyHtoDAsync(dix, tb.kv_indices, (size_t)(tb.kv_entries > 0 ? tb.kv_entries : 1) * 4, st));
+    CHECK(!api()->cuMemsetD8Async(dout, 0xFF, qbytes, st));
+    CHECK(!api()->cuMemsetD8Async(dlse, 0xFF, (size_t)QMAX * Hq * 4, st));
+    CHECK_OK(kvattn_plan(attn, &tb.batch, &ws, st));
+    if (step == 0) {
+      /* capture with this batch's tensor shapes; replays reuse the launch parameters */
+      int64_t qs[3] = {tb.qo_tokens, Hq, D}, ks[4] = {PAGES, P, Hk, D}, is[1] = {tb.kv_entries}, ls[2] = {tb.qo_tokens, Hq};
+      DLTensor q = {(void *)(uintptr_t)dq, {kDLCUDA, 0}, 3, TDT_BF16, qs, NULL, 0};
+      DLTensor o = {(void *)(uintptr_t)dout, {kDLCUDA, 0}, 3, TDT_BF16, qs, NULL, 0};
+      DLTensor k = {(void *)(uintptr_t)dk, {kDLCUDA, 0}, 4, TDT_BF16, ks, NULL, 0};
+      DLTensor v = {(void *)(uintptr_t)dv, {kDLCUDA, 0}, 4, TDT_BF16, ks, NULL, 0};
+      DLTensor ix = {(void *)(uintptr_t)dix, {kDLCUDA, 0}, 1, TDT_I32, is, NULL, 0};
+      DLTensor l = {(void *)(uintptr_t)dlse, {kDLCUDA, 0}, 2, TDT_F32, ls, NULL, 0};
+      kvattn_kv kvv = KVATTN_KV_INIT;
+      kvv.k = &k, kvv.v = &v, kvv.indices = &ix;
+      void *graph = NULL;
+      CHECK(begin(st, 2 /* relaxed */) == 0);
+      kvattn_status s = kvattn_run(attn, &q, &kvv, NULL, &o, &l, st);
+      CHECK(end(st, &graph) == 0);
+      CHECK_OK(s);
+      CHECK(inst(&exec, graph, 0) == 0);
+    }
+    CHECK(launch(exec, st) == 0);
+    CHECK(!api()->cuStreamSynchronize(st));
+    CHECK(!api()->cuMemcpyDtoHAsync(tb.out.alloc, dout, (size_t)tb.qo_tokens * Hq * D * 2, st));
+    CHECK(!api()->cuMemcpyDtoHAsync(tb.out_lse.alloc, dlse, (size_t)tb.qo_tokens * Hq * 4, st));
+    CHECK(!api()->cuStreamSynchronize(st));
+    double err = rel_error(&tb.out, &tb.ref), lerr = lse_error(&tb.out_lse, &tb.ref_lse);
+    if (!(err < 1e-2 && lerr < 2e-2)) {
+      fprintf(stderr, "  replay %d (n=%d, qo=%lld): rel_err %.2e lse_err %.2e FAIL\n", step, n, (long long)tb.qo_tokens,
+              err, lerr);
+      failures++;
+    }
+    tb_free(&tb);
+  }
+  fprintf(stderr, "  51 batches through one captured graph: %d failures\n", failures);
+  CHECK(failures == 0);
+  api()->cuMemFree(dq), api()->cuMemFree(dk), api()->cuMemFree(dv), api()->cuMemFree(dix), api()->cuMemFree(dout);
+  api()->cuMemFree(dlse);
+  kvattn_workspace_free(g_gpu, &ws);
+  kvattn_attention_destroy(attn);
+}
+
+TEST(bounds_exceeded_is_a_plan_error) {
+  NEED_GPU();
+  kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
+  d.num_qo_heads = 8, d.num_kv_heads = 2, d.head_dim = 128;
+  d.q_dtype = d.kv_dtype = d.o_dtype = TDT_BF16;
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = 2, bounds.max_qo_tokens = 16, bounds.max_kv_entries = 10;
+  kvattn_attention *attn = NULL;
+  CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &attn));
+  size_t dev = 0, host = 0;
+  CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
+  kvattn_workspace ws;
+  CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws));
+  int32_t qo[3] = {0, 10, 30}, kvp[3] = {0, 2, 4}, last[2] = {16, 16}, ix[4] = {0, 1, 2, 3};
+  kvattn_batch b = KVATTN_BATCH_INIT;
+  b.batch_size = 2, b.qo_indptr = qo, b.kv_indptr = kvp, b.kv_indices = ix, b.kv_last_page_len = last;
+  b.page_size = 16;
+  CHECK_STATUS(kvattn_plan(attn, &b, &ws, NULL), KVATTN_ERROR_BOUNDS_EXCEEDED);
+  kvattn_workspace_free(g_gpu, &ws);
+  kvattn_attention_destroy(attn);
+}
+
+TEST_MAIN()
