@@ -1,0 +1,1002 @@
+/*
+ * test_gpu_decode.c - batch decode on the GPU against the float64 reference (a REFERENCE context
+ * over host copies of the same tensors): randomized cases over page sizes 1/16/64, NHD and HND,
+ * non-contiguous views, group sizes 1/4/8 (and 6, 16), head dims 64/128/256, fp16 and bf16,
+ * batch 1..512, lengths 0..32k with heavy-tailed mixes, every option (window, soft-cap, ALiBi,
+ * RoPE, LSE). Every case draws fresh inputs; unused page slots, unreferenced pages and padding hold
+ * NaN; outputs are poisoned before the run and every element must be written.
+ * Also: 50 random batches replayed through one captured CUDA graph (each bitwise equal to an eager
+ * run of the same plan, and checked against the reference), plan() host time at batch 256,
+ * merge_states and append_paged_kv against the CPU backend.
+ *
+ * Skipped, with the reason, when there is no usable GPU. KVATTN_GPU_TEST_SCALE (default 1) scales
+ * the number of random cases (the sanitizer pass runs a small scale).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+#include "test.h"
+
+/* ---------------------------------------------------------------- the driver, for the test's own memory */
+
+typedef int CUres;
+typedef unsigned long long CUdptr;
+static struct {
+  int loaded, ok;
+  char why[256];
+  CUres (*cuInit)(unsigned);
+  CUres (*cuDeviceGet)(int *, int);
+  CUres (*cuDevicePrimaryCtxRetain)(void **, int);
+  CUres (*cuCtxSetCurrent)(void *);
+  CUres (*cuMemAlloc)(CUdptr *, size_t);
+  CUres (*cuMemFree)(CUdptr);
+  CUres (*cuMemcpyHtoD)(CUdptr, const void *, size_t);
+  CUres (*cuMemcpyDtoH)(void *, CUdptr, size_t);
+  CUres (*cuMemsetD8)(CUdptr, unsigned char, size_t);
+  CUres (*cuCtxSynchronize)(void);
+  CUres (*cuStreamCreate)(void **, unsigned);
+  CUres (*cuStreamDestroy)(void *);
+  CUres (*cuStreamSynchronize)(void *);
+  CUres (*cuStreamBeginCapture)(void *, int);
+  CUres (*cuStreamEndCapture)(void *, void **);
+  CUres (*cuGraphInstantiateWithFlags)(void **, void *, unsigned long long);
+  CUres (*cuGraphLaunch)(void *, void *);
+  CUres (*cuGraphExecDestroy)(void *);
+  CUres (*cuGraphDestroy)(void *);
+} cu;
+
+static int load_driver(void) {
+  if (cu.loaded) return cu.ok;
+  cu.loaded = 1;
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) {
+    snprintf(cu.why, sizeof cu.why, "dlopen(libcuda.so.1): %s", dlerror());
+    return 0;
+  }
+#define SYM(field, name)                                                        \
+  if (!(*(void **)&cu.field = dlsym(lib, name))) {                              \
+    snprintf(cu.why, sizeof cu.why, "libcuda.so.1 has no %s", name);            \
+    return 0;                                                                   \
+  }
+  SYM(cuInit, "cuInit");
+  SYM(cuDeviceGet, "cuDeviceGet");
+  SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain");
+  SYM(cuCtxSetCurrent, "cuCtxSetCurrent");
+  SYM(cuMemAlloc, "cuMemAlloc_v2");
+  SYM(cuMemFree, "cuMemFree_v2");
+  SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2");
+  SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2");
+  SYM(cuMemsetD8, "cuMemsetD8_v2");
+  SYM(cuCtxSynchronize, "cuCtxSynchronize");
+  SYM(cuStreamCreate, "cuStreamCreate");
+  SYM(cuStreamDestroy, "cuStreamDestroy_v2");
+  SYM(cuStreamSynchronize, "cuStreamSynchronize");
+  SYM(cuStreamBeginCapture, "cuStreamBeginCapture_v2");
+  SYM(cuStreamEndCapture, "cuStreamEndCapture");
+  SYM(cuGraphInstantiateWithFlags, "cuGraphInstantiateWithFlags");
+  SYM(cuGraphLaunch, "cuGraphLaunch");
+  SYM(cuGraphExecDestroy, "cuGraphExecDestroy");
+  SYM(cuGraphDestroy, "cuGraphDestroy");
+#undef SYM
+  cu.ok = 1;
+  return 1;
+}
+
+/* The GPU context (shared by every case), or a skip reason. */
+static kvattn_context *gpu_ctx, *ref_ctx;
+static char skip_why[600];
+static int setup(void) {
+  static int done = 0, ok = 0;
+  if (done) return ok;
+  done = 1;
+  kvattn_options o = KVATTN_OPTIONS_INIT;
+  o.backend = KVATTN_BACKEND_CUDA;
+  kvattn_status s = kvattn_context_create(&o, &gpu_ctx);
+  if (s != KVATTN_SUCCESS) {
+    snprintf(skip_why, sizeof skip_why, "no usable GPU: %s: %s", kvattn_status_string(s), kvattn_last_error());
+    return 0;
+  }
+  if (!load_driver()) {
+    snprintf(skip_why, sizeof skip_why, "%s", cu.why);
+    return 0;
+  }
+  int dev;
+  void *pctx;
+  if (cu.cuDeviceGet(&dev, 0) || cu.cuDevicePrimaryCtxRetain(&pctx, dev) || cu.cuCtxSetCurrent(pctx)) {
+    snprintf(skip_why, sizeof skip_why, "could not make the primary context current");
+    return 0;
+  }
+  kvattn_options r = KVATTN_OPTIONS_INIT;
+  r.backend = KVATTN_BACKEND_REFERENCE;
+  if (kvattn_context_create(&r, &ref_ctx) != KVATTN_SUCCESS) {
+    snprintf(skip_why, sizeof skip_why, "no reference context: %s", kvattn_last_error());
+    return 0;
+  }
+  ok = 1;
+  return 1;
+}
+#define NEED_GPU() \
+  do {             \
+    if (!setup()) SKIP("%s", skip_why); \
+  } while (0)
+
+static CUdptr dalloc(size_t bytes) {
+  CUdptr p = 0;
+  if (cu.cuMemAlloc(&p, bytes ? bytes : 16)) {
+    fprintf(stderr, "cuMemAlloc(%zu) failed\n", bytes);
+    exit(2);
+  }
+  return p;
+}
+static void upload(CUdptr d, const void *h, size_t n) {
+  if (n && cu.cuMemcpyHtoD(d, h, n)) {
+    fprintf(stderr, "cuMemcpyHtoD failed\n");
+    exit(2);
+  }
+}
+static void download(void *h, CUdptr d, size_t n) {
+  if (n && cu.cuMemcpyDtoH(h, d, n)) {
+    fprintf(stderr, "cuMemcpyDtoH failed\n");
+    exit(2);
+  }
+}
+
+static int test_scale(void) {
+  const char *s = getenv("KVATTN_GPU_TEST_SCALE");
+  int v = s ? atoi(s) : 1;
+  return v < 0 ? 0 : v;
+}
+
+/* ---------------------------------------------------------------- random numbers */
+
+static uint64_t rng = 0x243F6A8885A308D3ull;
+static uint64_t rnd(void) {
+  rng ^= rng >> 12;
+  rng ^= rng << 25;
+  rng ^= rng >> 27;
+  return rng * 2685821657736338717ull;
+}
+static int64_t rnd_range(int64_t lo, int64_t hi) { return lo + (int64_t)(rnd() % (uint64_t)(hi - lo + 1)); }
+static double rnd01(void) { return (double)(rnd() >> 11) / 9007199254740992.0; }
+static float rnd_sym(void) { return (float)(2.0 * rnd01() - 1.0); }
+
+static uint16_t to16(float x, int bf16) { return bf16 ? float_to_bf16(x) : float_to_half(x); }
+static float from16(uint16_t x, int bf16) { return bf16 ? bf16_to_float(x) : half_to_float(x); }
+#define NAN16(bf16) ((uint16_t)((bf16) ? 0x7FC0 : 0x7E00))
+
+/* ---------------------------------------------------------------- one decode case */
+
+typedef struct dcase {
+  const char *name;
+  int batch, kv_heads, group, head_dim, page_size, layout, bf16;
+  int noncontig, combined_kv, want_lse;
+  int window, rope, alibi;
+  float soft_cap;
+  const int64_t *kv_len; /* [batch] */
+  int disable_split, fixed_split, kernel;
+} dcase;
+
+static DLTensor make_tensor(void *data, int gpu, int ndim, int64_t *shape, int64_t *strides, DLDataType dt) {
+  DLTensor t;
+  memset(&t, 0, sizeof t);
+  t.data = data;
+  t.device.device_type = gpu ? kDLCUDA : kDLCPU;
+  t.device.device_id = 0;
+  t.ndim = ndim;
+  t.dtype = dt;
+  t.shape = shape;
+  t.strides = strides;
+  return t;
+}
+
+/* Runs the case; returns 0 when it matches, else prints why. `rel_out` receives ||o-ref||/||ref||. */
+static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
+  const int qo_heads = c->kv_heads * c->group, hd = c->head_dim, P = c->page_size, B = c->batch;
+  const DLDataType dt16 = c->bf16 ? (DLDataType){kDLBfloat, 16, 1} : (DLDataType){kDLFloat, 16, 1};
+  const DLDataType f32 = {kDLFloat, 32, 1}, i32 = {kDLInt, 32, 1};
+  int rc = 1;
+
+  /* page tables: pages shuffled over a cache with a few unreferenced pages */
+  int32_t *kv_indptr = malloc(sizeof(int32_t) * (B + 1)), *last = malloc(sizeof(int32_t) * (B ? B : 1));
+  kv_indptr[0] = 0;
+  for (int i = 0; i < B; i++) {
+    int64_t pages = (c->kv_len[i] + P - 1) / P;
+    kv_indptr[i + 1] = (int32_t)(kv_indptr[i] + pages);
+    last[i] = pages ? (int32_t)(c->kv_len[i] - (pages - 1) * P) : 1;
+  }
+  const int64_t entries = kv_indptr[B], num_pages = entries + 3;
+  int32_t *perm = malloc(sizeof(int32_t) * num_pages);
+  for (int64_t i = 0; i < num_pages; i++) perm[i] = (int32_t)i;
+  for (int64_t i = num_pages - 1; i > 0; i--) {
+    int64_t j = rnd() % (uint64_t)(i + 1);
+    int32_t t = perm[i];
+    perm[i] = perm[j];
+    perm[j] = t;
+  }
+  int32_t *indices = perm; /* the first `entries` ids */
+
+  /* strides (elements) of one cache: NHD [pages, P, kvh, hd] / HND [pages, kvh, P, hd] */
+  const int64_t pad = c->noncontig ? 8 : 0;
+  int64_t s_tok, s_head, s_page;
+  if (c->layout == KVATTN_LAYOUT_NHD) {
+    s_head = hd + pad;
+    s_tok = c->kv_heads * s_head + pad;
+    s_page = P * s_tok + pad;
+  } else {
+    s_tok = hd + pad;
+    s_head = P * s_tok + pad;
+    s_page = c->kv_heads * s_head + pad;
+  }
+  /* combined [pages, 2, ...]: K at +0, V at +half of the page stride */
+  int64_t half = s_page;
+  if (c->combined_kv) s_page = 2 * half;
+  const int64_t cache_elems = num_pages * s_page;
+  uint16_t *kh = malloc(cache_elems * 2), *vh = c->combined_kv ? kh : malloc(cache_elems * 2);
+  for (int64_t i = 0; i < cache_elems; i++) kh[i] = NAN16(c->bf16);
+  if (!c->combined_kv)
+    for (int64_t i = 0; i < cache_elems; i++) vh[i] = NAN16(c->bf16);
+  const int64_t v_off = c->combined_kv ? half : 0;
+  for (int i = 0; i < B; i++)
+    for (int64_t t = 0; t < c->kv_len[i]; t++) {
+      int64_t page = indices[kv_indptr[i] + t / P], slot = t % P;
+      for (int h = 0; h < c->kv_heads; h++)
+        for (int d = 0; d < hd; d++) {
+          int64_t off = page * s_page + slot * s_tok + h * s_head + d;
+          kh[off] = to16(rnd_sym(), c->bf16);
+          vh[off + v_off] = to16(rnd_sym(), c->bf16);
+        }
+    }
+
+  /* q with padded rows when non-contiguous */
+  const int64_t q_sh = hd + pad, q_st = qo_heads * q_sh + pad;
+  const int64_t q_elems = (int64_t)(B ? B : 1) * q_st;
+  uint16_t *qh = malloc(q_elems * 2);
+  for (int64_t i = 0; i < q_elems; i++) qh[i] = NAN16(c->bf16);
+  for (int i = 0; i < B; i++)
+    for (int h = 0; h < qo_heads; h++)
+      for (int d = 0; d < hd; d++) qh[i * q_st + h * q_sh + d] = to16(2.0f * rnd_sym(), c->bf16);
+
+  /* desc and bounds */
+  kvattn_attention_desc desc = KVATTN_ATTENTION_DESC_INIT;
+  desc.num_qo_heads = qo_heads;
+  desc.num_kv_heads = c->kv_heads;
+  desc.head_dim = hd;
+  desc.q_dtype = dt16;
+  desc.window_left = c->window;
+  desc.logits_soft_cap = c->soft_cap;
+  desc.rope = c->rope;
+  desc.rope_theta = 10000.0f;
+  if (c->rope && c->kv_heads % 2) desc.rope_llama31_factor = 8.0f; /* llama-3.1 scaling too */
+  desc.alibi = c->alibi;
+  desc.disable_split_kv = c->disable_split;
+  desc.fixed_split_size = c->fixed_split;
+  desc.kernel = c->kernel;
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = B + 1;
+  bounds.max_qo_tokens = B + 1;
+  bounds.max_kv_entries = entries + 7;
+  kvattn_batch batch = KVATTN_BATCH_INIT;
+  batch.format = KVATTN_FORMAT_PAGED;
+  batch.batch_size = B;
+  batch.kv_indptr = kv_indptr;
+  batch.kv_last_page_len = last;
+  batch.page_size = P;
+  batch.num_pages = num_pages;
+
+  /* GPU buffers */
+  const size_t o_elems = (size_t)(B ? B : 1) * qo_heads * hd;
+  CUdptr dk = dalloc(cache_elems * 2), dv = c->combined_kv ? dk : dalloc(cache_elems * 2);
+  CUdptr dq = dalloc(q_elems * 2), dix = dalloc(num_pages * 4), dout = dalloc(o_elems * 2);
+  CUdptr dlse = dalloc((size_t)(B ? B : 1) * qo_heads * 4);
+  upload(dk, kh, cache_elems * 2);
+  if (!c->combined_kv) upload(dv, vh, cache_elems * 2);
+  upload(dq, qh, q_elems * 2);
+  upload(dix, indices, num_pages * 4);
+  cu.cuMemsetD8(dout, 0xFF, o_elems * 2); /* NaN in fp16 and bf16 */
+  cu.cuMemsetD8(dlse, 0xFF, (size_t)(B ? B : 1) * qo_heads * 4);
+
+  int64_t q_shape[3] = {B, qo_heads, hd}, q_str[3] = {q_st, q_sh, 1};
+  int64_t kv_shape[4], kv_str[4];
+  int64_t kv5_shape[5], kv5_str[5];
+  if (c->layout == KVATTN_LAYOUT_NHD) {
+    int64_t sh[4] = {num_pages, P, c->kv_heads, hd}, st[4] = {s_page, s_tok, s_head, 1};
+    memcpy(kv_shape, sh, sizeof sh);
+    memcpy(kv_str, st, sizeof st);
+  } else {
+    int64_t sh[4] = {num_pages, c->kv_heads, P, hd}, st[4] = {s_page, s_head, s_tok, 1};
+    memcpy(kv_shape, sh, sizeof sh);
+    memcpy(kv_str, st, sizeof st);
+  }
+  kv5_shape[0] = num_pages;
+  kv5_shape[1] = 2;
+  kv5_str[0] = s_page;
+  kv5_str[1] = half;
+  for (int i = 1; i < 4; i++) {
+    kv5_shape[i + 1] = kv_shape[i];
+    kv5_str[i + 1] = kv_str[i];
+  }
+  int64_t ix_shape[1] = {entries};
+  int64_t o_shape[3] = {B, qo_heads, hd}, lse_shape[2] = {B, qo_heads};
+
+  kvattn_attention *ga = NULL, *ra = NULL;
+  kvattn_workspace gws = {0}, rws = {0};
+  float *ref_o = malloc(o_elems * 4), *ref_lse = malloc((size_t)(B ? B : 1) * qo_heads * 4);
+  uint16_t *got_o = malloc(o_elems * 2);
+  float *got_lse = malloc((size_t)(B ? B : 1) * qo_heads * 4);
+  kvattn_status s;
+#define STEP(call)                                                                                    \
+  do {                                                                                                \
+    s = (call);                                                                                       \
+    if (s != KVATTN_SUCCESS) {                                                                        \
+      fprintf(stderr, "  %s: %s -> %s: %s\n", c->name, #call, kvattn_status_string(s), kvattn_last_error()); \
+      goto out;                                                                                       \
+    }                                                                                                 \
+  } while (0)
+
+  /* GPU */
+  size_t db, hb;
+  STEP(kvattn_attention_create(gpu_ctx, &desc, &bounds, &ga));
+  STEP(kvattn_workspace_size(gpu_ctx, &desc, &bounds, &db, &hb));
+  STEP(kvattn_workspace_alloc(gpu_ctx, db, hb, &gws));
+  STEP(kvattn_plan(ga, &batch, &gws, NULL));
+  {
+    DLTensor q = make_tensor((void *)(uintptr_t)dq, 1, 3, q_shape, q_str, dt16);
+    DLTensor k = make_tensor((void *)(uintptr_t)dk, 1, 4, kv_shape, kv_str, dt16);
+    DLTensor v = make_tensor((void *)(uintptr_t)dv, 1, 4, kv_shape, kv_str, dt16);
+    DLTensor kv5 = make_tensor((void *)(uintptr_t)dk, 1, 5, kv5_shape, kv5_str, dt16);
+    DLTensor ix = make_tensor((void *)(uintptr_t)dix, 1, 1, ix_shape, NULL, i32);
+    DLTensor o = make_tensor((void *)(uintptr_t)dout, 1, 3, o_shape, NULL, dt16);
+    DLTensor l = make_tensor((void *)(uintptr_t)dlse, 1, 2, lse_shape, NULL, f32);
+    kvattn_kv kv = KVATTN_KV_INIT;
+    kv.layout = c->layout;
+    if (c->combined_kv) {
+      kv.kv = &kv5;
+    } else {
+      kv.k = &k;
+      kv.v = &v;
+    }
+    kv.indices = &ix;
+    STEP(kvattn_run(ga, &q, &kv, NULL, &o, c->want_lse ? &l : NULL, NULL));
+    if (cu.cuCtxSynchronize()) {
+      fprintf(stderr, "  %s: the kernel failed (cuCtxSynchronize)\n", c->name);
+      goto out;
+    }
+  }
+  download(got_o, dout, o_elems * 2);
+  download(got_lse, dlse, (size_t)(B ? B : 1) * qo_heads * 4);
+
+  /* reference on the host copies */
+  {
+    kvattn_attention_desc rd = desc;
+    rd.o_dtype = f32;
+    STEP(kvattn_attention_create(ref_ctx, &rd, &bounds, &ra));
+    STEP(kvattn_workspace_size(ref_ctx, &rd, &bounds, &db, &hb));
+    STEP(kvattn_workspace_alloc(ref_ctx, db, hb, &rws));
+    STEP(kvattn_plan(ra, &batch, &rws, NULL));
+    DLTensor q = make_tensor(qh, 0, 3, q_shape, q_str, dt16);
+    DLTensor k = make_tensor(kh, 0, 4, kv_shape, kv_str, dt16);
+    DLTensor v = make_tensor(vh + v_off, 0, 4, kv_shape, kv_str, dt16);
+    DLTensor ix = make_tensor(indices, 0, 1, ix_shape, NULL, i32);
+    DLTensor o = make_tensor(ref_o, 0, 3, o_shape, NULL, f32);
+    DLTensor l = make_tensor(ref_lse, 0, 2, lse_shape, NULL, f32);
+    kvattn_kv kv = KVATTN_KV_INIT;
+    kv.layout = c->layout;
+    kv.k = &k;
+    kv.v = &v;
+    kv.indices = &ix;
+    STEP(kvattn_run(ra, &q, &kv, NULL, &o, &l, NULL));
+  }
+
+  /* compare */
+  double num = 0, den = 0, lse_err = 0;
+  for (int i = 0; i < B; i++)
+    for (int h = 0; h < qo_heads; h++) {
+      const size_t r = (size_t)i * qo_heads + h;
+      for (int d = 0; d < hd; d++) {
+        float g = from16(got_o[r * hd + d], c->bf16), f = ref_o[r * hd + d];
+        if (!(g == g) || g - g != 0) {
+          fprintf(stderr, "  %s: out[%d][%d][%d] = %g is not finite (unwritten or NaN leaked; ref %g)\n", c->name, i, h,
+                  d, g, f);
+          goto out;
+        }
+        if (c->kv_len[i] == 0 && g != 0.0f) {
+          fprintf(stderr, "  %s: request %d is empty but out[..][%d][%d] = %g\n", c->name, i, h, d, g);
+          goto out;
+        }
+        num += (double)(g - f) * (g - f);
+        den += (double)f * f;
+      }
+      if (c->want_lse) {
+        float g = got_lse[r], f = ref_lse[r];
+        if (c->kv_len[i] == 0) {
+          if (!(g < 0 && g - g != 0)) {
+            fprintf(stderr, "  %s: empty request %d head %d: lse %g, want -inf\n", c->name, i, h, g);
+            goto out;
+          }
+        } else {
+          double e = fabs((double)g - f) / (1.0 + fabs(f));
+          if (!(e < 1e30)) e = 1e30;
+          if (e > lse_err) lse_err = e;
+        }
+      }
+    }
+  double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+  *rel_out = rel;
+  *lse_err_out = lse_err;
+  if (rel > 1e-2 || lse_err > 1e-2) {
+    fprintf(stderr, "  %s: relative error %.3e, lse error %.3e\n", c->name, rel, lse_err);
+    goto out;
+  }
+  rc = 0;
+out:
+  kvattn_attention_destroy(ga);
+  kvattn_attention_destroy(ra);
+  kvattn_workspace_free(gpu_ctx, &gws);
+  kvattn_workspace_free(ref_ctx, &rws);
+  cu.cuMemFree(dk);
+  if (!c->combined_kv) cu.cuMemFree(dv);
+  cu.cuMemFree(dq);
+  cu.cuMemFree(dix);
+  cu.cuMemFree(dout);
+  cu.cuMemFree(dlse);
+  free(kv_indptr);
+  free(last);
+  free(perm);
+  free(kh);
+  if (!c->combined_kv) free(vh);
+  free(qh);
+  free(ref_o);
+  free(ref_lse);
+  free(got_o);
+  free(got_lse);
+  return rc;
+#undef STEP
+}
+
+static int64_t pareto_len(double alpha, double scale, int64_t cap) {
+  double x = scale / pow(1.0 - rnd01() * 0.999999, 1.0 / alpha);
+  return x > cap ? cap : (int64_t)x;
+}
+
+/* Random lengths: uniform, heavy-tailed, some zero; total bounded so the reference stays quick. */
+static void random_lengths(int64_t *len, int n, int64_t max_len, int64_t budget_tokens) {
+  int style = (int)(rnd() % 3);
+  int64_t total = 0;
+  for (int i = 0; i < n; i++) {
+    if (style == 0) len[i] = rnd_range(0, max_len);
+    else if (style == 1) len[i] = pareto_len(1.2, 64, max_len);
+    else len[i] = rnd_range(max_len / 2, max_len);
+    if (rnd() % 12 == 0) len[i] = 0;
+    if (rnd() % 12 == 0) len[i] = 1;
+    total += len[i];
+  }
+  if (total > budget_tokens)
+    for (int i = 0; i < n; i++) len[i] = len[i] * budget_tokens / total;
+}
+
+static void print_case(const dcase *c, double rel, double lse) {
+  int64_t total = 0, mx = 0;
+  for (int i = 0; i < c->batch; i++) {
+    total += c->kv_len[i];
+    if (c->kv_len[i] > mx) mx = c->kv_len[i];
+  }
+  fprintf(stderr,
+          "  %-22s b%-4d kvh %d g%-2d hd%-3d p%-3d %s %s%s%s%s%s%s%s kv %lld (max %lld): err %.2e lse %.2e\n",
+          c->name, c->batch, c->kv_heads, c->group, c->head_dim, c->page_size, c->layout ? "HND" : "NHD",
+          c->bf16 ? "bf16" : "fp16", c->noncontig ? " strided" : "", c->combined_kv ? " kv5" : "",
+          c->window >= 0 ? " window" : "", c->soft_cap > 0 ? " softcap" : "", c->alibi ? " alibi" : "",
+          c->rope ? " rope" : "", (long long)total, (long long)mx, rel, lse);
+}
+
+TEST(decode_matches_the_reference_on_random_cases) {
+  NEED_GPU();
+  const int page_sizes[3] = {1, 16, 64}, groups[3] = {1, 4, 8}, dims[3] = {64, 128, 256};
+  int n = 0, scale = test_scale();
+  for (int rep = 0; rep < scale; rep++)
+    for (int pi = 0; pi < 3; pi++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int di = 0; di < 3; di++) {
+          int64_t len[64];
+          dcase c;
+          memset(&c, 0, sizeof c);
+          c.name = "random";
+          c.batch = (int)rnd_range(1, 40);
+          c.kv_heads = (int)rnd_range(1, 4);
+          c.group = groups[gi];
+          c.head_dim = dims[di];
+          c.page_size = page_sizes[pi];
+          c.layout = (int)(rnd() % 2);
+          c.bf16 = (int)(rnd() % 2);
+          c.noncontig = rnd() % 2 == 0;
+          c.combined_kv = rnd() % 4 == 0;
+          c.want_lse = rnd() % 2 == 0;
+          c.window = rnd() % 4 == 0 ? (int)rnd_range(0, 600) : -1;
+          c.soft_cap = rnd() % 5 == 0 ? 30.0f : 0.0f;
+          c.alibi = rnd() % 5 == 0;
+          c.rope = rnd() % 5 == 0;
+          random_lengths(len, c.batch, rnd() % 3 ? 2000 : 8000, 40000);
+          c.kv_len = len;
+          double rel = 0, lse = 0;
+          int bad = run_case(&c, &rel, &lse);
+          print_case(&c, rel, lse);
+          CHECK(bad == 0);
+          n++;
+        }
+  printf("random decode cases: %d passed\n", n);
+}
+
+TEST(decode_edge_shapes) {
+  NEED_GPU();
+  struct {
+    const char *name;
+    int batch, kv_heads, group, hd, page, layout, bf16;
+    int64_t fill; /* -1: custom */
+  } shapes[] = {
+      {"batch1_long_split", 1, 2, 4, 128, 16, 0, 1, 32768},
+      {"all_empty", 5, 2, 4, 128, 16, 0, 1, 0},
+      {"shorter_than_a_page", 7, 1, 8, 64, 64, 1, 0, 37},
+      {"exact_page_multiple", 3, 2, 2, 128, 16, 0, 1, 64},
+      {"last_page_of_one", 3, 2, 2, 128, 16, 1, 1, 65},
+      {"group6_blocks", 9, 2, 6, 128, 16, 0, 1, 700},
+      {"group16_two_blocks", 4, 1, 16, 128, 16, 0, 0, 900},
+      {"mha_group1_hd256", 6, 4, 1, 256, 1, 1, 1, 500},
+      {"page256", 3, 2, 4, 64, 256, 0, 1, 1000},
+      {"odd_page5", 17, 2, 4, 128, 5, 1, 1, 97},
+      {"batch512_short", 512, 1, 4, 64, 16, 0, 1, -1},
+      {"heavy_tail_32k", 48, 1, 4, 128, 16, 0, 1, -2},
+  };
+  for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+    int64_t *len = malloc(sizeof(int64_t) * shapes[si].batch);
+    for (int i = 0; i < shapes[si].batch; i++) {
+      if (shapes[si].fill >= 0) len[i] = shapes[si].fill;
+      else if (shapes[si].fill == -1) len[i] = rnd_range(0, 300);
+      else len[i] = pareto_len(1.1, 200, 32768);
+    }
+    if (shapes[si].fill == -2) len[3] = 32768;
+    dcase c;
+    memset(&c, 0, sizeof c);
+    c.name = shapes[si].name;
+    c.batch = shapes[si].batch;
+    c.kv_heads = shapes[si].kv_heads;
+    c.group = shapes[si].group;
+    c.head_dim = shapes[si].hd;
+    c.page_size = shapes[si].page;
+    c.layout = shapes[si].layout;
+    c.bf16 = shapes[si].bf16;
+    c.want_lse = 1;
+    c.window = -1;
+    c.kv_len = len;
+    double rel = 0, lse = 0;
+    int bad = run_case(&c, &rel, &lse);
+    print_case(&c, rel, lse);
+    free(len);
+    CHECK(bad == 0);
+  }
+}
+
+TEST(decode_options_and_split_modes) {
+  NEED_GPU();
+  for (int k = 0; k < 8; k++) {
+    int64_t len[24];
+    dcase c;
+    memset(&c, 0, sizeof c);
+    c.name = "options";
+    c.batch = 24;
+    c.kv_heads = 2;
+    c.group = 4;
+    c.head_dim = 128;
+    c.page_size = 16;
+    c.bf16 = k % 2;
+    c.want_lse = 1;
+    c.window = k & 1 ? 100 : -1;
+    c.soft_cap = k & 2 ? 20.0f : 0.0f;
+    c.alibi = (k & 4) != 0;
+    c.rope = k >= 4;
+    c.disable_split = k == 3;
+    c.fixed_split = k == 5 ? 4 : 0;
+    c.noncontig = 1;
+    random_lengths(len, c.batch, 3000, 30000);
+    c.kv_len = len;
+    double rel = 0, lse = 0;
+    int bad = run_case(&c, &rel, &lse);
+    print_case(&c, rel, lse);
+    CHECK(bad == 0);
+  }
+}
+
+/* ---------------------------------------------------------------- CUDA graph replay */
+
+TEST(one_captured_graph_replays_50_random_batches) {
+  NEED_GPU();
+  const int kvh = 2, group = 4, hd = 128, P = 16, maxB = 64, maxlen = 1024;
+  const int qo_heads = kvh * group;
+  const int64_t max_pages = (int64_t)maxB * (maxlen / P), num_pages = max_pages + 1;
+  const DLDataType bf = {kDLBfloat, 16, 1}, i32 = {kDLInt, 32, 1}, f32 = {kDLFloat, 32, 1};
+  /* one fixed set of buffers at fixed addresses, sized for the bounds */
+  const int64_t cache_elems = num_pages * P * kvh * hd;
+  uint16_t *kh = malloc(cache_elems * 2), *vh = malloc(cache_elems * 2);
+  for (int64_t i = 0; i < cache_elems; i++) {
+    kh[i] = float_to_bf16(rnd_sym());
+    vh[i] = float_to_bf16(rnd_sym());
+  }
+  CUdptr dk = dalloc(cache_elems * 2), dv = dalloc(cache_elems * 2), dix = dalloc(max_pages * 4);
+  CUdptr dq = dalloc((size_t)maxB * qo_heads * hd * 2), dout = dalloc((size_t)maxB * qo_heads * hd * 2);
+  CUdptr dout2 = dalloc((size_t)maxB * qo_heads * hd * 2), dlse = dalloc((size_t)maxB * qo_heads * 4);
+  upload(dk, kh, cache_elems * 2);
+  upload(dv, vh, cache_elems * 2);
+
+  kvattn_attention_desc desc = KVATTN_ATTENTION_DESC_INIT;
+  desc.num_qo_heads = qo_heads;
+  desc.num_kv_heads = kvh;
+  desc.head_dim = hd;
+  desc.q_dtype = bf;
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = maxB;
+  bounds.max_qo_tokens = maxB;
+  bounds.max_kv_entries = max_pages;
+  kvattn_attention *a = NULL, *ra = NULL;
+  kvattn_workspace ws = {0}, rws = {0};
+  size_t db, hb;
+  CHECK_OK(kvattn_attention_create(gpu_ctx, &desc, &bounds, &a));
+  CHECK_OK(kvattn_workspace_size(gpu_ctx, &desc, &bounds, &db, &hb));
+  CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws));
+  kvattn_attention_desc rd = desc;
+  rd.o_dtype = f32;
+  CHECK_OK(kvattn_attention_create(ref_ctx, &rd, &bounds, &ra));
+  CHECK_OK(kvattn_workspace_size(ref_ctx, &rd, &bounds, &db, &hb));
+  CHECK_OK(kvattn_workspace_alloc(ref_ctx, db, hb, &rws));
+  void *stream = NULL;
+  CHECK(cu.cuStreamCreate(&stream, 1 /* non-blocking */) == 0);
+
+  int32_t kv_indptr[65], last[64], *indices = malloc(max_pages * 4);
+  uint16_t *qh = malloc((size_t)maxB * qo_heads * hd * 2), *o1 = malloc((size_t)maxB * qo_heads * hd * 2);
+  uint16_t *o2 = malloc((size_t)maxB * qo_heads * hd * 2);
+  float *ref = malloc((size_t)maxB * qo_heads * hd * 4), *ref_lse = malloc((size_t)maxB * qo_heads * 4);
+  void *graph = NULL, *exec = NULL;
+  int failures = 0;
+  double worst = 0;
+  for (int step = 0; step <= 50; step++) {
+    /* a random batch within the bounds; padded slots (length 0) as serving systems pad */
+    int B = step == 0 ? maxB : (int)rnd_range(0, maxB);
+    int64_t len[64];
+    random_lengths(len, B, maxlen, (int64_t)maxB * maxlen);
+    kv_indptr[0] = 0;
+    for (int i = 0; i < B; i++) {
+      int64_t pages = (len[i] + P - 1) / P;
+      kv_indptr[i + 1] = (int32_t)(kv_indptr[i] + pages);
+      last[i] = pages ? (int32_t)(len[i] - (pages - 1) * P) : 1;
+    }
+    for (int64_t e = 0; e < kv_indptr[B]; e++) indices[e] = (int32_t)rnd_range(0, num_pages - 1);
+    upload(dix, indices, (size_t)kv_indptr[B] * 4);
+    for (int64_t i = 0; i < (int64_t)B * qo_heads * hd; i++) qh[i] = float_to_bf16(2 * rnd_sym());
+    upload(dq, qh, (size_t)B * qo_heads * hd * 2);
+    kvattn_batch batch = KVATTN_BATCH_INIT;
+    batch.batch_size = B;
+    batch.kv_indptr = kv_indptr;
+    batch.kv_last_page_len = last;
+    batch.page_size = P;
+    batch.num_pages = num_pages;
+    CHECK_OK(kvattn_plan(a, &batch, &ws, stream));
+
+    int64_t q_shape[3] = {B, qo_heads, hd}, kv_shape[4] = {num_pages, P, kvh, hd}, ix_shape[1] = {kv_indptr[B]};
+    DLTensor q = make_tensor((void *)(uintptr_t)dq, 1, 3, q_shape, NULL, bf);
+    DLTensor k = make_tensor((void *)(uintptr_t)dk, 1, 4, kv_shape, NULL, bf);
+    DLTensor v = make_tensor((void *)(uintptr_t)dv, 1, 4, kv_shape, NULL, bf);
+    DLTensor ix = make_tensor((void *)(uintptr_t)dix, 1, 1, ix_shape, NULL, i32);
+    DLTensor o = make_tensor((void *)(uintptr_t)dout, 1, 3, q_shape, NULL, bf);
+    DLTensor oe = make_tensor((void *)(uintptr_t)dout2, 1, 3, q_shape, NULL, bf);
+    kvattn_kv kv = KVATTN_KV_INIT;
+    kv.k = &k;
+    kv.v = &v;
+    kv.indices = &ix;
+    if (step == 0) {
+      /* capture once, with the largest batch's tensors */
+      CHECK(cu.cuStreamBeginCapture(stream, 2 /* relaxed */) == 0);
+      kvattn_status s = kvattn_run(a, &q, &kv, NULL, &o, NULL, stream);
+      CHECK(cu.cuStreamEndCapture(stream, &graph) == 0);
+      CHECK_OK(s);
+      CHECK(cu.cuGraphInstantiateWithFlags(&exec, graph, 0) == 0);
+    }
+    cu.cuMemsetD8(dout, 0xFF, (size_t)maxB * qo_heads * hd * 2);
+    cu.cuMemsetD8(dout2, 0xFF, (size_t)maxB * qo_heads * hd * 2);
+    CHECK(cu.cuGraphLaunch(exec, stream) == 0);
+    CHECK_OK(kvattn_run(a, &q, &kv, NULL, &oe, NULL, stream)); /* eager, same plan */
+    CHECK(cu.cuStreamSynchronize(stream) == 0);
+    download(o1, dout, (size_t)B * qo_heads * hd * 2);
+    download(o2, dout2, (size_t)B * qo_heads * hd * 2);
+    if (memcmp(o1, o2, (size_t)B * qo_heads * hd * 2)) {
+      fprintf(stderr, "  step %d (batch %d): graph replay differs from the eager run\n", step, B);
+      failures++;
+    }
+    /* the reference */
+    CHECK_OK(kvattn_plan(ra, &batch, &rws, NULL));
+    {
+      int64_t o_shape[3] = {B, qo_heads, hd}, l_shape[2] = {B, qo_heads};
+      DLTensor rq = make_tensor(qh, 0, 3, q_shape, NULL, bf);
+      DLTensor rk = make_tensor(kh, 0, 4, kv_shape, NULL, bf);
+      DLTensor rv = make_tensor(vh, 0, 4, kv_shape, NULL, bf);
+      DLTensor rix = make_tensor(indices, 0, 1, ix_shape, NULL, i32);
+      DLTensor ro = make_tensor(ref, 0, 3, o_shape, NULL, f32);
+      DLTensor rl = make_tensor(ref_lse, 0, 2, l_shape, NULL, f32);
+      kvattn_kv rkv = KVATTN_KV_INIT;
+      rkv.k = &rk;
+      rkv.v = &rv;
+      rkv.indices = &rix;
+      CHECK_OK(kvattn_run(ra, &rq, &rkv, NULL, &ro, &rl, NULL));
+    }
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < (int64_t)B * qo_heads * hd; i++) {
+      float g = bf16_to_float(o1[i]);
+      if (!(g == g)) num += 1e30;
+      num += (double)(g - ref[i]) * (g - ref[i]);
+      den += (double)ref[i] * ref[i];
+    }
+    double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    if (rel > worst) worst = rel;
+    if (rel > 1e-2) {
+      fprintf(stderr, "  step %d (batch %d): relative error %.3e\n", step, B, rel);
+      failures++;
+    }
+  }
+  printf("graph replay: 50 random batches through one captured graph, worst relative error %.2e, %d failures\n",
+         worst, failures);
+  CHECK(failures == 0);
+  cu.cuGraphExecDestroy(exec);
+  cu.cuGraphDestroy(graph);
+  cu.cuStreamDestroy(stream);
+  kvattn_attention_destroy(a);
+  kvattn_attention_destroy(ra);
+  kvattn_workspace_free(gpu_ctx, &ws);
+  kvattn_workspace_free(ref_ctx, &rws);
+  cu.cuMemFree(dk);
+  cu.cuMemFree(dv);
+  cu.cuMemFree(dix);
+  cu.cuMemFree(dq);
+  cu.cuMemFree(dout);
+  cu.cuMemFree(dout2);
+  cu.cuMemFree(dlse);
+  free(kh);
+  free(vh);
+  free(indices);
+  free(qh);
+  free(o1);
+  free(o2);
+  free(ref);
+  free(ref_lse);
+}
+
+/* ---------------------------------------------------------------- plan time */
+
+static double now_us(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+TEST(plan_for_batch_256_takes_at_most_20_us) {
+  NEED_GPU();
+  const int B = 256, P = 16;
+  kvattn_attention_desc desc = KVATTN_ATTENTION_DESC_INIT;
+  desc.num_qo_heads = 32;
+  desc.num_kv_heads = 8;
+  desc.head_dim = 128;
+  desc.q_dtype = (DLDataType){kDLBfloat, 16, 1};
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = B;
+  bounds.max_qo_tokens = B;
+  bounds.max_kv_entries = (int64_t)B * 2048 / P;
+  kvattn_attention *a;
+  kvattn_workspace ws;
+  size_t db, hb;
+  CHECK_OK(kvattn_attention_create(gpu_ctx, &desc, &bounds, &a));
+  CHECK_OK(kvattn_workspace_size(gpu_ctx, &desc, &bounds, &db, &hb));
+  CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws));
+  int32_t kv_indptr[257], last[256];
+  kv_indptr[0] = 0;
+  for (int i = 0; i < B; i++) {
+    kv_indptr[i + 1] = kv_indptr[i] + 2048 / P;
+    last[i] = P;
+  }
+  kvattn_batch batch = KVATTN_BATCH_INIT;
+  batch.batch_size = B;
+  batch.kv_indptr = kv_indptr;
+  batch.kv_last_page_len = last;
+  batch.page_size = P;
+  enum { REPS = 400 };
+  double t[REPS];
+  for (int r = 0; r < REPS; r++) {
+    double t0 = now_us();
+    kvattn_status s = kvattn_plan(a, &batch, &ws, NULL);
+    t[r] = now_us() - t0;
+    CHECK_OK(s);
+    if (r % 50 == 49) cu.cuCtxSynchronize(); /* let the queued copies drain */
+  }
+  qsort(t, REPS, sizeof t[0], cmp_double);
+  printf("kvattn_plan, decode batch 256 x 2048 tokens, 32/8 heads, page 16 (validation on, H2D enqueued): "
+         "median %.2f us, p10 %.2f us, p90 %.2f us\n", t[REPS / 2], t[REPS / 10], t[REPS * 9 / 10]);
+  CHECK(t[REPS / 2] <= 20.0);
+  cu.cuCtxSynchronize();
+  kvattn_attention_destroy(a);
+  kvattn_workspace_free(gpu_ctx, &ws);
+}
+
+/* ---------------------------------------------------------------- merge_states, append */
+
+TEST(merge_states_matches_the_cpu) {
+  NEED_GPU();
+  const int T = 37, S = 5, H = 6, D = 128;
+  const DLDataType bf = {kDLBfloat, 16, 1}, f32 = {kDLFloat, 32, 1};
+  size_t nv = (size_t)T * S * H * D, ns = (size_t)T * S * H, no = (size_t)T * H * D, nso = (size_t)T * H;
+  uint16_t *v = malloc(nv * 2), *go = malloc(no * 2);
+  float *s = malloc(ns * 4), *ro = malloc(no * 4), *rs = malloc(nso * 4), *gs = malloc(nso * 4);
+  for (size_t i = 0; i < nv; i++) v[i] = float_to_bf16(rnd_sym());
+  for (size_t i = 0; i < ns; i++) s[i] = rnd() % 4 == 0 ? -INFINITY : (float)(10 * rnd_sym());
+  /* one row all empty; an empty state's v full of NaN must not leak */
+  for (int k = 0; k < S; k++) s[(size_t)3 * S * H + k * H + 2] = -INFINITY;
+  for (int t = 0; t < T; t++)
+    for (int k = 0; k < S; k++)
+      for (int h = 0; h < H; h++)
+        if (s[((size_t)t * S + k) * H + h] == -INFINITY)
+          for (int d = 0; d < D; d++) v[(((size_t)t * S + k) * H + h) * D + d] = 0x7FC0;
+  CUdptr dv = dalloc(nv * 2), ds = dalloc(ns * 4), dvo = dalloc(no * 2), dso = dalloc(nso * 4);
+  upload(dv, v, nv * 2);
+  upload(ds, s, ns * 4);
+  cu.cuMemsetD8(dvo, 0xFF, no * 2);
+  cu.cuMemsetD8(dso, 0xFF, nso * 4);
+  int64_t v_shape[4] = {T, S, H, D}, s_shape[3] = {T, S, H}, o_shape[3] = {T, H, D}, so_shape[2] = {T, H};
+  DLTensor gv = make_tensor((void *)(uintptr_t)dv, 1, 4, v_shape, NULL, bf);
+  DLTensor gsd = make_tensor((void *)(uintptr_t)ds, 1, 3, s_shape, NULL, f32);
+  DLTensor gvo = make_tensor((void *)(uintptr_t)dvo, 1, 3, o_shape, NULL, bf);
+  DLTensor gso = make_tensor((void *)(uintptr_t)dso, 1, 2, so_shape, NULL, f32);
+  CHECK_OK(kvattn_merge_states(gpu_ctx, &gv, &gsd, &gvo, &gso, NULL));
+  CHECK(cu.cuCtxSynchronize() == 0);
+  download(go, dvo, no * 2);
+  download(gs, dso, nso * 4);
+  DLTensor hv = make_tensor(v, 0, 4, v_shape, NULL, bf);
+  DLTensor hs = make_tensor(s, 0, 3, s_shape, NULL, f32);
+  DLTensor hvo = make_tensor(ro, 0, 3, o_shape, NULL, f32);
+  DLTensor hso = make_tensor(rs, 0, 2, so_shape, NULL, f32);
+  CHECK_OK(kvattn_merge_states(ref_ctx, &hv, &hs, &hvo, &hso, NULL));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < no; i++) {
+    float g = bf16_to_float(go[i]);
+    CHECK_MSG(g == g, "merged v[%zu] is NaN", i);
+    num += (double)(g - ro[i]) * (g - ro[i]);
+    den += (double)ro[i] * ro[i];
+  }
+  for (size_t i = 0; i < nso; i++) {
+    if (rs[i] == -INFINITY) CHECK(gs[i] == -INFINITY);
+    else CHECK_MSG(fabsf(gs[i] - rs[i]) < 1e-4f * (1 + fabsf(rs[i])), "lse %zu: %g vs %g", i, gs[i], rs[i]);
+  }
+  for (int d = 0; d < D; d++) CHECK(bf16_to_float(go[((size_t)3 * H + 2) * D + d]) == 0.0f);
+  CHECK_MSG(sqrt(num / den) < 1e-2, "merge relative error %.3e", sqrt(num / den));
+  cu.cuMemFree(dv);
+  cu.cuMemFree(ds);
+  cu.cuMemFree(dvo);
+  cu.cuMemFree(dso);
+  free(v);
+  free(go);
+  free(s);
+  free(ro);
+  free(rs);
+  free(gs);
+}
+
+TEST(append_paged_kv_matches_the_cpu) {
+  NEED_GPU();
+  const int B = 5, P = 16, KVH = 4, D = 128;
+  const DLDataType f16 = {kDLFloat, 16, 1}, i32 = {kDLInt, 32, 1};
+  int32_t kv_indptr[6] = {0, 3, 3, 7, 8, 12};
+  const int64_t pages = 14, cache_elems = pages * P * KVH * D;
+  int32_t indices[12];
+  for (int i = 0; i < 12; i++) indices[i] = (i * 5 + 3) % 14;
+  const int N = 40;
+  int32_t bidx[40], pos[40];
+  for (int t = 0; t < N; t++) {
+    bidx[t] = (int32_t)rnd_range(0, B - 1);
+    int np = kv_indptr[bidx[t] + 1] - kv_indptr[bidx[t]];
+    pos[t] = np ? (int32_t)rnd_range(0, np * P - 1) : 0;
+  }
+  /* unique positions per request so the result does not depend on write order */
+  for (int t = 0; t < N; t++)
+    for (int u = 0; u < t; u++)
+      if (bidx[u] == bidx[t] && pos[u] == pos[t]) bidx[t] = 1; /* request 1 has no pages: skipped */
+  uint16_t *kn = malloc((size_t)N * KVH * D * 2), *vn = malloc((size_t)N * KVH * D * 2);
+  uint16_t *kc = malloc(cache_elems * 2), *vc = malloc(cache_elems * 2), *gk = malloc(cache_elems * 2),
+           *gv = malloc(cache_elems * 2);
+  for (int64_t i = 0; i < (int64_t)N * KVH * D; i++) {
+    kn[i] = float_to_half(rnd_sym());
+    vn[i] = float_to_half(rnd_sym());
+  }
+  for (int64_t i = 0; i < cache_elems; i++) kc[i] = vc[i] = float_to_half(rnd_sym());
+  CUdptr dkn = dalloc((size_t)N * KVH * D * 2), dvn = dalloc((size_t)N * KVH * D * 2), dk = dalloc(cache_elems * 2),
+         dvv = dalloc(cache_elems * 2), dix = dalloc(sizeof indices), dip = dalloc(sizeof kv_indptr),
+         db = dalloc(sizeof bidx), dp = dalloc(sizeof pos);
+  upload(dkn, kn, (size_t)N * KVH * D * 2);
+  upload(dvn, vn, (size_t)N * KVH * D * 2);
+  upload(dk, kc, cache_elems * 2);
+  upload(dvv, vc, cache_elems * 2);
+  upload(dix, indices, sizeof indices);
+  upload(dip, kv_indptr, sizeof kv_indptr);
+  upload(db, bidx, sizeof bidx);
+  upload(dp, pos, sizeof pos);
+  int64_t new_shape[3] = {N, KVH, D}, cache_shape[4] = {pages, P, KVH, D}, ix_shape[1] = {12}, ip_shape[1] = {6},
+          t_shape[1] = {N};
+  DLTensor g_kn = make_tensor((void *)(uintptr_t)dkn, 1, 3, new_shape, NULL, f16);
+  DLTensor g_vn = make_tensor((void *)(uintptr_t)dvn, 1, 3, new_shape, NULL, f16);
+  DLTensor g_k = make_tensor((void *)(uintptr_t)dk, 1, 4, cache_shape, NULL, f16);
+  DLTensor g_v = make_tensor((void *)(uintptr_t)dvv, 1, 4, cache_shape, NULL, f16);
+  DLTensor g_ix = make_tensor((void *)(uintptr_t)dix, 1, 1, ix_shape, NULL, i32);
+  DLTensor g_ip = make_tensor((void *)(uintptr_t)dip, 1, 1, ip_shape, NULL, i32);
+  DLTensor g_b = make_tensor((void *)(uintptr_t)db, 1, 1, t_shape, NULL, i32);
+  DLTensor g_p = make_tensor((void *)(uintptr_t)dp, 1, 1, t_shape, NULL, i32);
+  kvattn_kv gkv = KVATTN_KV_INIT;
+  gkv.k = &g_k;
+  gkv.v = &g_v;
+  gkv.indices = &g_ix;
+  CHECK_OK(kvattn_append_paged_kv(gpu_ctx, &g_kn, &g_vn, &g_b, &g_p, &gkv, &g_ip, NULL));
+  CHECK(cu.cuCtxSynchronize() == 0);
+  download(gk, dk, cache_elems * 2);
+  download(gv, dvv, cache_elems * 2);
+  /* the CPU backend on host copies */
+  kvattn_context *cpu;
+  kvattn_options o = KVATTN_OPTIONS_INIT;
+  o.backend = KVATTN_BACKEND_CPU;
+  CHECK_OK(kvattn_context_create(&o, &cpu));
+  DLTensor h_kn = make_tensor(kn, 0, 3, new_shape, NULL, f16), h_vn = make_tensor(vn, 0, 3, new_shape, NULL, f16);
+  DLTensor h_k = make_tensor(kc, 0, 4, cache_shape, NULL, f16), h_v = make_tensor(vc, 0, 4, cache_shape, NULL, f16);
+  DLTensor h_ix = make_tensor(indices, 0, 1, ix_shape, NULL, i32), h_ip = make_tensor(kv_indptr, 0, 1, ip_shape, NULL, i32);
+  DLTensor h_b = make_tensor(bidx, 0, 1, t_shape, NULL, i32), h_p = make_tensor(pos, 0, 1, t_shape, NULL, i32);
+  kvattn_kv hkv = KVATTN_KV_INIT;
+  hkv.k = &h_k;
+  hkv.v = &h_v;
+  hkv.indices = &h_ix;
+  kvattn_status s = kvattn_append_paged_kv(cpu, &h_kn, &h_vn, &h_b, &h_p, &hkv, &h_ip, NULL);
+  /* the CPU checks each position (request 1 has no pages: INVALID_INDEX) — then compare only when it ran */
+  if (s == KVATTN_SUCCESS) {
+    CHECK(memcmp(gk, kc, cache_elems * 2) == 0);
+    CHECK(memcmp(gv, vc, cache_elems * 2) == 0);
+  } else {
+    /* apply the valid tokens by hand: the GPU skips the others */
+    for (int t = 0; t < N; t++) {
+      int b = bidx[t];
+      int64_t e = kv_indptr[b] + pos[t] / P;
+      if (e >= kv_indptr[b + 1]) continue;
+      for (int h = 0; h < KVH; h++)
+        for (int d = 0; d < D; d++) {
+          int64_t off = (((int64_t)indices[e] * P + pos[t] % P) * KVH + h) * D + d;
+          kc[off] = kn[((int64_t)t * KVH + h) * D + d];
+          vc[off] = vn[((int64_t)t * KVH + h) * D + d];
+        }
+    }
+    CHECK(memcmp(gk, kc, cache_elems * 2) == 0);
+    CHECK(memcmp(gv, vc, cache_elems * 2) == 0);
+  }
+  kvattn_context_destroy(cpu);
+  cu.cuMemFree(dkn);
+  cu.cuMemFree(dvn);
+  cu.cuMemFree(dk);
+  cu.cuMemFree(dvv);
+  cu.cuMemFree(dix);
+  cu.cuMemFree(dip);
+  cu.cuMemFree(db);
+  cu.cuMemFree(dp);
+  free(kn);
+  free(vn);
+  free(kc);
+  free(vc);
+  free(gk);
+  free(gv);
+}
+
+TEST_MAIN()
