@@ -161,7 +161,7 @@ static int parse_options(int argc, char **argv, opt_def *defs, int ndefs) {
     case OPT_STRING: *(const char **)d->dst = val; break;
     case OPT_CHOICE: {
       int c = choice_index(d->choices, val);
-      if (c < 0) return usage_error("%s: '%s' is not one of %s", d->name, val, d->choices);
+      if (c < 0) return usage_error("%s: '%s' is not one of %s", d->name, val, d->choices ? d->choices : "?");
       *(int *)d->dst = c;
       break;
     }
@@ -498,12 +498,20 @@ typedef struct attn_case {
   int want_lse;
   int shared_cache;           /* 1: k, v, kv belong to a paged_cache (not freed here) */
   tensor q, k, v, kv, indices, mask;
+  int rotations;              /* bench: runs cycle over these copies of k and v (0: only k, v) ... */
+  void **rot_k, **rot_v;      /* ... context-side copies, so a sample's runs do not find KV in L2 */
   tensor out, lse;            /* the backend's outputs; the host copy receives the download */
   tensor ref_out, ref_lse;    /* the reference's outputs (host only): float64, float32 */
   char what[200];             /* a one-line description */
 } attn_case;
 
 static void case_free(attn_case *c) {
+  for (int i = 1; i < c->rotations; i++) { /* [0] is the cache itself */
+    dev_free(c->rot_k[i]);
+    dev_free(c->rot_v[i]);
+  }
+  free(c->rot_k);
+  free(c->rot_v);
   free(c->qo_indptr);
   free(c->kv_indptr);
   free(c->kv_indices);
@@ -606,9 +614,14 @@ static void exec_attention(kvattn_context *ctx, const kvattn_attention_desc *des
     double t1 = now_us();
     if (side) STEP("synchronizing after kvattn_plan", dev_sync());
     double t2 = now_us();
-    for (int j = 0; j < inner; j++)
+    for (int j = 0; j < inner; j++) {
+      if (side && c->rotations > 0) {
+        k.data = c->rot_k[j % c->rotations];
+        v.data = c->rot_v[j % c->rotations];
+      }
       STEP("kvattn_run", kvattn_run(attn, &q, &kv, c->desc.custom_mask ? &mask : NULL, &o,
                                     c->want_lse ? &l : NULL, NULL));
+    }
     if (side) STEP("synchronizing after kvattn_run", dev_sync());
     double t3 = now_us();
     plan_t[i] = t1 - t0;
@@ -1364,8 +1377,14 @@ static void fill_kv_token(attn_case *c, rng *r, int64_t page, int64_t slot, int6
       }
 }
 
+/* What a sweep may draw: any format (-1) or one; decode batches only. */
+typedef struct case_filter {
+  int format;
+  int decode_only;
+} case_filter;
+
 /* One random case: a format, a layout, a dtype, heads, an option mix and a batch, with its data. */
-static kvattn_status gen_case(attn_case *c, rng *r, int gpu) {
+static kvattn_status gen_case(attn_case *c, rng *r, int gpu, const case_filter *filter) {
   memset(c, 0, sizeof *c);
   kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
   static const int groups[] = {1, 2, 4, 8}, gpu_dims[] = {64, 128, 256}, cpu_dims[] = {8, 40, 64, 128};
@@ -1396,6 +1415,8 @@ static kvattn_status gen_case(attn_case *c, rng *r, int gpu) {
   uint64_t offset = rng_chance(r, 0.2) ? 256 : 0;
   double u = rng_uniform(r);
   c->format = u < 0.5 ? KVATTN_FORMAT_PAGED : u < 0.75 ? KVATTN_FORMAT_RAGGED : KVATTN_FORMAT_BLOCK_SPARSE;
+  if (filter->format >= 0) c->format = filter->format;
+  if (filter->decode_only) c->format = KVATTN_FORMAT_PAGED;
   int H = d.num_kv_heads, D = d.head_dim;
   int64_t mask_bits = 0;
   int64_t *qo_len = NULL, *kv_len = NULL;
@@ -1403,7 +1424,7 @@ static kvattn_status gen_case(attn_case *c, rng *r, int gpu) {
 
   if (c->format != KVATTN_FORMAT_BLOCK_SPARSE) {
     int n = rng_chance(r, 0.03) ? 0 : (int)rng_int(r, 1, 6);
-    int decode = c->format == KVATTN_FORMAT_PAGED && rng_chance(r, 0.35);
+    int decode = c->format == KVATTN_FORMAT_PAGED && (rng_chance(r, 0.35) || filter->decode_only);
     c->batch_size = c->rows = n;
     qo_len = calloc(n + 1, sizeof(int64_t));
     kv_len = calloc(n + 1, sizeof(int64_t));
@@ -1574,7 +1595,7 @@ typedef struct skip_reason {
 } skip_reason;
 
 static int cmd_check(int argc, char **argv) {
-  int backend = KVATTN_BACKEND_AUTO, verbose = 0;
+  int backend = KVATTN_BACKEND_AUTO, verbose = 0, format = 0, decode_only = 0;
   int64_t cases = 100, seed = 1, threads = 0, only = -1;
   opt_def defs[] = {
       {"--cases", OPT_INT, &cases, 1, 100000000, NULL, "number of random cases (default 100)", 0},
@@ -1582,6 +1603,8 @@ static int cmd_check(int argc, char **argv) {
       {"--backend", OPT_CHOICE, &backend, 0, 0, BACKENDS, "backend under test (default auto)", 0},
       {"--threads", OPT_INT, &threads, 0, 4096, NULL, "CPU worker threads (default 0: one per core)", 0},
       {"--only", OPT_INT, &only, 0, 100000000, NULL, "run only case N of the sweep (to reproduce a failure)", 0},
+      {"--format", OPT_CHOICE, &format, 0, 0, "any|paged|ragged|bsr", "draw only this KV format (default any)", 0},
+      {"--decode", OPT_FLAG, &decode_only, 0, 0, NULL, "draw only decode batches (paged, one query token each)", 0},
       {"--verbose", OPT_FLAG, &verbose, 0, 0, NULL, "print every case and its error", 0},
   };
   int ndefs = (int)(sizeof defs / sizeof defs[0]);
@@ -1617,7 +1640,8 @@ static int cmd_check(int argc, char **argv) {
   for (int64_t i = first; i < last; i++) {
     rng r = {(uint64_t)seed * 0x100000001B3ull + (uint64_t)i};
     attn_case c;
-    kvattn_status s = gen_case(&c, &r, gpu);
+    case_filter filter = {format - 1, decode_only};
+    kvattn_status s = gen_case(&c, &r, gpu, &filter);
     if (s) {
       rc = library_error("building a case", s);
       case_free(&c);
@@ -1664,8 +1688,12 @@ static int cmd_check(int argc, char **argv) {
     if (line[0]) {
       if (tty) fprintf(stderr, "\r%-120s\r", "");
       printf("%s\n", line);
-      if (strstr(line, "FAILED"))
-        printf("  reproduce: kvattn check --backend %s --seed %" PRId64 " --only %" PRId64 "\n", backend_name(actual), seed, i);
+      if (strstr(line, "FAILED")) {
+        char fmt[16];
+        printf("  reproduce: kvattn check --backend %s --seed %" PRId64 " --only %" PRId64 "%s%s%s\n", backend_name(actual),
+               seed, i, format ? " --format " : "", format ? choice_name("any|paged|ragged|bsr", format, fmt, sizeof fmt) : "",
+               decode_only ? " --decode" : "");
+      }
       fflush(stdout);
     }
     case_free(&c);
@@ -1673,6 +1701,8 @@ static int cmd_check(int argc, char **argv) {
   if (tty) fprintf(stderr, "\r%-120s\r", "");
   char info[512];
   context_summary(ctx, info, sizeof info);
+  char *semi = strchr(info, ';'); /* the backend and its threads or GPU; the rest is in `kvattn info` */
+  if (semi) *semi = 0;
   printf("check: %" PRId64 " cases on %s in %.1f s: %" PRId64 " passed, %" PRId64 " failed, %" PRId64 " skipped\n",
          last - first, info, (now_us() - t_start) / 1e6, passed, failed, skipped);
   printf("  worst max rel err: %.2e (f16/bf16, tolerance 1e-2), %.2e (f32, tolerance 1e-5; 1e-4 with RoPE)\n",
@@ -1832,7 +1862,7 @@ static int cmd_bench(int argc, char **argv) {
   if ((s = paged_cache_build(&pc, &r, 0, op != 2))) goto lib_failed;
 
   double plan_us = 0, run_us = 0, bytes = 0, flops = 0, check_err = 0;
-  int inner = 1, check_pass = -1;
+  int inner = 1, check_pass = -1, rotations = 1;
   char check_note[1300] = "";
   if (op != 2) {
     kvattn_attention_desc desc = make_desc((int)qo_heads, (int)kv_heads, (int)head_dim, dtype, causal);
@@ -1840,11 +1870,37 @@ static int cmd_bench(int argc, char **argv) {
     if ((s = case_from_cache(&c, &pc, reqs, (int)batch, op == 0, &desc, &r))) goto lib_failed;
     c.want_lse = 0; /* what serving decode asks for */
     TRY_GOTO(tensor_upload(&c.out), s, lib_failed);
+    if (g_dev.cuda) { /* back-to-back runs cycle over copies of the cache that together exceed 4 x L2 */
+      int l2 = 0;
+      if (g_dev.api->cuDeviceGetAttribute(&l2, 38 /* CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE */, ctx->gpu->dev) || l2 <= 0)
+        l2 = 64 << 20;
+      double cache_bytes = 2.0 * pc.k.bytes;
+      rotations = (int)fmin(16, ceil(4.0 * l2 / cache_bytes));
+      if (rotations > 1) {
+        c.rot_k = calloc(rotations, sizeof(void *));
+        c.rot_v = calloc(rotations, sizeof(void *));
+        failed = "allocating copies of the cache";
+        if (!c.rot_k || !c.rot_v) {
+          s = set_error(KVATTN_ERROR_OUT_OF_MEMORY, "rotation table");
+          goto lib_failed;
+        }
+        c.rot_k[0] = pc.k.dev;
+        c.rot_v[0] = pc.v.dev;
+        for (int i = 1; i < rotations; i++) {
+          c.rotations = i + 1; /* case_free frees [1, rotations), NULL entries included */
+          TRY_GOTO(dev_alloc(pc.k.bytes, &c.rot_k[i]), s, lib_failed);
+          TRY_GOTO(dev_alloc(pc.v.bytes, &c.rot_v[i]), s, lib_failed);
+          TRY_GOTO(dev_upload(c.rot_k[i], pc.k.host, pc.k.bytes), s, lib_failed);
+          TRY_GOTO(dev_upload(c.rot_v[i], pc.v.host, pc.v.bytes), s, lib_failed);
+        }
+      }
+    }
     exec_result e;
     if (g_dev.cuda) { /* one sample to size the back-to-back runs of a sample to about a millisecond */
       exec_attention(ctx, &desc, &c, 1, &c.out, &c.lse, 1, 1, &e);
       if (e.status) goto exec_failed;
       inner = e.run_us > 0 ? (int)fmin(200, fmax(1, 1000 / e.run_us)) : 1;
+      if (c.rotations > 1 && inner < c.rotations) inner = c.rotations;
     }
     exec_attention(ctx, &desc, &c, 1, &c.out, &c.lse, (int)iters, inner, &e);
     if (e.status) {
@@ -1919,6 +1975,7 @@ static int cmd_bench(int argc, char **argv) {
   if (op != 2) printf("  plan  %10s  (host, median of %" PRId64 ")\n", fmt_time(plan_us, pb, sizeof pb), iters);
   printf("  run   %10s  (median of %" PRId64 " samples%s)\n", fmt_time(run_us, tb, sizeof tb), iters,
          inner > 1 ? ", each the mean of back-to-back runs" : "");
+  if (c.rotations > 1) printf("        the runs cycle over %d copies of the cache (> 4 x L2), as a serving step finds it: cold\n", c.rotations);
   printf("  bytes %10s  %8.2f GB/s\n", fmt_bytes(bytes, bb, sizeof bb), run_us > 0 ? bytes / (run_us * 1e3) : 0);
   if (op != 2) printf("  FLOPs %9.3g  %8.3f TFLOP/s\n", flops, run_us > 0 ? flops / (run_us * 1e6) : 0);
   if (check_pass >= 0)
@@ -1942,7 +1999,8 @@ static int cmd_bench(int argc, char **argv) {
             ", \"dtype\": \"%s\", \"layout\": \"%s\", \"causal\": %s},\n",
             batch, kv_len, op == 0 ? 1 : qo_len, page_size, qo_heads, kv_heads, head_dim, short_dtype(dtype), lay,
             causal ? "true" : "false");
-    fprintf(jf, "  \"iters\": %" PRId64 ",\n  \"runs_per_sample\": %d,\n  \"plan_us\": ", iters, inner);
+    fprintf(jf, "  \"iters\": %" PRId64 ",\n  \"runs_per_sample\": %d,\n  \"cache_copies\": %d,\n  \"plan_us\": ", iters,
+            inner, c.rotations > 1 ? c.rotations : 1);
     if (op != 2) json_number(jf, plan_us);
     else fputs("null", jf);
     fprintf(jf, ",\n  \"run_us\": ");
