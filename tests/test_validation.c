@@ -1477,6 +1477,193 @@ TEST(plan_reads_the_batch_only_during_the_call) {
   CHECK(memcmp(want_lse, got_lse, sizeof want_lse) == 0);
 }
 
+/* The same problem handed over in another valid form must give the same bits. Runs the fixture
+ * as it stands into want_*, lets `change` rewrite the tensors, runs again; on CPU and reference. */
+static void same_bits_after(int *failed_, int format, void (*change)(void)) {
+  static float want_out[5 * QO_HEADS * HEAD_DIM], want_lse[5 * QO_HEADS], got_out[5 * QO_HEADS * HEAD_DIM],
+      got_lse[5 * QO_HEADS];
+  const int backends[] = {KVATTN_BACKEND_CPU, KVATTN_BACKEND_REFERENCE};
+  for (int b = 0; b < 2; b++) {
+    CALL(fx_setup_on(failed_, format, 0, backends[b]));
+    CHECK_OK(fx_plan());
+    CHECK(run_fixture_into(want_out, want_lse));
+    change();
+    CHECK(run_fixture_into(got_out, got_lse));
+    CHECK_MSG(memcmp(want_out, got_out, sizeof want_out) == 0 && memcmp(want_lse, got_lse, sizeof want_lse) == 0,
+              "backend %d: other bits", backends[b]);
+  }
+}
+
+/* K and V as one [pages, 2, page_size, kv_heads, dim] tensor */
+static void to_combined_kv(void) {
+  int64_t shape[] = {NUM_PAGES, 2, PAGE_SIZE, KV_HEADS, HEAD_DIM};
+  tens_alloc(&F.extra, F32, 5, shape);
+  size_t page = PAGE_SIZE * KV_HEADS * HEAD_DIM * sizeof(float);
+  for (int p = 0; p < NUM_PAGES; p++) {
+    memcpy((char *)F.extra.mem + (2 * p) * page, (char *)F.k.mem + p * page, page);
+    memcpy((char *)F.extra.mem + (2 * p + 1) * page, (char *)F.v.mem + p * page, page);
+  }
+  F.kv.k = F.kv.v = NULL;
+  F.kv.kv = &F.extra.t;
+}
+
+/* HND: [pages, kv_heads, page_size, dim] copies of K and V */
+static void to_hnd(void) {
+  int64_t shape[] = {NUM_PAGES, KV_HEADS, PAGE_SIZE, HEAD_DIM};
+  tens *src[] = {&F.k, &F.v};
+  static tens hnd[2];
+  for (int i = 0; i < 2; i++) {
+    tens_alloc(&hnd[i], F32, 4, shape);
+    const float *a = src[i]->mem;
+    float *b = hnd[i].mem;
+    for (int p = 0; p < NUM_PAGES; p++)
+      for (int s = 0; s < PAGE_SIZE; s++)
+        for (int h = 0; h < KV_HEADS; h++)
+          memcpy(b + ((p * KV_HEADS + h) * PAGE_SIZE + s) * HEAD_DIM, a + ((p * PAGE_SIZE + s) * KV_HEADS + h) * HEAD_DIM,
+                 HEAD_DIM * sizeof(float));
+  }
+  F.kv.layout = KVATTN_LAYOUT_HND;
+  F.kv.k = &hnd[0].t;
+  F.kv.v = &hnd[1].t;
+}
+
+/* ragged HND: [kv_heads, tokens, dim] */
+static void to_ragged_hnd(void) {
+  int64_t tokens = F.k.shape[0], shape[] = {KV_HEADS, tokens, HEAD_DIM};
+  tens *src[] = {&F.k, &F.v};
+  static tens hnd[2];
+  for (int i = 0; i < 2; i++) {
+    tens_alloc(&hnd[i], F32, 3, shape);
+    for (int64_t t = 0; t < tokens; t++)
+      for (int h = 0; h < KV_HEADS; h++)
+        memcpy((float *)hnd[i].mem + (h * tokens + t) * HEAD_DIM, (float *)src[i]->mem + (t * KV_HEADS + h) * HEAD_DIM,
+               HEAD_DIM * sizeof(float));
+  }
+  F.kv.layout = KVATTN_LAYOUT_HND;
+  F.kv.k = &hnd[0].t;
+  F.kv.v = &hnd[1].t;
+}
+
+/* K as every other page of a twice-as-big cache (a non-contiguous view), V with head_dim padded */
+static void to_strided_views(void) {
+  int64_t kshape[] = {2 * NUM_PAGES * PAGE_SIZE * KV_HEADS * HEAD_DIM}, vshape[] = {NUM_PAGES * PAGE_SIZE * KV_HEADS * (HEAD_DIM + 3)};
+  static tens big_k, big_v;
+  tens_alloc(&big_k, F32, 1, kshape);
+  tens_alloc(&big_v, F32, 1, vshape);
+  for (size_t i = 0; i < big_k.bytes / 4; i++) ((float *)big_k.mem)[i] = NAN;
+  for (size_t i = 0; i < big_v.bytes / 4; i++) ((float *)big_v.mem)[i] = NAN;
+  size_t page = PAGE_SIZE * KV_HEADS * HEAD_DIM;
+  for (int p = 0; p < NUM_PAGES; p++) memcpy((float *)big_k.mem + 2 * p * page, (float *)F.k.mem + p * page, page * 4);
+  for (int r = 0; r < NUM_PAGES * PAGE_SIZE * KV_HEADS; r++)
+    memcpy((float *)big_v.mem + r * (HEAD_DIM + 3), (float *)F.v.mem + r * HEAD_DIM, HEAD_DIM * 4);
+  F.k.t.data = big_k.mem;
+  const int64_t ks[] = {2 * (int64_t)page, KV_HEADS * HEAD_DIM, HEAD_DIM, 1};
+  memcpy(F.k.strides, ks, sizeof ks);
+  F.k.t.strides = F.k.strides;
+  F.v.t.data = big_v.mem;
+  const int64_t vs[] = {PAGE_SIZE * KV_HEADS * (HEAD_DIM + 3), KV_HEADS * (HEAD_DIM + 3), HEAD_DIM + 3, 1};
+  memcpy(F.v.strides, vs, sizeof vs);
+  F.v.t.strides = F.v.strides;
+}
+
+/* every tensor with explicit compact strides instead of NULL */
+static void to_explicit_strides(void) {
+  tens *all[] = {&F.q, &F.k, &F.v, &F.indices, &F.out, &F.lse};
+  for (int i = 0; i < 6; i++) {
+    tens *x = all[i];
+    int64_t st = 1;
+    for (int d = x->t.ndim - 1; d >= 0; d--) {
+      x->strides[d] = st;
+      st *= x->shape[d];
+    }
+    x->t.strides = x->strides;
+  }
+}
+
+TEST(combined_kv_tensor_gives_the_bits_of_separate_k_and_v) { CALL(same_bits_after(failed_, FX_PAGED, to_combined_kv)); }
+TEST(hnd_layout_gives_the_bits_of_nhd) { CALL(same_bits_after(failed_, FX_PAGED, to_hnd)); }
+TEST(ragged_hnd_layout_gives_the_bits_of_nhd) { CALL(same_bits_after(failed_, FX_RAGGED, to_ragged_hnd)); }
+TEST(non_contiguous_cache_views_give_the_bits_of_compact_ones) {
+  CALL(same_bits_after(failed_, FX_PAGED, to_strided_views));
+}
+TEST(explicit_compact_strides_give_the_bits_of_null_strides) {
+  CALL(same_bits_after(failed_, FX_PAGED, to_explicit_strides));
+  CALL(same_bits_after(failed_, FX_BSR, to_explicit_strides));
+}
+
+TEST(size_one_dimensions_with_odd_strides_run) {
+  /* one decode request: q and out are [1, heads, dim]; their row stride is never stepped over */
+  CALL(fx_setup(failed_, FX_PAGED, 0));
+  F.batch.batch_size = 1;
+  F.batch.qo_indptr = NULL;
+  CHECK_OK(fx_plan());
+  F.q.shape[0] = F.out.shape[0] = F.lse.shape[0] = 1;
+  F.indices.shape[0] = 2;
+  float want_out[QO_HEADS * HEAD_DIM], want_lse[QO_HEADS], got_out[QO_HEADS * HEAD_DIM], got_lse[QO_HEADS];
+  float tmp_out[5 * QO_HEADS * HEAD_DIM], tmp_lse[5 * QO_HEADS];
+  CHECK(run_fixture_into(tmp_out, tmp_lse));
+  memcpy(want_out, tmp_out, sizeof want_out);
+  memcpy(want_lse, tmp_lse, sizeof want_lse);
+  const int64_t odd3[] = {123456789, HEAD_DIM, 1}, odd2[] = {-5, 1};
+  memcpy(F.q.strides, odd3, sizeof odd3);
+  memcpy(F.out.strides, odd3, sizeof odd3);
+  memcpy(F.lse.strides, odd2, sizeof odd2);
+  F.q.t.strides = F.q.strides;
+  F.out.t.strides = F.out.strides;
+  F.lse.t.strides = F.lse.strides;
+  CHECK(run_fixture_into(tmp_out, tmp_lse));
+  memcpy(got_out, tmp_out, sizeof got_out);
+  memcpy(got_lse, tmp_lse, sizeof got_lse);
+  CHECK(memcmp(want_out, got_out, sizeof want_out) == 0);
+  CHECK(memcmp(want_lse, got_lse, sizeof want_lse) == 0);
+}
+
+TEST(lse_may_be_null) {
+  CALL(fx_setup(failed_, FX_PAGED, 0));
+  CHECK_OK(fx_plan());
+  float want_out[5 * QO_HEADS * HEAD_DIM], want_lse[5 * QO_HEADS];
+  CHECK(run_fixture_into(want_out, want_lse));
+  memset(F.out.mem, 0, F.out.bytes);
+  memset(F.lse.mem, 0x5A, F.lse.bytes);
+  CHECK_OK(kvattn_run(F.attn, &F.q.t, &F.kv, NULL, &F.out.t, NULL, NULL));
+  CHECK(memcmp(want_out, F.out.mem, sizeof want_out) == 0);
+  for (size_t i = 0; i < F.lse.bytes; i++) CHECK(((unsigned char *)F.lse.mem)[i] == 0x5A);
+}
+
+/* ---------------------------------------------------------------- skip_validation */
+
+TEST(skip_validation_plans_without_reading_the_indices_and_run_still_refuses_bad_ones) {
+  /* the option skips the plan's O(index arrays) host checks; the CPU kernels still check the
+   * run's index tensor against the cache before reading any page */
+  const int backends[] = {KVATTN_BACKEND_CPU, KVATTN_BACKEND_REFERENCE};
+  for (int b = 0; b < 2; b++) {
+    CALL(fx_setup_on(failed_, FX_PAGED, 0, backends[b]));
+    kvattn_options opt = KVATTN_OPTIONS_INIT;
+    opt.backend = backends[b];
+    opt.skip_validation = 1;
+    kvattn_context *fast = NULL;
+    CHECK_OK(kvattn_context_create(&opt, &fast));
+    kvattn_attention *attn = NULL;
+    kvattn_status s = kvattn_attention_create(fast, &F.desc, &F.bounds, &attn);
+    kvattn_attention_destroy(F.attn);
+    F.attn = attn;
+    kvattn_context_destroy(F.ctx);
+    F.ctx = fast;
+    CHECK_OK(s);
+    /* a good batch: the same bits as with validation */
+    CHECK_OK(fx_plan());
+    float out1[5 * QO_HEADS * HEAD_DIM], lse1[5 * QO_HEADS];
+    CHECK(run_fixture_into(out1, lse1));
+    /* an index past the cache: the plan does not look; the run refuses, writing nothing */
+    F.kv_indices[3] = 1000;
+    ((int32_t *)F.indices.mem)[3] = 1000;
+    memset(F.out.mem, 0xA5, F.out.bytes);
+    memset(F.lse.mem, 0xA5, F.lse.bytes);
+    CHECK_OK(fx_plan());
+    CALL(expect_run_rejected(failed_, KVATTN_ERROR_INVALID_INDEX, "1000"));
+  }
+}
+
 /* ---------------------------------------------------------------- merge_state */
 
 typedef struct merge_fixture {
