@@ -79,3 +79,23 @@ def test_bsr_dense_mask(backend, rng):
     q, k, v, dense, out, lse = bsr_case(rng, backend, M, N, 2, 5, mask=dense_mask, density=0.9)
     ro, rl = R.attention(q, k, v, keep=masks["m"] & dense, q_pos=np.arange(M), kv_pos=np.arange(N))
     assert R.rel_err(out, ro) < 1e-5
+
+
+def test_output_right_after_the_kv_in_memory_is_not_an_overlap(backend, rng):
+    """N not a multiple of C: the last block column is partial. K/V and out placed back to back in
+    one buffer must not be reported as overlapping (the check must use the tensor's own extent, not
+    the block-padded one)."""
+    M, N, R_, C, heads, dim = 4, 13, 4, 3, 1, 8
+    indptr, indices, dense = random_bsr(rng, M, N, R_, C, density=1.0)
+    buf = np.zeros(3 * N * heads * dim + M * heads * dim, np.float32)
+    k = buf[:N * heads * dim].reshape(N, heads, dim)
+    v = buf[N * heads * dim:2 * N * heads * dim].reshape(N, heads, dim)
+    out = buf[3 * N * heads * dim:].reshape(M, heads, dim)  # a gap of N rows after v...
+    k2 = buf[2 * N * heads * dim:3 * N * heads * dim].reshape(N, heads, dim)  # ...holding k2
+    k[:], v[:], k2[:] = (rng.standard_normal((N, heads, dim)) for _ in range(3))
+    q = rng.standard_normal((M, heads, dim)).astype(np.float32)
+    w = kvattn.BlockSparseAttentionWrapper(backend)
+    w.plan(indptr, indices, M, N, R_, C, heads, heads, dim, q_data_type="float32")
+    w.run(q, v, k2, out=out)  # v's padded extent would reach into k2, k2's into out
+    ro, _ = R.attention(q, v, k2, keep=dense, q_pos=np.arange(M), kv_pos=np.arange(N))
+    assert R.rel_err(out, ro) < 1e-5

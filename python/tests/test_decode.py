@@ -181,3 +181,36 @@ def test_indices_buffer_longer_than_the_batch(backend, rng):
     out = w.run(q, (k, v))
     ro, _ = R.paged_attention(q, np.arange(3), k, v, kv_indptr, kv_indices, last, 4)
     assert R.rel_err(out, ro) < 1e-5
+
+
+def test_flashinfer_style_constructor_with_a_workspace_buffer(rng):
+    """Wrapper(workspace_buffer, "NHD") as FlashInfer callers write it: the buffer's device picks
+    the context; kvattn sizes its own workspace."""
+    buf = np.empty(1 << 20, np.uint8)
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(buf, "NHD")
+    assert w.context is kvattn.default_context()
+    out, ro, _ = decode_case(rng, "cpu", [5, 6], 4, 2, 2, 8, return_lse=False)
+    assert R.rel_err(out, ro) < 1e-5
+
+
+def test_context_from_the_index_arrays_when_none_is_given(rng):
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper()
+    assert w.context is None
+    kv_indptr, kv_indices, last, num_pages = R.random_paged_batch(rng, [3], 4)
+    w.plan(kv_indptr, kv_indices, last, 2, 2, 8, 4, q_data_type="float32")
+    assert w.context is kvattn.default_context()  # host arrays: the CPU
+
+
+def test_replanning_with_another_description(backend, rng):
+    """Other heads / dtypes on the same wrapper: a new attention, right results."""
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper(backend)
+    for heads, kv_heads, dim, dtype, tol in [(4, 2, 16, "float32", 1e-5), (8, 8, 32, "float16", 1e-2),
+                                             (4, 1, 16, "float32", 1e-5)]:
+        kv_lens = [7, 19]
+        kv_indptr, kv_indices, last, num_pages = R.random_paged_batch(rng, kv_lens, 4)
+        k, v = make_cache(rng, num_pages, 4, kv_heads, dim, dtype, "NHD")
+        q = rng.standard_normal((2, heads, dim)).astype(dtype)
+        w.plan(kv_indptr, kv_indices, last, heads, kv_heads, dim, 4, q_data_type=dtype)
+        out = w.run(q, (k, v))
+        ro, _ = R.paged_attention(q, np.arange(3), k, v, kv_indptr, kv_indices, last, 4)
+        assert out.dtype == np.dtype(dtype) and R.rel_err(out, ro) < tol

@@ -81,11 +81,24 @@ def test_shared_contexts_are_reused():
 
 
 def test_last_error_after_failure_and_success():
+    import gc
     with pytest.raises(kvattn.Error) as ei:
         kvattn.Context("cpu", num_threads=-5)
-    assert kvattn.last_error() == ei.value.detail != ""
-    kvattn.Context("cpu").info()
-    assert kvattn.last_error() == ""
+    assert "num_threads" in ei.value.detail and "-5" in ei.value.detail
+    # kvattn_last_error() is thread-local and any kvattn call resets it, destructors of collected
+    # objects included: so Error.detail is captured at the failure, and here the collector is held
+    # off to read the C text straight after a failing call.
+    gc.disable()
+    try:
+        opt = _lib.options_init(num_threads=-5)
+        handle = ctypes.c_void_p()
+        st = _lib.lib.kvattn_context_create(ctypes.byref(opt), ctypes.byref(handle))
+        assert st == kvattn.Status.INVALID_ARGUMENT
+        assert kvattn.last_error() == ei.value.detail
+        kvattn.Context("cpu").info()
+        assert kvattn.last_error() == ""
+    finally:
+        gc.enable()
 
 
 def test_library_lookup_order_prefers_the_environment(monkeypatch):
@@ -152,3 +165,22 @@ def test_struct_size_fields_come_from_ctypes():
     assert _lib.bounds_init().struct_size == ctypes.sizeof(_lib.Bounds)
     assert _lib.batch_init().struct_size == ctypes.sizeof(_lib.Batch)
     assert _lib.kv_init().struct_size == ctypes.sizeof(_lib.KV)
+
+
+def test_warmup_fills_the_cache_then_hits_it(tmp_path):
+    """Compile the decode kernels for sm_90a without a GPU (NVRTC only), then find them cached."""
+    try:
+        n, secs = kvattn.warmup(8, 2, 64, arch="sm_90a", q_data_type="float16", cache_dir=tmp_path)
+    except (kvattn.BackendUnavailableError, kvattn.CompileError) as e:
+        pytest.skip("no NVRTC here: %s" % e.detail)
+    assert n >= 1
+    n2, secs2 = kvattn.warmup(8, 2, 64, arch="sm_90a", q_data_type="float16", cache_dir=tmp_path)
+    assert n2 == n and secs2 <= secs
+    info = kvattn.cache_info(tmp_path)
+    assert str(tmp_path) in info and "entries" in info
+
+
+def test_warmup_unknown_arch_is_an_error(tmp_path):
+    with pytest.raises(kvattn.Error) as ei:
+        kvattn.warmup(8, 2, 64, arch="sm_12", cache_dir=tmp_path)
+    assert "sm_12" in ei.value.detail
