@@ -175,17 +175,9 @@ static __device__ __forceinline__ u16 from_f32(float f) {
 #endif
 }
 
-/* The global offset (elements) of token j of the item's KV in a K or V view, through the index. */
-static __device__ __forceinline__ i64 kv_row_offset(const struct prefill_params &p, const struct prefill_item &it, int j,
-                                                    i64 s_page, i64 s_slot, i64 s_head) {
-  int e = it.kv_entry + j / p.page_size;
-  int slot = j - (j / p.page_size) * p.page_size;
-  i64 page = p.indices ? (i64)__ldg(p.indices + e) : (i64)e;
-  return page * s_page + (i64)slot * s_slot + (i64)it.kv_head * s_head;
-}
-
-/* Gather KV_TILE rows [t0, t0 + KV_TILE) of K or V into a swizzled tile; rows at or past `end`
- * become zeros (src_bytes 0: nothing is read). */
+/* Gather KV_TILE rows [t0, t0 + KV_TILE) of K or V into a swizzled tile through the page index
+ * (token j of the item: entry kv_entry + j / page_size, slot j % page_size); rows at or past `end`
+ * become zeros (src_bytes 0: nothing is read). Offsets in int64. */
 static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, const struct prefill_params &p,
                                                     const struct prefill_item &it, int t0, int end, i64 s_page,
                                                     i64 s_slot, i64 s_head) {
@@ -195,8 +187,13 @@ static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, c
     const u16 *src = base;
     int bytes = 0;
     if (j < end) {
-      src = base + kv_row_offset(p, it, j, s_page, s_slot, s_head) + c * 8;
-      bytes = 16;
+      const int e = it.kv_entry + j / p.page_size, slot = j - (j / p.page_size) * p.page_size;
+      const i64 page = p.indices ? (i64)__ldg(p.indices + e) : (i64)e;
+      /* block-sparse: the partial last block column holds no data past the limit (never read) */
+      if (!p.bsr || page * p.page_size + slot < p.kv_token_limit) {
+        src = base + page * s_page + (i64)slot * s_slot + (i64)it.kv_head * s_head + c * 8;
+        bytes = 16;
+      }
     }
     cp_async16(dst + swz(row, c), src, bytes);
   }
