@@ -173,8 +173,14 @@ def borrow(x, name, stream=None, writable=False, same_stream=False):
         same_stream = False  # -1 is torch's promise; other producers get the stream itself
     try:
         capsule = _export(x, dev_type, stream, same_stream)
-    except BufferError as e:  # NumPy refusing read-only data to an old consumer, torch another GPU
-        raise_error(Status.INVALID_ARGUMENT, "%s: the producer refused to export it: %s" % (name, e))
+    except BufferError as e:  # e.g. torch: a tensor on another GPU than the current one
+        hint = ""
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            # NumPy < 2.1 has no versioned DLPack and so cannot flag (hence export) read-only data.
+            hint = " (a read-only NumPy array: NumPy %s cannot export it through DLPack before 2.1; " \
+                   "pass a writable copy, np.array(x))" % np.__version__
+        raise_error(Status.INVALID_ARGUMENT, "%s: the producer refused to export it: %s%s"
+                    % (name, e, hint))
     cname = _pyapi.PyCapsule_GetName(capsule)
     if cname == b"dltensor_versioned":
         addr = _pyapi.PyCapsule_GetPointer(capsule, cname)

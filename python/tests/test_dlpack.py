@@ -53,6 +53,10 @@ def test_old_producer_falls_back_to_the_unversioned_capsule():
     assert b.tensor.data + b.tensor.byte_offset == a.ctypes.data
 
 
+NUMPY_VERSIONED_DLPACK = np.lib.NumpyVersion(np.__version__) >= "2.1.0"
+
+
+@pytest.mark.skipif(not NUMPY_VERSIONED_DLPACK, reason="NumPy < 2.1 exports no versioned capsule")
 def test_versioned_capsule_reports_read_only():
     a = np.zeros((2, 2), dtype=np.float32)
     a.flags.writeable = False
@@ -120,3 +124,12 @@ def test_empty_output_follows_numpy():
     with pytest.raises(kvattn.InvalidDtypeError) as ei:
         _tensor.empty(np.zeros(1, np.float32), (2,), "bfloat16")
     assert "NumPy has no bfloat16" in ei.value.detail
+
+
+@pytest.mark.skipif(NUMPY_VERSIONED_DLPACK, reason="only NumPy < 2.1 refuses read-only arrays")
+def test_old_numpy_read_only_array_gets_a_clear_message():
+    a = np.zeros((2, 2), dtype=np.float32)
+    a.flags.writeable = False
+    with pytest.raises(kvattn.InvalidArgumentError) as ei:
+        _tensor.borrow(a, "q")
+    assert "read-only NumPy array" in ei.value.detail and "np.array(x)" in ei.value.detail
