@@ -263,6 +263,7 @@ static kvattn_status check_kv(const kvattn_attention *a, const kvattn_kv *kv, ru
   int P = bv->page_size;
   int64_t Hk = d->num_kv_heads, D = d->head_dim;
   tview k, v;
+  tview k_span, v_span; /* the tensors as given, for the aliasing checks */
 
   if (bv->format == KVATTN_FORMAT_PAGED) {
     RETURN_IF(!((kv->k && kv->v && !kv->kv) || (!kv->k && !kv->v && kv->kv)), KVATTN_ERROR_INVALID_ARGUMENT,
@@ -308,6 +309,8 @@ static kvattn_status check_kv(const kvattn_attention *a, const kvattn_kv *kv, ru
         t->shape[2] = n1;
       }
     }
+    k_span = k;
+    v_span = v;
     RETURN_IF(bv->num_pages > 0 && k.shape[0] < bv->num_pages, KVATTN_ERROR_INVALID_SHAPE,
               "kvattn_run: the cache has %lld pages but the plan's batch.num_pages=%lld", (long long)k.shape[0],
               (long long)bv->num_pages);
@@ -325,6 +328,10 @@ static kvattn_status check_kv(const kvattn_attention *a, const kvattn_kv *kv, ru
     sp.name = "kv.v";
     sp.shape[hnd ? 1 : 0] = k3.shape[hnd ? 1 : 0];
     TRY(tensor_check(kv->v, &sp, &v3));
+    /* the 4-d view below rounds the tokens up to whole blocks of P: its span would reach past the
+     * tensors, so aliasing is judged on the tensors themselves */
+    k_span = k3;
+    v_span = v3;
     int tok = hnd ? 1 : 0, head = hnd ? 0 : 1;
     int64_t tokens = k3.shape[tok];
     if (bv->format == KVATTN_FORMAT_RAGGED) {
@@ -350,6 +357,11 @@ static kvattn_status check_kv(const kvattn_attention *a, const kvattn_kv *kv, ru
       dst->stride[3] = src->stride[2];
     }
   }
+  /* Outputs may not alias the cache: the kernels read KV after writing earlier rows. */
+  RETURN_IF(tview_overlap(&rt->out, &k_span) || tview_overlap(&rt->out, &v_span), KVATTN_ERROR_INVALID_ARGUMENT,
+            "kvattn_run: out overlaps the KV cache");
+  RETURN_IF(tview_overlap(&rt->lse, &k_span) || tview_overlap(&rt->lse, &v_span), KVATTN_ERROR_INVALID_ARGUMENT,
+            "kvattn_run: lse overlaps the KV cache");
   TRY(gpu_vector_layout(a, "kv.k", &k));
   TRY(gpu_vector_layout(a, "kv.v", &v));
   rt->k = k;
@@ -420,14 +432,10 @@ kvattn_status run_tensors_check(const kvattn_attention *a, const DLTensor *q, co
               "kvattn_run: custom_mask is given but desc.custom_mask=0 (create the attention with custom_mask=1)");
   }
 
-  /* Outputs may not alias inputs: the kernels read KV after writing earlier rows. */
+  /* Outputs may not alias inputs (the KV cache: see check_kv). */
   RETURN_IF(tview_overlap(&rt->out, &rt->q), KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_run: out overlaps q");
-  RETURN_IF(tview_overlap(&rt->out, &rt->k) || tview_overlap(&rt->out, &rt->v), KVATTN_ERROR_INVALID_ARGUMENT,
-            "kvattn_run: out overlaps the KV cache");
   RETURN_IF(tview_overlap(&rt->lse, &rt->out) || tview_overlap(&rt->lse, &rt->q), KVATTN_ERROR_INVALID_ARGUMENT,
             "kvattn_run: lse overlaps out or q");
-  RETURN_IF(tview_overlap(&rt->lse, &rt->k) || tview_overlap(&rt->lse, &rt->v), KVATTN_ERROR_INVALID_ARGUMENT,
-            "kvattn_run: lse overlaps the KV cache");
   /* The page table and the mask are read while rows are written: writing them would send later
    * reads anywhere. */
   RETURN_IF(tview_overlap(&rt->out, &rt->indices) || tview_overlap(&rt->lse, &rt->indices),

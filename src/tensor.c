@@ -196,6 +196,17 @@ kvattn_status tensor_check(const DLTensor *t, const tensor_spec *sp, tview *out)
   for (int i = 0; i < t->ndim; i++)
     RETURN_IF(t->shape[i] > 1 && out->stride[i] == 0 && numel > 0, KVATTN_ERROR_INVALID_STRIDE,
               "%s: %s.strides[%d]=0 over a dimension of size %lld", sp->fn, sp->name, i, (long long)t->shape[i]);
+  /* The farthest element, sum (shape-1)*stride elements, must be addressable in int64 bytes: a
+   * stride past that is never a real view, and the address arithmetic would overflow. */
+  if (numel > 0) {
+    int64_t es = dtype_size(t->dtype) ? (int64_t)dtype_size(t->dtype) : 1, reach = 0;
+    for (int i = 0; i < t->ndim; i++) {
+      int64_t n = out->shape[i] - 1;
+      RETURN_IF(n > 0 && out->stride[i] > (INT64_MAX / es - reach) / n, KVATTN_ERROR_INVALID_STRIDE,
+                "%s: %s.strides[%d]=%lld reaches past 2^63 bytes", sp->fn, sp->name, i, (long long)out->stride[i]);
+      reach += n * out->stride[i];
+    }
+  }
   if (numel == 0) {
     out->data = t->data ? (char *)t->data + t->byte_offset : NULL;
     return KVATTN_SUCCESS;

@@ -400,6 +400,32 @@ TEST(tensor_check_statuses) {
   CHECK(strstr(kvattn_last_error(), "x.data is NULL for a tensor of 24 elements"));
 }
 
+TEST(strides_reaching_past_2_to_the_63_bytes_are_invalid_stride) {
+  /* such a stride is never a real view, and the address arithmetic would overflow int64 */
+  int64_t shape[] = {5, 4, 8}, st[] = {(int64_t)1 << 62, 8, 1};
+  tensor_spec sp = spec3(5, 4, 8);
+  tview v;
+  DLTensor t = tensor3(shape, st);
+  CHECK_STATUS(tensor_check(&t, &sp, &v), KVATTN_ERROR_INVALID_STRIDE);
+  CHECK(strstr(kvattn_last_error(), "x.strides[0]=4611686018427387904 reaches past 2^63 bytes"));
+  /* the sum over dimensions counts too, and the element size */
+  int64_t st2[] = {(int64_t)1 << 59, (int64_t)1 << 59, 1};
+  t = tensor3(shape, st2);
+  CHECK_STATUS(tensor_check(&t, &sp, &v), KVATTN_ERROR_INVALID_STRIDE);
+  /* the largest addressable reach still passes: 4 * (INT64_MAX/4/4) bytes over dimension 0 */
+  int64_t shape1[] = {5, 1, 1}, st3[] = {INT64_MAX / 4 / 4, 1, 1};
+  t = tensor3(shape1, st3);
+  tensor_spec sp1 = spec3(5, 1, 1);
+  CHECK_OK(tensor_check(&t, &sp1, &v));
+  st3[0] += 1;
+  CHECK_STATUS(tensor_check(&t, &sp1, &v), KVATTN_ERROR_INVALID_STRIDE);
+  /* a huge stride over a size-1 dimension is never stepped over: fine */
+  int64_t shape2[] = {1, 4, 8}, st4[] = {INT64_MAX, 8, 1};
+  t = tensor3(shape2, st4);
+  tensor_spec sp2 = spec3(1, 4, 8);
+  CHECK_OK(tensor_check(&t, &sp2, &v));
+}
+
 TEST(devices_host_specs_take_cpu_and_pinned_memory_only) {
   int64_t shape[] = {2, 3, 4};
   tensor_spec sp = spec3(2, 3, 4);

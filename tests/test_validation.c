@@ -1084,6 +1084,22 @@ TEST(run_k_negative_page_stride_is_invalid_stride) {
   CALL(planned_run_rejected(failed_, KVATTN_ERROR_INVALID_STRIDE, "kv.k.strides[0]=-64 is negative"));
 }
 
+TEST(run_q_stride_overflowing_the_address_space_is_invalid_stride) {
+  CALL(fx_setup(failed_, FX_PAGED, 0));
+  const int64_t st[] = {(int64_t)1 << 62, HEAD_DIM, 1};
+  memcpy(F.q.strides, st, sizeof st);
+  F.q.t.strides = F.q.strides;
+  CALL(planned_run_rejected(failed_, KVATTN_ERROR_INVALID_STRIDE, "q.strides[0]=4611686018427387904 reaches past"));
+}
+
+TEST(run_k_strides_summing_past_the_address_space_is_invalid_stride) {
+  CALL(fx_setup(failed_, FX_PAGED, 0));
+  const int64_t st[] = {(int64_t)1 << 58, (int64_t)1 << 58, (int64_t)1 << 58, 1};
+  memcpy(F.k.strides, st, sizeof st);
+  F.k.t.strides = F.k.strides;
+  CALL(planned_run_rejected(failed_, KVATTN_ERROR_INVALID_STRIDE, "kv.k.strides"));
+}
+
 TEST(run_out_zero_stride_over_heads_is_invalid_stride) {
   CALL(fx_setup(failed_, FX_PAGED, 0));
   const int64_t st[] = {QO_HEADS * HEAD_DIM, 0, 1};
@@ -1628,6 +1644,31 @@ TEST(lse_may_be_null) {
   CHECK_OK(kvattn_run(F.attn, &F.q.t, &F.kv, NULL, &F.out.t, NULL, NULL));
   CHECK(memcmp(want_out, F.out.mem, sizeof want_out) == 0);
   for (size_t i = 0; i < F.lse.bytes; i++) CHECK(((unsigned char *)F.lse.mem)[i] == 0x5A);
+}
+
+TEST(bsr_out_right_after_a_cache_with_a_partial_last_block_is_not_aliasing) {
+  /* 10 KV tokens in blocks of 4: the last block is partial. out and lse placed right after K and V
+   * in one buffer touch no byte of them, and must be accepted (and give the same bits). */
+  CALL(fx_setup(failed_, FX_BSR, 0));
+  CHECK_OK(fx_plan());
+  float want_out[5 * QO_HEADS * HEAD_DIM], want_lse[5 * QO_HEADS], got_out[5 * QO_HEADS * HEAD_DIM],
+      got_lse[5 * QO_HEADS];
+  CHECK(run_fixture_into(want_out, want_lse));
+  int64_t n[] = {(int64_t)((2 * F.k.bytes + F.out.bytes + F.lse.bytes) / 4)};
+  tens_alloc(&F.extra, F32, 1, n);
+  char *arena = F.extra.mem;
+  memcpy(arena, F.k.mem, F.k.bytes);
+  memcpy(arena + F.k.bytes + F.out.bytes, F.v.mem, F.v.bytes);
+  F.k.t.data = arena;                                           /* K, then out, then V, then lse */
+  F.out.t.data = arena + F.k.bytes;
+  F.v.t.data = arena + F.k.bytes + F.out.bytes;
+  F.lse.t.data = arena + 2 * F.k.bytes + F.out.bytes;
+  kvattn_status s = fx_run();
+  CHECK_OK(s);
+  memcpy(got_out, arena + F.k.bytes, sizeof got_out);
+  memcpy(got_lse, arena + 2 * F.k.bytes + F.out.bytes, sizeof got_lse);
+  CHECK(memcmp(want_out, got_out, sizeof want_out) == 0);
+  CHECK(memcmp(want_lse, got_lse, sizeof want_lse) == 0);
 }
 
 /* ---------------------------------------------------------------- skip_validation */
