@@ -145,6 +145,7 @@ struct prefill_params {
   float soft_cap;
   int window_left;
   int page_size;
+  int page_shift;     /* log2(page_size) when a power of two, else -1 */
   int bsr;            /* 1: block-sparse positions */
   long long kv_token_limit;
 };
@@ -175,6 +176,17 @@ static __device__ __forceinline__ u16 from_f32(float f) {
 #endif
 }
 
+/* Token j of a request -> (its page's entry offset, slot); a shift for power-of-two page sizes. */
+static __device__ __forceinline__ void page_split(const struct prefill_params &p, int j, int *entry, int *slot) {
+  if (p.page_shift >= 0) {
+    *entry = j >> p.page_shift;
+    *slot = j & (p.page_size - 1);
+  } else {
+    *entry = j / p.page_size;
+    *slot = j - *entry * p.page_size;
+  }
+}
+
 /* Gather KV_TILE rows [t0, t0 + KV_TILE) of K or V into a swizzled tile through the page index
  * (token j of the item: entry kv_entry + j / page_size, slot j % page_size); rows at or past `end`
  * become zeros (src_bytes 0: nothing is read). Offsets in int64. */
@@ -187,7 +199,9 @@ static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, c
     const u16 *src = base;
     int bytes = 0;
     if (j < end) {
-      const int e = it.kv_entry + j / p.page_size, slot = j - (j / p.page_size) * p.page_size;
+      int e, slot;
+      page_split(p, j, &e, &slot);
+      e += it.kv_entry;
       const i64 page = p.indices ? (i64)__ldg(p.indices + e) : (i64)e;
       /* block-sparse: the partial last block column holds no data past the limit (never read) */
       if (!p.bsr || page * p.page_size + slot < p.kv_token_limit) {
@@ -203,9 +217,9 @@ static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, c
 static __device__ __forceinline__ long long kv_position(const struct prefill_params &p, const struct prefill_item &it,
                                                         int j) {
   if (!p.bsr) return j;
-  int e = it.kv_entry + j / p.page_size;
-  int slot = j - (j / p.page_size) * p.page_size;
-  return (long long)__ldg(p.indices + e) * p.page_size + slot;
+  int e, slot;
+  page_split(p, j, &e, &slot);
+  return (long long)__ldg(p.indices + it.kv_entry + e) * p.page_size + slot;
 }
 
 #if ROPE

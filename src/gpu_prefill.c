@@ -45,6 +45,7 @@ typedef struct prefill_params {
   float soft_cap;
   int32_t window_left;
   int32_t page_size;
+  int32_t page_shift;
   int32_t bsr;
   long long kv_token_limit;
 } prefill_params;
@@ -340,6 +341,10 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
   pp.soft_cap = a->desc.logits_soft_cap;
   pp.window_left = a->desc.window_left;
   pp.page_size = p->page_size;
+  pp.page_shift = -1;
+  if (p->page_size > 0 && (p->page_size & (p->page_size - 1)) == 0)
+    for (pp.page_shift = 0; (1 << pp.page_shift) < p->page_size; pp.page_shift++) {
+    }
   pp.bsr = bv->bsr_positions;
   pp.kv_token_limit = bv->kv_token_limit;
 

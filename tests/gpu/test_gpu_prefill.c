@@ -293,9 +293,9 @@ TEST(graph_replays_fifty_varlen_batches) {
   CUstream st;
   CHECK(stream_create(&st, 1) == 0);
 
-  /* bounds: 6 requests, 400 query tokens, 1200 pages of 16; fixed device buffers sized to them */
+  /* bounds: 6 requests, 400 query tokens, 300 pages of 16; fixed device buffers sized to them */
   const int B = 6, QMAX = 400, Hq = 8, Hk = 2, D = 128, P = 16;
-  const int64_t PAGES = 1200;
+  const int64_t PAGES = 300;
   kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
   d.num_qo_heads = Hq, d.num_kv_heads = Hk, d.head_dim = D;
   d.q_dtype = d.kv_dtype = d.o_dtype = TDT_BF16;

@@ -1,0 +1,264 @@
+"""Side-by-side prefill / append benchmark: kvattn vs FlashInfer (fa2 and fa3 backends) vs PyTorch
+SDPA (flash and cuDNN back ends, dense), in one run on one GPU.
+
+Workloads (Llama-3.1-8B attention: 32 query heads, 8 KV heads, head_dim 128, bf16): causal and
+full 16x1024, 4x4096, 1x16384 over paged KV (page 16 and page 1) and ragged KV; append of 128 and
+512 query tokens onto caches of 4k-16k tokens. TFLOP/s counts the visible (query, key) pairs
+exactly (causal: bottom-right aligned, about half), 4 * heads * head_dim FLOPs each; the fraction
+is of the bf16 matrix-product rate measured in the same run.
+
+Timing: CUDA events around each call after warm-up, the median of repeats; each timed call is
+preceded by nothing else (the inputs of these shapes exceed L2 many times over or are
+compute-bound). Each peer's output is compared with kvattn's (relative error) so a wrong fast
+number shows.
+
+Usage: KVATTN_LIBRARY=build/libkvattn.so python3 bench/prefill.py [--out DIR] [--quick]
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+HQ, HK, D = 32, 8, 128
+DT = torch.bfloat16
+
+
+def median_ms(fn, warmup=3, reps=15):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def bf16_ceiling():
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=DT)
+    b = torch.randn(n, n, device="cuda", dtype=DT)
+    ms = median_ms(lambda: torch.mm(a, b), warmup=3, reps=10)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def visible_pairs(qo, kv, causal):
+    if not causal:
+        return qo * kv
+    # row r (0-based) sees kv - qo + r + 1 keys, clamped to [0, kv]
+    total = 0
+    for r in range(qo):
+        total += max(0, min(kv, kv - qo + r + 1))
+    return total
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class Workload:
+    def __init__(self, name, qo_lens, kv_lens, causal):
+        self.name, self.qo_lens, self.kv_lens, self.causal = name, qo_lens, kv_lens, causal
+        self.pairs = sum(visible_pairs(q, k, causal) for q, k in zip(qo_lens, kv_lens))
+        self.flops = 4.0 * HQ * D * self.pairs
+
+    def tensors(self, page_size, seed=0):
+        """q [tokens, HQ, D]; ragged k/v [kv_tokens, HK, D]; paged caches [pages, P, HK, D] holding
+        the same keys; index arrays."""
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        dev = "cuda"
+        qo_indptr = [0]
+        kv_indptr = [0]
+        for q, k in zip(self.qo_lens, self.kv_lens):
+            qo_indptr.append(qo_indptr[-1] + q)
+            kv_indptr.append(kv_indptr[-1] + k)
+        q = torch.randn(qo_indptr[-1], HQ, D, device=dev, dtype=DT, generator=g)
+        k = torch.randn(kv_indptr[-1], HK, D, device=dev, dtype=DT, generator=g)
+        v = torch.randn(kv_indptr[-1], HK, D, device=dev, dtype=DT, generator=g)
+        P = page_size
+        pages_per = [(k_ + P - 1) // P for k_ in self.kv_lens]
+        page_indptr = [0]
+        for n in pages_per:
+            page_indptr.append(page_indptr[-1] + n)
+        npages = page_indptr[-1]
+        kc = torch.zeros(npages, P, HK, D, device=dev, dtype=DT)
+        vc = torch.zeros(npages, P, HK, D, device=dev, dtype=DT)
+        last = []
+        for i, kl in enumerate(self.kv_lens):
+            n = pages_per[i]
+            pad = n * P - kl
+            src_k = torch.cat([k[kv_indptr[i]:kv_indptr[i + 1]], k.new_zeros(pad, HK, D)])
+            src_v = torch.cat([v[kv_indptr[i]:kv_indptr[i + 1]], v.new_zeros(pad, HK, D)])
+            kc[page_indptr[i]:page_indptr[i + 1]] = src_k.view(n, P, HK, D)
+            vc[page_indptr[i]:page_indptr[i + 1]] = src_v.view(n, P, HK, D)
+            last.append(kl - (n - 1) * P if n else 1)
+        i32 = dict(dtype=torch.int32, device=dev)
+        return dict(q=q, k=k, v=v, kc=kc, vc=vc,
+                    qo_indptr=torch.tensor(qo_indptr, **i32), kv_indptr=torch.tensor(kv_indptr, **i32),
+                    page_indptr=torch.tensor(page_indptr, **i32),
+                    page_indices=torch.arange(npages, **i32), last=torch.tensor(last, **i32))
+
+
+def run_kvattn(w, t, fmt, P):
+    import kvattn
+    if fmt == "ragged":
+        wr = kvattn.BatchPrefillWithRaggedKVCacheWrapper("cuda", "NHD")
+        wr.plan(t["qo_indptr"], t["kv_indptr"], HQ, HK, D, causal=w.causal, q_data_type=DT, kv_data_type=DT)
+        out = torch.empty_like(t["q"])
+        fn = lambda: wr.run(t["q"], t["k"], t["v"], out=out)
+    else:
+        wr = kvattn.BatchPrefillWithPagedKVCacheWrapper("cuda", "NHD")
+        wr.plan(t["qo_indptr"], t["page_indptr"], t["page_indices"], t["last"], HQ, HK, D, P, causal=w.causal,
+                q_data_type=DT, kv_data_type=DT)
+        out = torch.empty_like(t["q"])
+        fn = lambda: wr.run(t["q"], (t["kc"], t["vc"]), out=out)
+    fn()
+    torch.cuda.synchronize()
+    return fn, out
+
+
+def run_flashinfer(w, t, fmt, P, backend):
+    import flashinfer
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    if fmt == "ragged":
+        wr = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(ws, "NHD", backend=backend)
+        wr.plan(t["qo_indptr"], t["kv_indptr"], HQ, HK, D, causal=w.causal, q_data_type=DT, kv_data_type=DT)
+        fn = lambda: wr.run(t["q"], t["k"], t["v"])
+    else:
+        wr = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
+        wr.plan(t["qo_indptr"], t["page_indptr"], t["page_indices"], t["last"], HQ, HK, D, P, causal=w.causal,
+                q_data_type=DT, kv_data_type=DT)
+        fn = lambda: wr.run(t["q"], (t["kc"], t["vc"]))
+    out = fn()
+    torch.cuda.synchronize()
+    return fn, out
+
+
+def run_sdpa(w, t, backend):
+    """Dense SDPA over equal-length batches (qo == kv), KV heads repeated to 32."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    b, L = len(w.qo_lens), w.qo_lens[0]
+    q = t["q"].view(b, L, HQ, D).transpose(1, 2)
+    k = t["k"].view(b, L, HK, D).repeat_interleave(HQ // HK, dim=2).transpose(1, 2).contiguous()
+    v = t["v"].view(b, L, HK, D).repeat_interleave(HQ // HK, dim=2).transpose(1, 2).contiguous()
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def fn():
+        with sdpa_kernel([be]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=w.causal)
+    out = fn().transpose(1, 2).reshape(-1, HQ, D)
+    torch.cuda.synchronize()
+    return fn, out
+
+
+def workloads(quick):
+    rows = []
+    for causal in (True, False):
+        for b, L in ((16, 1024), (4, 4096), (1, 16384)):
+            rows.append(Workload("%s %dx%d" % ("causal" if causal else "full", b, L), [L] * b, [L] * b, causal))
+    for qo in (128, 512):
+        rows.append(Workload("append %d onto 4k-16k" % qo, [qo] * 4, [4096, 8192, 12288, 16384], True))
+    if quick:
+        rows = [r for r in rows if "16x1024" in r.name or "append 128" in r.name]
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-peers", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    res = {"date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+           "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+    try:
+        import flashinfer
+        res["flashinfer"] = flashinfer.__version__
+    except Exception as e:  # noqa: BLE001
+        res["flashinfer"] = "unavailable: %r" % (e,)
+    ceil = bf16_ceiling()
+    res["bf16_mm_TFLOPs"] = ceil
+    print("device %s, bf16 matmul ceiling %.0f TFLOP/s, flashinfer %s" % (res["device"], ceil, res["flashinfer"]),
+          flush=True)
+    for w in workloads(args.quick):
+        equal = all(q == k for q, k in zip(w.qo_lens, w.kv_lens))
+        for fmt, P in (("paged16", 16), ("paged1", 1), ("ragged", 1)):
+            key = "%s | %s" % (w.name, fmt)
+            row = {"TFLOP": w.flops / 1e12}
+            t = w.tensors(P)
+            ref = None
+            subjects = [("kvattn", lambda: run_kvattn(w, t, fmt, P))]
+            if not args.no_peers:
+                subjects += [("fi_fa2", lambda: run_flashinfer(w, t, fmt, P, "fa2")),
+                             ("fi_fa3", lambda: run_flashinfer(w, t, fmt, P, "fa3"))]
+                if equal and fmt == "ragged":
+                    subjects += [("sdpa_flash", lambda: run_sdpa(w, t, "flash")),
+                                 ("sdpa_cudnn", lambda: run_sdpa(w, t, "cudnn"))]
+            for name, make in subjects:
+                try:
+                    fn, out = make()
+                    ms = median_ms(fn)
+                    tf = w.flops / (ms * 1e-3) / 1e12
+                    entry = {"ms": ms, "TFLOPs": tf, "frac_ceiling": tf / ceil}
+                    if ref is None:
+                        ref = out
+                    else:
+                        entry["relerr_vs_kvattn"] = rel(out, ref)
+                    row[name] = entry
+                except Exception as e:  # noqa: BLE001
+                    row[name] = {"error": "%s: %s" % (type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")}
+                    if name == "kvattn":
+                        traceback.print_exc()
+                torch.cuda.synchronize()
+            if "TFLOPs" in row.get("kvattn", {}):
+                for name in ("fi_fa2", "fi_fa3", "sdpa_flash", "sdpa_cudnn"):
+                    if "TFLOPs" in row.get(name, {}):
+                        row["kvattn"]["ratio_vs_" + name] = row["kvattn"]["TFLOPs"] / row[name]["TFLOPs"]
+            res["rows"][key] = row
+            del t
+            torch.cuda.empty_cache()
+            cells = []
+            for name in ("kvattn", "fi_fa2", "fi_fa3", "sdpa_flash", "sdpa_cudnn"):
+                e = row.get(name)
+                if e is None:
+                    continue
+                cells.append("%s %s" % (name, "%.0f" % e["TFLOPs"] if "TFLOPs" in e else "ERR"))
+            print("%-34s %s" % (key, "  ".join(cells)), flush=True)
+    stamp = datetime.datetime.utcnow().strftime("%Y%m%d-%H%M")
+    path = os.path.join(args.out, "prefill-%s.json" % stamp)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", path)
+    # the table, last
+    print("\n%-34s %8s %8s %8s %8s %8s %6s %7s" % ("workload | format", "kvattn", "fi_fa2", "fi_fa3", "sdpa_fl",
+                                                   "sdpa_cu", "ceil%", "vs fa2"))
+    for key, row in res["rows"].items():
+        def tf(n):
+            e = row.get(n, {})
+            return "%8.0f" % e["TFLOPs"] if "TFLOPs" in e else "%8s" % ("err" if "error" in e else "-")
+        k = row.get("kvattn", {})
+        frac = "%5.0f%%" % (100 * k["frac_ceiling"]) if "frac_ceiling" in k else "     -"
+        r2 = "%7.2f" % k["ratio_vs_fi_fa2"] if "ratio_vs_fi_fa2" in k else "      -"
+        print("%-34s %s %s %s %s %s %s %s" % (key, tf("kvattn"), tf("fi_fa2"), tf("fi_fa3"), tf("sdpa_flash"),
+                                              tf("sdpa_cudnn"), frac, r2))
+
+
+if __name__ == "__main__":
+    main()
