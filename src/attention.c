@@ -155,6 +155,11 @@ KVATTN_API kvattn_status kvattn_plan(kvattn_attention *a, const kvattn_batch *ba
   RETURN_IF(ws->host_bytes < need_host || (need_host && !ws->host), KVATTN_ERROR_WORKSPACE_TOO_SMALL,
             "kvattn_plan: ws.host_bytes=%zu (host=%p) but this attention's bounds need %zu bytes "
             "(kvattn_workspace_size)", ws->host_bytes, ws->host, need_host);
+  /* The plan stores int32/int64 arrays there (and GPU kernels read them with 16-byte loads): a
+   * misaligned base would make every one of those reads misaligned. */
+  RETURN_IF((need_dev && (uintptr_t)ws->device % 16) || (need_host && (uintptr_t)ws->host % 16),
+            KVATTN_ERROR_INVALID_STRIDE, "kvattn_plan: ws.device=%p and ws.host=%p must be 16-byte aligned",
+            ws->device, ws->host);
 
   batch_view bv;
   int skip = a->ctx->skip_validation;

@@ -814,6 +814,16 @@ TEST(plan_workspace_null_device_is_workspace_too_small) {
   CALL(fresh_plan_rejected(failed_, KVATTN_ERROR_WORKSPACE_TOO_SMALL, "kvattn_workspace_size"));
 }
 
+TEST(plan_misaligned_workspace_is_invalid_stride) {
+  /* the plan stores int32/int64 arrays in the workspace: its base must be 16-byte aligned */
+  CALL(fx_setup(failed_, FX_PAGED, 0));
+  F.ws.device = (char *)F.ws_mem + 4;
+  F.ws.device_bytes = F.ws_need;
+  CALL(fresh_plan_rejected(failed_, KVATTN_ERROR_INVALID_STRIDE, "must be 16-byte aligned"));
+  F.ws.device = (char *)F.ws_mem + 16; /* 16 is enough (the tracked tail has room) */
+  CHECK_OK(fx_plan());
+}
+
 TEST(plan_workspace_null_is_invalid_argument) {
   CALL(fx_setup(failed_, FX_PAGED, 0));
   snapshot();
