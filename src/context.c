@@ -59,7 +59,9 @@ KVATTN_API kvattn_status kvattn_context_create(const kvattn_options *opt_in, kva
     }
     if (opt.backend == KVATTN_BACKEND_CUDA) {
       free(ctx);
-      return s; /* the error text says why */
+      char why[900]; /* the error text says why; name the function in front of it */
+      snprintf(why, sizeof why, "%s", kvattn_last_error());
+      return set_error(s, FN ": options.backend=CUDA (device %d): %s", opt.device_id, why);
     }
     snprintf(gpu_why, sizeof gpu_why, "%s", kvattn_last_error());
     ctx->gpu = NULL;

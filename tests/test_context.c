@@ -107,6 +107,7 @@ TEST(cuda_context_without_a_gpu_is_backend_unavailable) {
   const char *why = kvattn_last_error();
   fprintf(stderr, "  message: %s\n", why);
   CHECK(strlen(why) > 10);
+  CHECK(strstr(why, "kvattn_context_create") != NULL);
 }
 
 TEST(cuda_context_with_a_gpu_runs_on_it) {

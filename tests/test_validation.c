@@ -2197,6 +2197,38 @@ TEST(edge_page_tail_garbage_is_not_read) {
   }
 }
 
+TEST(edge_decode_and_prefill_of_one_row_agree) {
+  /* RELIABILITY.md class 4: a one-row request must give the same answer whether the batch is
+   * given as decode (qo_indptr NULL) or as prefill with qo_len 1, empty requests included (those
+   * exactly: o = 0, lse = -inf) */
+  const int32_t qo[] = {0, 1, 2, 3, 4}, kv[] = {0, 2, 2, 5, 6}, last[] = {1, 0, 4, 3}, ix[] = {6, 2, 0, 1, 5, 3};
+  for (int b = 0; b < 2; b++) {
+    int backend = b ? KVATTN_BACKEND_REFERENCE : KVATTN_BACKEND_CPU;
+    edge dec = {.backend = backend, .batch = 4, .page_size = 4, .kv_indptr = kv, .last = last, .pages = 7};
+    CHECK_OK(edge_run(&dec, ix));
+    CHECK(edge_rows_defined(&dec));
+    float da[4 * QO_HEADS * HEAD_DIM], la[4 * QO_HEADS], dp[4 * QO_HEADS * HEAD_DIM], lp[4 * QO_HEADS];
+    memcpy(da, dec.out.mem, sizeof da);
+    memcpy(la, dec.lse.mem, sizeof la);
+    /* the same inputs as prefill: the copy shares dec's tensors (and so its output buffers) */
+    edge pre = dec;
+    pre.qo_indptr = qo;
+    CHECK_OK(edge_run(&pre, ix));
+    CHECK(edge_rows_defined(&pre));
+    memcpy(dp, pre.out.mem, sizeof dp);
+    memcpy(lp, pre.lse.mem, sizeof lp);
+    double worst = 0;
+    for (int i = 0; i < 4 * QO_HEADS * HEAD_DIM; i++) worst = fmax(worst, fabs((double)da[i] - dp[i]));
+    for (int i = 0; i < 4 * QO_HEADS; i++) {
+      if (isinf(la[i]) || isinf(lp[i])) CHECK(la[i] == lp[i]);
+      else worst = fmax(worst, fabs((double)la[i] - lp[i]));
+    }
+    for (int x = 0; x < QO_HEADS * HEAD_DIM; x++) CHECK(dp[QO_HEADS * HEAD_DIM + x] == 0.0f); /* request 1 */
+    edge_free(&dec);
+    CHECK_MSG(worst < 1e-6, "backend %d: decode vs prefill differ by %g", backend, worst);
+  }
+}
+
 TEST(edge_one_huge_request_among_tiny_ones) {
   /* 128k tokens in one request beside five of 1..5 tokens; page_size 16 */
   enum { HUGE_PAGES = 8192 };
