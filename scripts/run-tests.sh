@@ -78,10 +78,19 @@ count_ctest() {
     }' "$log"
 }
 
+# The slowest tests of one ctest run (the 20-minute CI budget is spent here first).
+slowest_ctest() {
+  local log=$1/Testing/Temporary/LastTest.log
+  [ -f "$log" ] || return 0
+  awk '/^[0-9]+\/[0-9]+ Test: / { name = $3 } /^Test time = / { printf "%8.1f s  %s\n", $4, name }' "$log" |
+    sort -rn | head -5 | sed 's/^/  slowest: /'
+}
+
 # --------------------------------------------------------------------------------------------
 phase_begin "C tests (ctest, $BUILD/)"
 if cmake --build "$BUILD" -j "$JOBS" >"$LOGDIR/build.log" 2>&1; then
   ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS"
+  slowest_ctest "$BUILD"
   read -r p f < <(count_ctest "$BUILD")
   phase_end "$p" "$f"
 else
@@ -124,6 +133,7 @@ else
     # The GPU tests (label gpu: tests/gpu/) are left out: ASan does not see device memory, and the CUDA driver
     # does not run cleanly under it; scripts/gpu-check.sh runs them under compute-sanitizer.
     ctest --test-dir "$ASAN_BUILD" --output-on-failure -j "$JOBS" -LE gpu
+    slowest_ctest "$ASAN_BUILD"
 
     read -r p f < <(count_ctest "$ASAN_BUILD")
     phase_end "$p" "$f" "$leak_note"
