@@ -72,7 +72,7 @@ kvattn_status prefill_layout_compute(const prefill_config *c, prefill_layout *l)
     rows += (int64_t)c->grid[k] * prefill_tile_rows[k];
   }
   l->part_rows = rows;
-  l->scratch_bytes = (size_t)l->max_items * (2 * sizeof(prefill_item) + sizeof(sort_key) + sizeof(int32_t)) +
+  l->scratch_bytes = (size_t)l->max_items * (2 * sizeof(prefill_item) + 2 * sizeof(sort_key) + sizeof(int32_t)) +
                      (size_t)(grid_max(c) + 1) * (sizeof(int64_t) + sizeof(int32_t) * 2);
   return KVATTN_SUCCESS;
 }
@@ -95,10 +95,26 @@ static void heap_sift_down(int64_t *load, int32_t *cta, int n, int i) {
   }
 }
 
-static int cmp_cost_desc(const void *x, const void *y) {
-  const sort_key *a = x, *b = y;
-  if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
-  return a->index < b->index ? -1 : a->index > b->index;
+/* Sort keys by cost, largest first, ties in index order: an LSD radix sort over the bytes of
+ * (2^62 - cost), stable, O(n) (qsort made the plan of 4096 items cost 250 us). `tmp` holds n keys. */
+static void sort_cost_desc(sort_key *keys, sort_key *tmp, int64_t n) {
+  int64_t max_cost = 0;
+  for (int64_t i = 0; i < n; i++)
+    if (keys[i].cost > max_cost) max_cost = keys[i].cost;
+  int bytes = 0;
+  while (bytes < 8 && (max_cost >> (8 * bytes)) != 0) bytes++;
+  sort_key *src = keys, *dst = tmp;
+  for (int b = 0; b < bytes; b++) {
+    int64_t count[257] = {0};
+    const int shift = 8 * b;
+    for (int64_t i = 0; i < n; i++) count[((uint64_t)(max_cost - src[i].cost) >> shift & 0xff) + 1]++;
+    for (int d = 0; d < 256; d++) count[d + 1] += count[d];
+    for (int64_t i = 0; i < n; i++) dst[count[(uint64_t)(max_cost - src[i].cost) >> shift & 0xff]++] = src[i];
+    sort_key *t = src;
+    src = dst;
+    dst = t;
+  }
+  if (src != keys) memcpy(keys, src, (size_t)n * sizeof *keys);
 }
 
 /* Items of ranges `len` split in chunks of `chunk` tokens (0: unsplit). */
@@ -122,6 +138,8 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
   prefill_item *exp = (prefill_item *)sp;
   sp += (size_t)l->max_items * sizeof(prefill_item);
   sort_key *keys = (sort_key *)sp;
+  sp += (size_t)l->max_items * sizeof(sort_key);
+  sort_key *keys_tmp = (sort_key *)sp;
   sp += (size_t)l->max_items * sizeof(sort_key);
   int32_t *owner = (int32_t *)sp;
   sp += (size_t)l->max_items * sizeof(int32_t);
@@ -249,7 +267,7 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
       keys[t].cost = (int64_t)(exp[t].kv_end - exp[t].kv_begin) + 2 * c->kv_tile;
       keys[t].index = t;
     }
-    qsort(keys, (size_t)m, sizeof *keys, cmp_cost_desc);
+    sort_cost_desc(keys, keys_tmp, m);
     for (int b = 0; b < grid; b++) {
       heap_load[b] = 0;
       heap_cta[b] = b;

@@ -145,6 +145,36 @@ static kvattn_status gpu_compare(const kvattn_attention_desc *desc, test_batch *
   return KVATTN_SUCCESS;
 }
 
+/* On a failure: the worst (token, head) rows, so a wrong tile or mask shows where it is. */
+static void report_mismatch(const test_batch *tb) {
+  const int64_t T = tb->q.shape[0], H = tb->q.shape[1], D = tb->q.shape[2];
+  int shown = 0;
+  for (int64_t t = 0; t < T && shown < 6; t++)
+    for (int64_t h = 0; h < H && shown < 6; h++) {
+      double num = 0, den = 0;
+      int nan = 0;
+      for (int64_t d = 0; d < D; d++) {
+        int64_t idx[3] = {t, h, d};
+        double o = ht_get(&tb->out, idx), r = ht_get(&tb->ref, idx);
+        if (isnan(o)) nan = 1;
+        num += (o - r) * (o - r);
+        den += r * r;
+      }
+      int64_t li[2] = {t, h};
+      double lo = ht_get(&tb->out_lse, li), lr = ht_get(&tb->ref_lse, li);
+      int lse_bad = !((isinf(lo) && isinf(lr) && lo == lr) || fabs(lo - lr) < 2e-2);
+      if (nan || sqrt(num) > 0.05 * sqrt(den) + 1e-3 || lse_bad) {
+        int64_t req = 0;
+        while (tb->qo_indptr && req + 1 < tb->rows && tb->qo_indptr[req + 1] <= t) req++;
+        int64_t i0[3] = {t, h, 0};
+        fprintf(stderr, "    token %lld (request %lld) head %lld: |d|/|r| %.3g%s out[0] %.4g ref[0] %.4g lse %.4g ref %.4g\n",
+                (long long)t, (long long)req, (long long)h, den > 0 ? sqrt(num / den) : sqrt(num), nan ? " NaN" : "",
+                ht_get(&tb->out, i0), ht_get(&tb->ref, i0), lo, lr);
+        shown++;
+      }
+    }
+}
+
 /* ---------------------------------------------------------------- cases */
 
 typedef struct variant {
@@ -204,6 +234,7 @@ static int run_case(const char *name, int format, int layout, int combined, int 
   kvattn_status s = gpu_compare(&d, &tb, &err, &lerr);
   int ok = s == KVATTN_SUCCESS && err < 1e-2 && lerr < 2e-2;
   fprintf(stderr, "  %-44s rel_err %.2e lse_err %.2e %s\n", name, err, lerr, ok ? "ok" : "FAIL");
+  if (!ok && s == KVATTN_SUCCESS) report_mismatch(&tb);
   tb_free(&tb);
   return ok;
 }
@@ -216,60 +247,74 @@ static int run_case(const char *name, int format, int layout, int combined, int 
 
 TEST(paged_causal_bf16_matches_reference) {
   NEED_GPU();
-  CHECK(run_case("paged p16 causal bf16 g4 d128", PAGED, NHD, 0, 16, 7, 150, 400, 8, 2, 128, TDT_BF16, V_CAUSAL, 1, 1));
-  CHECK(run_case("paged p16 full bf16 g4 d128", PAGED, NHD, 0, 16, 7, 150, 400, 8, 2, 128, TDT_BF16, V_PLAIN, 2, 1));
-  CHECK(run_case("paged p16 causal qo>kv", PAGED, NHD, 0, 16, 5, 300, 120, 8, 2, 128, TDT_BF16, V_CAUSAL, 3, 1));
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
+  all_ok &= run_case("paged p16 causal bf16 g4 d128", PAGED, NHD, 0, 16, 7, 150, 400, 8, 2, 128, TDT_BF16, V_CAUSAL, 1, 1);
+  all_ok &= run_case("paged p16 full bf16 g4 d128", PAGED, NHD, 0, 16, 7, 150, 400, 8, 2, 128, TDT_BF16, V_PLAIN, 2, 1);
+  all_ok &= run_case("paged p16 causal qo>kv", PAGED, NHD, 0, 16, 5, 300, 120, 8, 2, 128, TDT_BF16, V_CAUSAL, 3, 1);
+  CHECK(all_ok);
 }
 
 TEST(page_size_one_and_odd_pages) {
   NEED_GPU();
-  CHECK(run_case("paged p1 causal f16 g4 d128", PAGED, NHD, 0, 1, 6, 90, 300, 8, 2, 128, TDT_F16, V_CAUSAL, 4, 1));
-  CHECK(run_case("paged p5 causal HND combined", PAGED, HND, 1, 5, 6, 70, 333, 8, 2, 128, TDT_BF16, V_CAUSAL, 5, 1));
-  CHECK(run_case("paged p16 HND combined full f16", PAGED, HND, 1, 16, 4, 40, 200, 4, 4, 128, TDT_F16, V_PLAIN, 6, 1));
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
+  all_ok &= run_case("paged p1 causal f16 g4 d128", PAGED, NHD, 0, 1, 6, 90, 300, 8, 2, 128, TDT_F16, V_CAUSAL, 4, 1);
+  all_ok &= run_case("paged p5 causal HND combined", PAGED, HND, 1, 5, 6, 70, 333, 8, 2, 128, TDT_BF16, V_CAUSAL, 5, 1);
+  all_ok &= run_case("paged p16 HND combined full f16", PAGED, HND, 1, 16, 4, 40, 200, 4, 4, 128, TDT_F16, V_PLAIN, 6, 1);
+  CHECK(all_ok);
 }
 
 TEST(ragged_and_block_sparse) {
   NEED_GPU();
-  CHECK(run_case("ragged causal bf16", RAGGED, NHD, 0, 1, 6, 200, 260, 8, 2, 128, TDT_BF16, V_CAUSAL, 7, 0));
-  CHECK(run_case("ragged full HND f16", RAGGED, HND, 0, 1, 5, 100, 180, 8, 1, 64, TDT_F16, V_PLAIN, 8, 0));
-  CHECK(run_case("bsr Br5 Bc7 full", BSR, NHD, 0, 5, 1, 37, 97, 8, 2, 128, TDT_BF16, V_PLAIN, 9, 0));
-  CHECK(run_case("bsr Br16 Bc18 causal", BSR, NHD, 0, 16, 1, 100, 150, 8, 2, 128, TDT_BF16, V_CAUSAL, 10, 0));
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
+  all_ok &= run_case("ragged causal bf16", RAGGED, NHD, 0, 1, 6, 200, 260, 8, 2, 128, TDT_BF16, V_CAUSAL, 7, 0);
+  all_ok &= run_case("ragged full HND f16", RAGGED, HND, 0, 1, 5, 100, 180, 8, 1, 64, TDT_F16, V_PLAIN, 8, 0);
+  all_ok &= run_case("bsr Br5 Bc7 full", BSR, NHD, 0, 5, 1, 37, 97, 8, 2, 128, TDT_BF16, V_PLAIN, 9, 0);
+  all_ok &= run_case("bsr Br16 Bc18 causal", BSR, NHD, 0, 16, 1, 100, 150, 8, 2, 128, TDT_BF16, V_CAUSAL, 10, 0);
+  CHECK(all_ok);
 }
 
 TEST(group_sizes_and_head_dims) {
   NEED_GPU();
-  CHECK(run_case("g1 d64 causal", PAGED, NHD, 0, 16, 5, 100, 300, 4, 4, 64, TDT_BF16, V_CAUSAL, 11, 1));
-  CHECK(run_case("g8 d128 causal", PAGED, NHD, 0, 16, 5, 60, 300, 8, 1, 128, TDT_BF16, V_CAUSAL, 12, 1));
-  CHECK(run_case("g4 d256 causal", PAGED, NHD, 0, 16, 5, 100, 300, 8, 2, 256, TDT_BF16, V_CAUSAL, 13, 1));
-  CHECK(run_case("g2 d256 full f16", RAGGED, NHD, 0, 1, 4, 80, 200, 4, 2, 256, TDT_F16, V_PLAIN, 14, 0));
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
+  all_ok &= run_case("g1 d64 causal", PAGED, NHD, 0, 16, 5, 100, 300, 4, 4, 64, TDT_BF16, V_CAUSAL, 11, 1);
+  all_ok &= run_case("g8 d128 causal", PAGED, NHD, 0, 16, 5, 60, 300, 8, 1, 128, TDT_BF16, V_CAUSAL, 12, 1);
+  all_ok &= run_case("g4 d256 causal", PAGED, NHD, 0, 16, 5, 100, 300, 8, 2, 256, TDT_BF16, V_CAUSAL, 13, 1);
+  all_ok &= run_case("g2 d256 full f16", RAGGED, NHD, 0, 1, 4, 80, 200, 4, 2, 256, TDT_F16, V_PLAIN, 14, 0);
+  CHECK(all_ok);
 }
 
 TEST(masks_and_options) {
   NEED_GPU();
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
   variant win = {1, 37, 0, 0, 0, 0.f}, cap = {1, -1, 0, 0, 0, 30.f}, alibi = {1, -1, 1, 0, 0, 0.f},
           rope = {1, -1, 0, 1, 0, 0.f}, mask = {0, -1, 0, 0, 1, 0.f}, all = {1, 50, 1, 1, 1, 20.f};
-  CHECK(run_case("window 37", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, win, 15, 1));
-  CHECK(run_case("soft-cap 30", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, cap, 16, 1));
-  CHECK(run_case("alibi", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, alibi, 17, 1));
-  CHECK(run_case("rope", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, rope, 18, 1));
-  CHECK(run_case("custom mask paged", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, mask, 19, 1));
-  CHECK(run_case("custom mask bsr", BSR, NHD, 0, 16, 1, 90, 120, 8, 2, 128, TDT_BF16, mask, 20, 0));
-  CHECK(run_case("all options ragged d64", RAGGED, NHD, 0, 1, 4, 90, 200, 8, 2, 64, TDT_F16, all, 21, 0));
+  all_ok &= run_case("window 37", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, win, 15, 1);
+  all_ok &= run_case("soft-cap 30", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, cap, 16, 1);
+  all_ok &= run_case("alibi", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, alibi, 17, 1);
+  all_ok &= run_case("rope", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, rope, 18, 1);
+  all_ok &= run_case("custom mask paged", PAGED, NHD, 0, 16, 5, 120, 300, 8, 2, 128, TDT_BF16, mask, 19, 1);
+  all_ok &= run_case("custom mask bsr", BSR, NHD, 0, 16, 1, 90, 120, 8, 2, 128, TDT_BF16, mask, 20, 0);
+  all_ok &= run_case("all options ragged d64", RAGGED, NHD, 0, 1, 4, 90, 200, 8, 2, 64, TDT_F16, all, 21, 0);
+  CHECK(all_ok);
 }
 
 TEST(split_kv_few_rows_long_kv) {
   NEED_GPU();
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
   /* chunked prefill / speculative verification: few rows, long KV -> split and merge */
-  CHECK(run_case("append 8 rows onto 6000", PAGED, NHD, 0, 16, 2, 8, 6000, 8, 2, 128, TDT_BF16, V_CAUSAL, 22, 1));
-  CHECK(run_case("spec decode 3 rows p1", PAGED, NHD, 0, 1, 3, 3, 3000, 32, 8, 128, TDT_BF16, V_CAUSAL, 23, 1));
-  CHECK(run_case("append 70 rows g8 d256", PAGED, NHD, 0, 16, 2, 70, 4000, 8, 1, 256, TDT_BF16, V_CAUSAL, 24, 1));
+  all_ok &= run_case("append 8 rows onto 6000", PAGED, NHD, 0, 16, 2, 8, 6000, 8, 2, 128, TDT_BF16, V_CAUSAL, 22, 1);
+  all_ok &= run_case("spec decode 3 rows p1", PAGED, NHD, 0, 1, 3, 3, 3000, 32, 8, 128, TDT_BF16, V_CAUSAL, 23, 1);
+  all_ok &= run_case("append 70 rows g8 d256", PAGED, NHD, 0, 16, 2, 70, 4000, 8, 1, 256, TDT_BF16, V_CAUSAL, 24, 1);
+  CHECK(all_ok);
 }
 
 TEST(empty_requests_give_zero_and_minus_inf) {
   NEED_GPU();
+  int all_ok = 1; /* every case runs and reports; the test fails if any did */
   /* kv_max 0: every row fully masked -> o = 0, lse = -inf (the reference says the same) */
-  CHECK(run_case("all kv empty", PAGED, NHD, 0, 16, 4, 20, 0, 8, 2, 128, TDT_BF16, V_CAUSAL, 25, 1));
-  CHECK(run_case("qo and kv empty mix", RAGGED, NHD, 0, 1, 8, 3, 5, 8, 2, 128, TDT_BF16, V_CAUSAL, 26, 0));
+  all_ok &= run_case("all kv empty", PAGED, NHD, 0, 16, 4, 20, 0, 8, 2, 128, TDT_BF16, V_CAUSAL, 25, 1);
+  all_ok &= run_case("qo and kv empty mix", RAGGED, NHD, 0, 1, 8, 3, 5, 8, 2, 128, TDT_BF16, V_CAUSAL, 26, 0);
+  CHECK(all_ok);
 }
 
 /* ---------------------------------------------------------------- CUDA graph: capture once, replay 50 batches */
