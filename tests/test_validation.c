@@ -1606,6 +1606,24 @@ static void to_explicit_strides(void) {
   }
 }
 
+/* q with head_dim interleaved (inner stride 2, NaN between): the CPU takes any non-negative
+ * strides (only the GPU needs the last stride to be 1) */
+static void to_non_unit_inner_strides(void) {
+  static tens wide_q;
+  int64_t n[] = {5 * QO_HEADS * HEAD_DIM * 2};
+  tens_alloc(&wide_q, F32, 1, n);
+  for (int i = 0; i < 5 * QO_HEADS * HEAD_DIM; i++) {
+    ((float *)wide_q.mem)[2 * i] = ((float *)F.q.mem)[i];
+    ((float *)wide_q.mem)[2 * i + 1] = NAN;
+  }
+  F.q.t.data = wide_q.mem;
+  const int64_t qs[] = {2 * QO_HEADS * HEAD_DIM, 2 * HEAD_DIM, 2};
+  memcpy(F.q.strides, qs, sizeof qs);
+  F.q.t.strides = F.q.strides;
+}
+
+TEST(non_unit_inner_strides_run_on_the_cpu) { CALL(same_bits_after(failed_, FX_PAGED, to_non_unit_inner_strides)); }
+
 TEST(combined_kv_tensor_gives_the_bits_of_separate_k_and_v) { CALL(same_bits_after(failed_, FX_PAGED, to_combined_kv)); }
 TEST(hnd_layout_gives_the_bits_of_nhd) { CALL(same_bits_after(failed_, FX_PAGED, to_hnd)); }
 TEST(ragged_hnd_layout_gives_the_bits_of_nhd) { CALL(same_bits_after(failed_, FX_RAGGED, to_ragged_hnd)); }
