@@ -609,6 +609,36 @@ TEST(decode_options_and_split_modes) {
   }
 }
 
+/* Small cases that still take every path (split pieces and their merge, empty requests, each
+ * option): the subset the sanitizer pass runs (compute-sanitizer slows kernels by 10-100x). */
+TEST(decode_small_cases_for_the_sanitizers) {
+  NEED_GPU();
+  for (int k = 0; k < 6; k++) {
+    int64_t len[6] = {1500, 0, 37, 2100, 1, 900};
+    dcase c;
+    memset(&c, 0, sizeof c);
+    c.name = "small";
+    c.batch = 6;
+    c.kv_heads = 2;
+    c.group = k % 3 == 0 ? 4 : k % 3 == 1 ? 1 : 8;
+    c.head_dim = k % 3 == 0 ? 128 : k % 3 == 1 ? 64 : 256;
+    c.page_size = k % 2 ? 16 : 1;
+    c.layout = k % 2;
+    c.bf16 = k % 2;
+    c.want_lse = 1;
+    c.window = k == 2 ? 300 : -1;
+    c.soft_cap = k == 3 ? 25.0f : 0.0f;
+    c.alibi = k == 4;
+    c.rope = k == 5;
+    c.noncontig = k % 2;
+    c.kv_len = len;
+    double rel = 0, lse = 0;
+    int bad = run_case(&c, &rel, &lse);
+    print_case(&c, rel, lse);
+    CHECK(bad == 0);
+  }
+}
+
 /* ---------------------------------------------------------------- CUDA graph replay */
 
 TEST(one_captured_graph_replays_50_random_batches) {

@@ -1,0 +1,101 @@
+#!/bin/bash
+# gpu-check.sh - the GPU half of kvattn on a GPU machine, in one call: build, the GPU tests (ctest -L
+# gpu) against the float64 reference, compute-sanitizer memcheck and racecheck on the decode tests'
+# small cases (the script FAILS when compute-sanitizer is missing), the decode benchmark
+# (bench/decode.py: kvattn vs FlashInfer vs Triton vs the copy bandwidth), and a summary table last.
+# Logs and JSON go to $OUT (or /tmp/gpu-check).
+#
+#   scripts/gpu-check.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--bench-args "..."]
+# FlashInfer travels as wheels in .whl/ (see the device README); without them the bench runs without it.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+TESTS=1 SAN=1 BENCH=1 BENCH_ARGS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-tests) TESTS=0 ;;
+    --no-sanitizer) SAN=0 ;;
+    --no-bench) BENCH=0 ;;
+    --quick-bench) BENCH_ARGS="$BENCH_ARGS --quick" ;;
+    --bench-args) shift; BENCH_ARGS="$BENCH_ARGS $1" ;;
+    *) echo "unknown option $1"; exit 2 ;;
+  esac
+  shift
+done
+export KVATTN_CACHE_DIR=${KVATTN_CACHE_DIR:-/tmp/kvattn-cache}
+export PYTHONUNBUFFERED=1
+declare -A R
+ORDER=()
+result() { R[$1]=$2; ORDER+=("$1"); }
+t0=$(date +%s)
+phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
+
+phase "device"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+
+phase "build"
+if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
+   cmake --build build-gpu -j"$(nproc)" >>"$OUT/build.log" 2>&1; then
+  result build ok
+else
+  result build FAIL; tail -40 "$OUT/build.log"
+fi
+DEC=build-gpu/test_gpu_decode
+[ -x "$DEC" ] || DEC=build-gpu/gpu_test_gpu_decode
+
+if [ "$TESTS" = 1 ] && [ "${R[build]}" = ok ]; then
+  phase "GPU tests (ctest -L gpu)"
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900) >"$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  grep -E "tests passed|Test *#|FAIL|failed" "$OUT/gpu_tests.log" | tail -20
+  [ $rc = 0 ] && result gpu_tests ok || result gpu_tests "FAIL (see gpu_tests.log)"
+  phase "decode test details"
+  "$DEC" >"$OUT/decode_test.log" 2>&1
+  grep -E "^  (random|batch|all_|short|exact|last|group|mha|page|odd|heavy|options)|passed|FAIL|CHECK|graph replay|kvattn_plan|planner" "$OUT/decode_test.log" | tail -120
+  ./build-gpu/test_plan_decode 2>&1 | grep -E "plan_decode|heavy|passed" | tee -a "$OUT/decode_test.log"
+fi
+
+if [ "$SAN" = 1 ] && [ "${R[build]}" = ok ]; then
+  phase "compute-sanitizer"
+  if ! command -v compute-sanitizer >/dev/null; then
+    result memcheck "FAIL (compute-sanitizer missing)"
+    result racecheck "FAIL (compute-sanitizer missing)"
+  else
+    ok=1
+    for t in decode_small_cases merge_states append_paged_kv; do
+      KVATTN_GPU_TEST_SCALE=0 compute-sanitizer --tool memcheck --error-exitcode 9 "$DEC" "$t" >"$OUT/memcheck_$t.log" 2>&1 || { ok=0; tail -25 "$OUT/memcheck_$t.log"; }
+      grep -E "ERROR SUMMARY|passed" "$OUT/memcheck_$t.log" | sed "s/^/memcheck $t: /"
+    done
+    [ $ok = 1 ] && result memcheck ok || result memcheck FAIL
+    ok=1
+    for t in decode_small_cases merge_states; do
+      KVATTN_GPU_TEST_SCALE=0 compute-sanitizer --tool racecheck --error-exitcode 9 "$DEC" "$t" >"$OUT/racecheck_$t.log" 2>&1 || { ok=0; tail -25 "$OUT/racecheck_$t.log"; }
+      grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" "$OUT/racecheck_$t.log" | sed "s/^/racecheck $t: /"
+    done
+    [ $ok = 1 ] && result racecheck ok || result racecheck FAIL
+  fi
+fi
+
+if [ "$BENCH" = 1 ] && [ "${R[build]}" = ok ]; then
+  phase "benchmark"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      >"$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$OUT/pip.log"
+  fi
+  export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
+  export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
+  if python3 bench/decode.py --json "$OUT/decode.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"; then
+    result bench ok
+  else
+    result bench FAIL
+  fi
+fi
+
+phase "summary"
+echo "| step | result |"
+echo "|---|---|"
+for k in "${ORDER[@]}"; do echo "| $k | ${R[$k]} |"; done
+bad=0
+for k in "${ORDER[@]}"; do case "${R[$k]}" in ok) ;; *) bad=1 ;; esac; done
+exit $bad
