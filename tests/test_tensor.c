@@ -10,6 +10,7 @@
  */
 #include <float.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -62,6 +63,19 @@ TEST(dtype_equality_and_unset) {
   CHECK(!dtype_eq(DT_F32, (DLDataType){kDLFloat, 32, 2}));
   CHECK(dtype_is_unset((DLDataType){0, 0, 0}));
   CHECK(!dtype_is_unset((DLDataType){kDLInt, 8, 1}));
+}
+
+TEST(dlpack_structs_have_the_standard_abi) {
+  /* callers hand us DLTensors built by other libraries (and by ctypes): the layout is the
+   * interchange standard's, on LP64 */
+  CHECK(sizeof(DLDataType) == 4 && sizeof(DLDevice) == 8);
+  CHECK(sizeof(DLTensor) == 48);
+  CHECK(offsetof(DLTensor, data) == 0 && offsetof(DLTensor, device) == 8 && offsetof(DLTensor, ndim) == 16);
+  CHECK(offsetof(DLTensor, dtype) == 20 && offsetof(DLTensor, shape) == 24 && offsetof(DLTensor, strides) == 32);
+  CHECK(offsetof(DLTensor, byte_offset) == 40);
+  CHECK(kDLCPU == 1 && kDLCUDA == 2 && kDLCUDAHost == 3 && kDLCUDAManaged == 13 && kDLROCM == 10);
+  CHECK(kDLInt == 0 && kDLUInt == 1 && kDLFloat == 2 && kDLBfloat == 4);
+  CHECK(kDLFloat8_e4m3fn == 10 && kDLFloat8_e5m2 == 12);
 }
 
 /* ---------------------------------------------------------------- half precision */
