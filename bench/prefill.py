@@ -193,6 +193,8 @@ def main():
         res["flashinfer"] = flashinfer.__version__
     except Exception as e:  # noqa: BLE001
         res["flashinfer"] = "unavailable: %r" % (e,)
+    stamp = datetime.datetime.utcnow().strftime("%Y%m%d-%H%M")
+    path = os.path.join(args.out, "prefill-%s.json" % stamp)
     ceil = bf16_ceiling()
     res["bf16_mm_TFLOPs"] = ceil
     print("device %s, bf16 matmul ceiling %.0f TFLOP/s, flashinfer %s" % (res["device"], ceil, res["flashinfer"]),
@@ -232,6 +234,8 @@ def main():
                     if "TFLOPs" in row.get(name, {}):
                         row["kvattn"]["ratio_vs_" + name] = row["kvattn"]["TFLOPs"] / row[name]["TFLOPs"]
             res["rows"][key] = row
+            with open(path, "w") as f:  # after every row: a run cut short keeps what it measured
+                json.dump(res, f, indent=1)
             del t
             torch.cuda.empty_cache()
             cells = []
@@ -241,10 +245,6 @@ def main():
                     continue
                 cells.append("%s %s" % (name, "%.0f" % e["TFLOPs"] if "TFLOPs" in e else "ERR"))
             print("%-34s %s" % (key, "  ".join(cells)), flush=True)
-    stamp = datetime.datetime.utcnow().strftime("%Y%m%d-%H%M")
-    path = os.path.join(args.out, "prefill-%s.json" % stamp)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
     print("wrote", path)
     # the table, last
     print("\n%-34s %8s %8s %8s %8s %8s %6s %7s" % ("workload | format", "kvattn", "fi_fa2", "fi_fa3", "sdpa_fl",
