@@ -293,6 +293,9 @@ static kvattn_status fx_run(void) {
   return kvattn_run(F.attn, &F.q.t, &F.kv, F.desc.custom_mask ? &F.mask.t : NULL, &F.out.t, &F.lse.t, NULL);
 }
 
+/* Runs the fixture with NaN-poisoned out/lse and copies them out (defined further down). */
+static int run_fixture_into(float *out_copy, float *lse_copy);
+
 /* The call fails with `want`, its message contains `fragment`, and no byte changed. */
 static void expect_plan_rejected(int *failed_, kvattn_status want, const char *fragment) {
   snapshot();
@@ -709,12 +712,17 @@ TEST(plan_last_page_len_negative_is_invalid_index) {
 TEST(plan_last_page_len_of_empty_request_is_ignored) {
   /* request 1 has no pages: its last_page_len (0, or anything) is not looked at */
   CALL(fx_setup(failed_, FX_PAGED, 0));
-  F.last_page_len[1] = 0;
+  static float want_out[5 * QO_HEADS * HEAD_DIM], want_lse[5 * QO_HEADS], got_out[5 * QO_HEADS * HEAD_DIM],
+      got_lse[5 * QO_HEADS];
   CHECK_OK(fx_plan());
-  F.last_page_len[1] = 1000;
-  CHECK_OK(fx_plan());
-  F.last_page_len[1] = -7;
-  CHECK_OK(fx_plan());
+  CHECK(run_fixture_into(want_out, want_lse));
+  const int32_t odd[] = {0, 1000, -7};
+  for (int i = 0; i < 3; i++) {
+    F.last_page_len[1] = odd[i];
+    CHECK_OK(fx_plan());
+    CHECK(run_fixture_into(got_out, got_lse));
+    CHECK(memcmp(want_out, got_out, sizeof want_out) == 0 && memcmp(want_lse, got_lse, sizeof want_lse) == 0);
+  }
 }
 
 TEST(plan_null_last_page_len_is_invalid_argument) {
