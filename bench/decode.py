@@ -181,8 +181,8 @@ def time_calls(call, copies, reps_target=64, replays=20, warm=3):
         return float(np.median(ts)), "loop"
 
 
-def bench_kvattn(P, kvattn):
-    w = kvattn.BatchDecodeWithPagedKVCacheWrapper("cuda", "NHD")
+def bench_kvattn(P, kvattn, tc=False):
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper("cuda", "NHD", use_tensor_cores=tc)
     w.plan(P.indptr, P.indices, P.last, P.qo, P.kv, P.d, P.page, q_data_type="bfloat16",
            kv_data_type="bfloat16")
     out = torch.empty(P.batch, P.qo, P.d, dtype=torch.bfloat16, device="cuda")
@@ -225,6 +225,7 @@ def main():
     ap.add_argument("--only", default=None, help="substring of workload names")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--tc", action="store_true", help="also kvattn's tensor-core path (the prefill kernel)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -268,6 +269,8 @@ def main():
                      "kv_tokens": int(P.lens.sum()), "max_len": int(P.lens.max()), "bytes": P.bytes,
                      "copies": P.copies}
             contenders = [("kvattn", lambda: bench_kvattn(P, kvattn))]
+            if args.tc:
+                contenders.append(("kvattn_tc", lambda: bench_kvattn(P, kvattn, True)))
             if fi is not None:
                 contenders.append(("flashinfer_tc1", lambda: bench_flashinfer(P, fi, True, workspace)))
                 if qo == 32 and kv == 8:
@@ -290,7 +293,7 @@ def main():
                 entry["kvattn_vs_flashinfer"] = min(fis) / entry["kvattn"]["us"]  # > 1: kvattn faster
             result["workloads"][key] = entry
             line = "%-22s" % key
-            for cname in ("kvattn", "flashinfer_tc1", "flashinfer_tc0", "triton"):
+            for cname in ("kvattn", "kvattn_tc", "flashinfer_tc1", "flashinfer_tc0", "triton"):
                 r = entry.get(cname)
                 if r and "us" in r:
                     line += "  %s %8.1f us %5.2f TB/s err %.1e" % (cname, r["us"], r["TBps"], r["relerr"])

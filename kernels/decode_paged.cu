@@ -431,16 +431,32 @@ decode_paged_kernel(const struct decode_params p) {
             const int g = i / HEAD_DIM, d = i % HEAD_DIM;
             const int gi = hb * GH + g;
             if (gi >= GROUP_SIZE) continue;
-            float mm = KV_NEG_INF;
-            for (int k = 0; k < sp.x; k++) mm = fmaxf(mm, ld_cg_f32(p.partial_lse + ((i64)sp.y + k) * GH + g));
-            float ww = 0.0f, oo = 0.0f;
-            if (mm != KV_NEG_INF) {
-              for (int k = 0; k < sp.x; k++) {
-                const i64 slot = (i64)sp.y + k;
-                const float w = __expf(ld_cg_f32(p.partial_lse + slot * GH + g) - mm);
-                ww += w;
-                oo += w * ld_cg_f32(p.partial_o + (slot * GH + g) * HEAD_DIM + d);
+            /* one pass, online over the pieces, 8 pieces' loads in flight at a time (the merge
+             * is on the critical path of a long request: its latency is the launch's tail) */
+            float mm = KV_NEG_INF, ww = 0.0f, oo = 0.0f;
+            for (int k0 = 0; k0 < sp.x; k0 += 8) {
+              float lk[8], ok[8];
+#pragma unroll
+              for (int u = 0; u < 8; u++) {
+                const i64 slot = (i64)sp.y + k0 + u;
+                const int in = k0 + u < sp.x;
+                lk[u] = in ? ld_cg_f32(p.partial_lse + slot * GH + g) : KV_NEG_INF;
+                ok[u] = in ? ld_cg_f32(p.partial_o + (slot * GH + g) * HEAD_DIM + d) : 0.0f;
               }
+              float mx = mm;
+#pragma unroll
+              for (int u = 0; u < 8; u++) mx = fmaxf(mx, lk[u]);
+              if (mx == KV_NEG_INF) continue; /* every piece so far empty */
+              const float r = __expf(mm - mx);
+              ww *= r;
+              oo *= r;
+#pragma unroll
+              for (int u = 0; u < 8; u++) {
+                const float w = __expf(lk[u] - mx);
+                ww += w;
+                oo += w * ok[u]; /* an empty piece has o = 0 and w = 0 */
+              }
+              mm = mx;
             }
             const float o = ww > 0.0f ? oo / ww : 0.0f;
             const float lse = ww > 0.0f ? mm + __logf(ww) : KV_NEG_INF;

@@ -141,6 +141,9 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   RETURN_IF(!ga, KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
   decode_config_init(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
   decode_layout_init(&ga->lay, &ga->cfg);
+  /* scheduler knobs (benchmark sweeps); the layout's bounds do not depend on them */
+  ga->cfg.min_chunk = env_int("KVATTN_DECODE_MIN_CHUNK", ga->cfg.min_chunk, 1, 1 << 24);
+  ga->cfg.item_cost = env_int("KVATTN_DECODE_ITEM_COST", ga->cfg.item_cost, 0, 1 << 24);
   ga->stages = decode_stages();
   decode_defines(&ga->cfg, &a->desc, ga->stages, ga->defines, sizeof ga->defines);
   ga->smem_bytes = decode_smem_bytes(ga->cfg.head_dim, ga->cfg.group_heads, ga->stages);
@@ -170,9 +173,13 @@ void gpu_attention_release(kvattn_attention *a) {
   a->gpu = NULL;
 }
 
-/* Decode takes paged batches of single-row requests without a custom mask. */
+/* Decode takes paged batches of single-row requests without a custom mask, unless the caller asked
+ * for the tensor-core path: the prefill family's mma.sync kernel, which packs a GQA group's query
+ * heads into MMA rows. AUTO stays on the CUDA-core path: decode is memory-bound and its FMA work
+ * is a fraction of the load time (docs/perf.md has the two paths side by side). */
 static int is_decode_batch(const kvattn_attention *a, const batch_view *bv) {
-  return bv->format == KVATTN_FORMAT_PAGED && bv->qo_rows_max <= 1 && !a->desc.custom_mask && !bv->bsr_positions;
+  return bv->format == KVATTN_FORMAT_PAGED && bv->qo_rows_max <= 1 && !a->desc.custom_mask && !bv->bsr_positions &&
+         a->desc.kernel != KVATTN_KERNEL_TENSOR_CORE;
 }
 
 kvattn_status gpu_plan(kvattn_attention *a, const batch_view *bv, const kvattn_workspace *ws, kvattn_stream stream) {
