@@ -10,6 +10,7 @@
  * launch sequence, grids and parameters never change between plans, so a captured graph replays
  * any batch within the bounds), then the merge kernel when split-KV is possible.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,6 +176,26 @@ kvattn_status gpu_prefill_workspace_size(kvattn_context *ctx, const kvattn_atten
   return KVATTN_SUCCESS;
 }
 
+/* One tile kind's kernels, compiled (or loaded from the cache) on its own thread. */
+typedef struct compile_job {
+  struct gpu_context *g;
+  const char *defines;
+  int smem;
+  CUfunction *merge_fn; /* also fetch prefill_merge (same module) when set */
+  CUfunction *fn;
+  kvattn_status status;
+  char error[1024];
+} compile_job;
+
+static void *compile_thread(void *arg) {
+  compile_job *j = arg;
+  j->status = gpu_get_kernel(j->g, "prefill.cu", j->defines, "prefill_kernel", j->smem, j->fn);
+  if (j->status == KVATTN_SUCCESS && j->merge_fn)
+    j->status = gpu_get_kernel(j->g, "prefill.cu", j->defines, "prefill_merge", 0, j->merge_fn);
+  if (j->status != KVATTN_SUCCESS) snprintf(j->error, sizeof j->error, "%s", kvattn_last_error());
+  return NULL;
+}
+
 static void make_defines(const kvattn_attention_desc *d, int group, int cta_q, char *out, size_t size) {
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d "
@@ -220,14 +241,30 @@ kvattn_status gpu_prefill_init(kvattn_attention *a) {
   if (d->rope)
     for (int i = 0; i < d->head_dim / 2; i++)
       p->rope_freq[i] = (float)(rope_frequency(d, i) / (d->rope_scale > 0.0f ? d->rope_scale : 1.0f));
+  /* The tile kinds compile in parallel (NVRTC is single-threaded per program): on 2 cores the three
+   * specializations cost about the time of two. */
+  compile_job jobs[PREFILL_TILE_KINDS];
+  pthread_t tid[PREFILL_TILE_KINDS];
+  int started[PREFILL_TILE_KINDS] = {0};
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     if (!p->reachable[k]) continue;
     make_defines(d, p->cfg.group_size, prefill_tile_rows[k], p->defines[k], sizeof p->defines[k]);
     p->threads[k] = threads_for(k, d->head_dim);
     p->smem[k] = smem_for(k, d->head_dim, d->rope);
-    TRY_GOTO(gpu_get_kernel(g, "prefill.cu", p->defines[k], "prefill_kernel", p->smem[k], &p->fn[k]), s, fail);
-    if (!p->merge_fn) TRY_GOTO(gpu_get_kernel(g, "prefill.cu", p->defines[k], "prefill_merge", 0, &p->merge_fn), s, fail);
+    jobs[k] = (compile_job){g, p->defines[k], p->smem[k], k == 0 ? &p->merge_fn : NULL, NULL, KVATTN_SUCCESS, ""};
+    jobs[k].fn = &p->fn[k];
+    if (k > 0 && pthread_create(&tid[k], NULL, compile_thread, &jobs[k]) == 0)
+      started[k] = 1;
+    else
+      compile_thread(&jobs[k]);
   }
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++)
+    if (started[k]) pthread_join(tid[k], NULL);
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++)
+    if (p->reachable[k] && jobs[k].status != KVATTN_SUCCESS) {
+      s = set_error(jobs[k].status, "%s", jobs[k].error);
+      goto fail;
+    }
   p->merge_grid = g->sm_count * 4;
   a->gpu_prefill = p;
   return KVATTN_SUCCESS;
