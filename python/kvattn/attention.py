@@ -462,8 +462,8 @@ class BlockSparseAttentionWrapper(_AttentionWrapper):
              window_left=-1, alibi_slopes=None, rope_llama31=None, disable_split_kv=False,
              fixed_split_size=None, stream=None):
         """mask: boolean, either FlashInfer's per-block [nnz_blocks, R, C] or a dense [M, N] matrix
-        (True = keep); packed_mask: kvattn's packed layout, the M x N matrix row-major, bit-packed
-        little-endian."""
+        (True = keep); packed_mask: as FlashInfer packs it, the [nnz_blocks, R, C] masks flattened and
+        bit-packed little-endian (uint8). Both become kvattn's one M x N bit matrix."""
         _check_fa_compat(head_dim, None, use_fp16_qk_reduction)
         ctx = self._resolve_context(indices, indptr)
         bptr = _tensor.host_int32(indptr, "indptr")
@@ -472,9 +472,16 @@ class BlockSparseAttentionWrapper(_AttentionWrapper):
             _tensor.host_int32(indices, "indices") if mask is not None else None
         M, N, R, C = int(M), int(N), int(R), int(C)
         dev_mask = None
-        if packed_mask is not None:
-            dev_mask = self._device_mask(None, packed_mask, None, None)
-        elif mask is not None:
+        if packed_mask is not None:  # FlashInfer's layout: the [nnz, R, C] block masks bit-packed
+            if host_indices is None:
+                host_indices = _tensor.host_int32(indices, "indices")
+            nnz = int(bptr[-1]) if len(bptr) else 0
+            bits = np.unpackbits(_tensor.host_uint8(packed_mask, "packed_mask"), bitorder="little")
+            if bits.size < nnz * R * C:
+                raise_error(Status.INVALID_SHAPE, "packed_mask: %d bits, the %d blocks of %dx%d need %d"
+                            % (bits.size, nnz, R, C, nnz * R * C))
+            mask = bits[:nnz * R * C].reshape(nnz, R, C).astype(bool)
+        if mask is not None:
             dense = _tensor.host_bool(mask, "mask", flat=False)
             if dense.ndim == 3:  # per-block masks: scatter them into the M x N matrix
                 dense = self._scatter_block_masks(dense, bptr, host_indices, M, N, R, C)

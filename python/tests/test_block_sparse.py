@@ -99,3 +99,20 @@ def test_output_right_after_the_kv_in_memory_is_not_an_overlap(backend, rng):
     w.run(q, v, k2, out=out)  # v's padded extent would reach into k2, k2's into out
     ro, _ = R.attention(q, v, k2, keep=dense, q_pos=np.arange(M), kv_pos=np.arange(N))
     assert R.rel_err(out, ro) < 1e-5
+
+
+def test_bsr_packed_mask_in_flashinfer_layout(backend, rng):
+    M, N, R_, C = 8, 12, 4, 4
+    got = {}
+
+    def blocks(indptr, indices, dense):
+        got["blocks"] = rng.random((len(indices), R_, C)) < 0.5
+        got["indptr"], got["indices"] = indptr, indices
+        return got["blocks"]
+
+    q, k, v, dense, out, lse = bsr_case(np.random.default_rng(3), backend, M, N, R_, C, mask=blocks,
+                                        density=0.7)
+    w = kvattn.BlockSparseAttentionWrapper(backend)
+    w.plan(got["indptr"], got["indices"], M, N, R_, C, 4, 2, 8, q_data_type="float32",
+           packed_mask=np.packbits(got["blocks"].reshape(-1), bitorder="little"))
+    assert np.array_equal(w.run(q, k, v), out)
