@@ -166,6 +166,23 @@ def run_sdpa(w, t, backend):
     return fn, out
 
 
+# kernel shapes the sweep tries: (KV tile, warps of the 128-row query tile)
+SWEEP = ((64, 4), (32, 4), (64, 8), (32, 8))
+
+
+def with_env(env, fn):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def workloads(quick):
     rows = []
     for causal in (True, False):
@@ -183,6 +200,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time kvattn's kernel-shape variants")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -207,6 +225,10 @@ def main():
             t = w.tensors(P)
             ref = None
             subjects = [("kvattn", lambda: run_kvattn(w, t, fmt, P))]
+            for tile, warps in SWEEP if args.sweep and fmt != "paged1" else ():
+                subjects.append(("kvattn_kt%d_w%d" % (tile, warps), lambda tile=tile, warps=warps: with_env(
+                    {"KVATTN_PREFILL_KV_TILE": str(tile), "KVATTN_PREFILL_WARPS128": str(warps)},
+                    lambda: run_kvattn(w, t, fmt, P))))
             if not args.no_peers:
                 subjects += [("fi_fa2", lambda: run_flashinfer(w, t, fmt, P, "fa2")),
                              ("fi_fa3", lambda: run_flashinfer(w, t, fmt, P, "fa3"))]
@@ -239,7 +261,9 @@ def main():
             del t
             torch.cuda.empty_cache()
             cells = []
-            for name in ("kvattn", "fi_fa2", "fi_fa3", "sdpa_flash", "sdpa_cudnn"):
+            for name in row:
+                if name == "TFLOP":
+                    continue
                 e = row.get(name)
                 if e is None:
                     continue

@@ -25,7 +25,8 @@
  * Split KV: an item with part >= 0 writes its normalized o (fp32) and lse to the workspace and
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
- * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE, DTYPE
+ * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
+ * WARPS_128 (4|8: warps of the 128-row tile), DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -69,14 +70,17 @@
 #define ROPE 0
 #endif
 
+#ifndef WARPS_128
+#define WARPS_128 (HEAD_DIM > 128 ? 8 : 4) /* two fragments per warp would spill at head_dim 256 */
+#endif
 #if CTA_Q == 16
 #define NUM_WARPS 1
 #define MF 1
 #elif CTA_Q == 64
 #define NUM_WARPS 4
 #define MF 1
-#elif CTA_Q == 128 && HEAD_DIM > 128
-#define NUM_WARPS 8 /* two fragments per warp would spill at head_dim 256 */
+#elif CTA_Q == 128 && WARPS_128 == 8
+#define NUM_WARPS 8
 #define MF 1
 #elif CTA_Q == 128
 #define NUM_WARPS 4 /* two 16-row fragments per warp: each K/V fragment feeds two MMAs */

@@ -17,6 +17,7 @@ for a in "$@"; do
     --no-bench) BENCH=0 ;;
     --quick-bench) BENCH_ARGS+=(--quick) ;;
     --no-peers) BENCH_ARGS+=(--no-peers) ;;
+    --sweep) BENCH_ARGS+=(--sweep) ;;
   esac
 done
 export KVATTN_CACHE_DIR=${KVATTN_CACHE_DIR:-/tmp/kvattn-cache}

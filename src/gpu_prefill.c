@@ -77,11 +77,27 @@ static int dtype_code(DLDataType t) {
   return 0;
 }
 
-/* Kernel shape of a tile kind; mirrors prefill.cu (NUM_WARPS, KV_TILE, shared memory). */
-static int kv_tile_for(int head_dim) { return head_dim > 128 ? 32 : 64; }
+static int env_int(const char *name, int def, int lo, int hi) {
+  const char *s = getenv(name);
+  if (!s || !*s) return def;
+  char *end;
+  long v = strtol(s, &end, 10);
+  return (*end || v < lo || v > hi) ? def : (int)v;
+}
+
+/* Kernel shape of a tile kind; mirrors prefill.cu (NUM_WARPS, KV_TILE, shared memory). Two tuning
+ * knobs, read when an attention is created (benchmark sweeps): KVATTN_PREFILL_KV_TILE (16, 32,
+ * 64) and KVATTN_PREFILL_WARPS128 (4: two 16-row fragments per warp; 8: one). */
+static int kv_tile_for(int head_dim) {
+  int t = env_int("KVATTN_PREFILL_KV_TILE", head_dim > 128 ? 32 : 64, 16, 64);
+  return t == 16 || t == 32 || t == 64 ? t : 64;
+}
+static int warps128_for(int head_dim) {
+  return env_int("KVATTN_PREFILL_WARPS128", head_dim > 128 ? 8 : 4, 4, 8) == 8 || head_dim > 128 ? 8 : 4;
+}
 static int threads_for(int kind, int head_dim) {
   if (kind == 0) return 32;
-  if (kind == 2 && head_dim > 128) return 256;
+  if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
 }
 static int smem_for(int kind, int head_dim, int rope) {
@@ -91,7 +107,7 @@ static int smem_for(int kind, int head_dim, int rope) {
 /* Resident CTAs per SM the grid assumes (registers: ~128-255 per thread; shared memory). A
  * wrong guess only costs balance: the CTAs of a persistent grid beyond residency wait. */
 static int ctas_per_sm(int kind, int head_dim, int rope, int smem_per_sm) {
-  int by_regs = kind == 0 ? 8 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (head_dim > 128 ? 1 : 2);
+  int by_regs = kind == 0 ? 8 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (warps128_for(head_dim) == 8 ? 1 : 2);
   int by_smem = smem_per_sm / (smem_for(kind, head_dim, rope) + 1024);
   int n = by_regs < by_smem ? by_regs : by_smem;
   return n < 1 ? 1 : n;
@@ -198,9 +214,10 @@ static void *compile_thread(void *arg) {
 
 static void make_defines(const kvattn_attention_desc *d, int group, int cta_q, char *out, size_t size) {
   snprintf(out, size,
-           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d "
-           "-DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
-           d->head_dim, group, cta_q, dtype_code(d->q_dtype), dtype_code(d->o_dtype), d->causal != 0,
+           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DDTYPE=%d -DO_DTYPE=%d "
+           "-DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
+           d->head_dim, group, cta_q, kv_tile_for(d->head_dim), warps128_for(d->head_dim), dtype_code(d->q_dtype),
+           dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
 }
 
