@@ -14,11 +14,14 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "gpu_internal.h"
 #include "internal.h"
 #include "test.h"
 
@@ -87,8 +90,48 @@ static int load_driver(void) {
   return 1;
 }
 
-/* The GPU context (shared by every case), or a skip reason. */
+/* Compile the decode specializations the cases can ask for (head dims x group sizes x dtypes x
+ * variant hooks) on all cores at once, into the disk cache, so the cases (and the sanitizer runs,
+ * other processes) load instead of compiling one by one. */
 static kvattn_context *gpu_ctx, *ref_ctx;
+static int prewarm_next;
+static pthread_mutex_t prewarm_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *prewarm_worker(void *arg) {
+  const char *arch = arg;
+  const int hds[3] = {64, 128, 256}, groups[6] = {1, 2, 4, 6, 8, 16};
+  for (;;) {
+    pthread_mutex_lock(&prewarm_lock);
+    int i = prewarm_next++;
+    pthread_mutex_unlock(&prewarm_lock);
+    if (i >= 2 * 3 * 6 * 8) return NULL;
+    kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
+    d.num_kv_heads = 2;
+    d.num_qo_heads = 2 * groups[(i / 8) % 6];
+    d.head_dim = hds[(i / 48) % 3];
+    d.q_dtype = (DLDataType){i / 144 ? kDLBfloat : kDLFloat, 16, 1};
+    d.logits_soft_cap = i & 1 ? 30.0f : 0.0f;
+    d.alibi = (i & 2) != 0;
+    d.rope = (i & 4) != 0;
+    kvattn_warmup(&d, arch, NULL, NULL, NULL);
+  }
+}
+static void prewarm(void) {
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cores < 8 || getenv("KVATTN_TEST_NO_PREWARM")) return; /* small machines compile on demand */
+  static char arch[16];
+  snprintf(arch, sizeof arch, "%s", gpu_ctx->gpu->arch);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  pthread_t th[64];
+  int n = cores > 64 ? 64 : (int)cores;
+  for (int i = 0; i < n; i++) pthread_create(&th[i], NULL, prewarm_worker, arch);
+  for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  fprintf(stderr, "  prewarm: 288 decode specializations for %s on %d threads in %.1f s\n", arch, n,
+          (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec));
+}
+
+/* The GPU context (shared by every case), or a skip reason. */
 static char skip_why[600];
 static int setup(void) {
   static int done = 0, ok = 0;
@@ -111,6 +154,7 @@ static int setup(void) {
     snprintf(skip_why, sizeof skip_why, "could not make the primary context current");
     return 0;
   }
+  prewarm();
   kvattn_options r = KVATTN_OPTIONS_INIT;
   r.backend = KVATTN_BACKEND_REFERENCE;
   if (kvattn_context_create(&r, &ref_ctx) != KVATTN_SUCCESS) {
