@@ -74,7 +74,7 @@
 #define WARPS_128 (HEAD_DIM > 128 ? 8 : 4) /* two fragments per warp would spill at head_dim 256 */
 #endif
 #if CTA_Q == 16
-#define NUM_WARPS 1
+#define NUM_WARPS 4 /* the 16 rows are shared: each warp takes a quarter of every KV tile (WKV) */
 #define MF 1
 #elif CTA_Q == 64
 #define NUM_WARPS 4
@@ -89,8 +89,17 @@
 #error "CTA_Q must be 16, 64 or 128"
 #endif
 #define NUM_THREADS (NUM_WARPS * 32)
+#if CTA_Q == 16
+#define WKV 4 /* warps along the KV tile; their (m, d, o) are merged through shared memory at the end */
+#else
+#define WKV 1
+#endif
+#define KVW (KV_TILE / WKV) /* KV columns of a tile per warp */
 #define CH (HEAD_DIM / 8)   /* 16-byte chunks per row */
-#define NF (KV_TILE / 8)    /* n-fragments of S per warp */
+#define NF (KVW / 8)        /* n-fragments of S per warp */
+#if NF % 2
+#error "KV_TILE / WKV must be a multiple of 16"
+#endif
 #define DF (HEAD_DIM / 8)   /* n-fragments of O per warp */
 
 /* One work item: 16 int32 (64 bytes). Keep in sync with src/plan_prefill.h (prefill_item). */
@@ -267,7 +276,9 @@ prefill_kernel(const struct prefill_params p) {
 #if ROPE
   long long *sqpos = skpos + 2 * KV_TILE;         /* [CTA_Q] */
 #endif
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int warp = (threadIdx.x >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
+  const int warp_kv = (threadIdx.x >> 5) % WKV; /* the warp's columns of each KV tile */
   const int *cta = p.lists + p.cta_indptr_off;
   const int item_begin = cta[blockIdx.x], item_end = cta[blockIdx.x + 1];
   const int items_off = p.lists[p.items_off_word];
@@ -384,7 +395,7 @@ prefill_kernel(const struct prefill_params p) {
 #pragma unroll
         for (int nb = 0; nb < NF / 2; nb++) {
           u32 b[4];
-          ldmatrix_x4(b, sk + swz(nb * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+          ldmatrix_x4(b, sk + swz(warp_kv * KVW + nb * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
           for (int mf = 0; mf < MF; mf++) {
             mma16816(s[mf][2 * nb], a[mf], b);
@@ -415,7 +426,7 @@ prefill_kernel(const struct prefill_params p) {
 #pragma unroll
           for (int e = 0; e < 4; e++) {
             const int h = e >> 1;
-            const int col = nf * 8 + 2 * (lane & 3) + (e & 1);
+            const int col = warp_kv * KVW + nf * 8 + 2 * (lane & 3) + (e & 1);
             float x = s[mf][nf][e];
 #if SOFT_CAP
             {
@@ -485,7 +496,7 @@ prefill_kernel(const struct prefill_params p) {
 
       /* ---- O += P V */
 #pragma unroll
-      for (int kb = 0; kb < KV_TILE / 16; kb++) {
+      for (int kb = 0; kb < KVW / 16; kb++) {
         u32 a[MF][4];
 #pragma unroll
         for (int mf = 0; mf < MF; mf++) {
@@ -497,7 +508,7 @@ prefill_kernel(const struct prefill_params p) {
 #pragma unroll
         for (int db = 0; db < HEAD_DIM / 16; db++) {
           u32 b[4];
-          ldmatrix_x4_trans(b, sv + swz(kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
+          ldmatrix_x4_trans(b, sv + swz(warp_kv * KVW + kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
 #pragma unroll
           for (int mf = 0; mf < MF; mf++) {
             mma16816(o[mf][2 * db], a[mf], b);
@@ -511,6 +522,67 @@ prefill_kernel(const struct prefill_params p) {
       cp_async_commit();
     }
     cp_async_wait<0>();
+
+#if WKV > 1
+    /* ---- the WKV warps of a row group saw different KV columns: merge their (m, d, o) exactly
+     * through the (now idle) K/V shared memory into warp_kv 0, which writes the result */
+    {
+      float *red_o = (float *)(smem + SMEM_Q);     /* [WKV][CTA_Q][HEAD_DIM], unnormalized */
+      float *red_m = red_o + WKV * CTA_Q * HEAD_DIM; /* [WKV][CTA_Q] (log2 domain) */
+      float *red_d = red_m + WKV * CTA_Q;            /* [WKV][CTA_Q] */
+      __syncthreads();
+#pragma unroll
+      for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
+          float dd = d[mf][h];
+          dd += __shfl_xor_sync(0xffffffffu, dd, 1);
+          dd += __shfl_xor_sync(0xffffffffu, dd, 2);
+          float *ro = red_o + (warp_kv * CTA_Q + local) * HEAD_DIM + 2 * (lane & 3);
+#pragma unroll
+          for (int df = 0; df < DF; df++) *(float2 *)(ro + df * 8) = make_float2(o[mf][df][2 * h], o[mf][df][2 * h + 1]);
+          if ((lane & 3) == 0) {
+            red_m[warp_kv * CTA_Q + local] = m[mf][h];
+            red_d[warp_kv * CTA_Q + local] = dd;
+          }
+        }
+      __syncthreads();
+      if (warp_kv == 0) {
+#pragma unroll
+        for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
+            float mx = KV_NEG_INF;
+#pragma unroll
+            for (int w = 0; w < WKV; w++) mx = fmaxf(mx, red_m[w * CTA_Q + local]);
+            float scale[WKV], dsum = 0.f;
+#pragma unroll
+            for (int w = 0; w < WKV; w++) {
+              const float mw = red_m[w * CTA_Q + local];
+              scale[w] = mw == KV_NEG_INF ? 0.f : fast_exp2(mw - mx);
+              dsum += red_d[w * CTA_Q + local] * scale[w];
+            }
+#pragma unroll
+            for (int df = 0; df < DF; df++) {
+              float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+              for (int w = 0; w < WKV; w++) {
+                const float2 v = *(const float2 *)(red_o + (w * CTA_Q + local) * HEAD_DIM + df * 8 + 2 * (lane & 3));
+                a0 += v.x * scale[w];
+                a1 += v.y * scale[w];
+              }
+              o[mf][df][2 * h] = a0;
+              o[mf][df][2 * h + 1] = a1;
+            }
+            m[mf][h] = mx;
+            d[mf][h] = (lane & 3) == 0 ? dsum : 0.f; /* the epilogue sums the quad */
+          }
+      }
+    }
+    if (warp_kv != 0) continue;
+#endif
 
     /* ---- epilogue: o / d, lse = (m + log2 d) * ln 2; a row with nothing visible: 0 and -inf */
 #pragma unroll

@@ -95,19 +95,25 @@ static int kv_tile_for(int head_dim) {
 static int warps128_for(int head_dim) {
   return env_int("KVATTN_PREFILL_WARPS128", head_dim > 128 ? 8 : 4, 4, 8) == 8 || head_dim > 128 ? 8 : 4;
 }
+/* The 16-row kind splits every KV tile over its 4 warps (16 columns each): its tile is 64. */
+static int kind_kv_tile(int kind, int head_dim) { return kind == 0 ? 64 : kv_tile_for(head_dim); }
 static int threads_for(int kind, int head_dim) {
-  if (kind == 0) return 32;
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
 }
 static int smem_for(int kind, int head_dim, int rope) {
-  int q = prefill_tile_rows[kind], kt = kv_tile_for(head_dim);
-  return (q + 2 * kt) * head_dim * 2 + 2 * kt * 8 + (rope ? q * 8 : 0);
+  int q = prefill_tile_rows[kind], kt = kind_kv_tile(kind, head_dim);
+  int bytes = (q + 2 * kt) * head_dim * 2 + 2 * kt * 8 + (rope ? q * 8 : 0);
+  if (kind == 0) { /* the cross-warp merge reuses K/V: 4 warps x (o, m, d) of 16 rows */
+    int merge = q * head_dim * 2 + 4 * q * (head_dim + 2) * 4;
+    if (merge > bytes) bytes = merge;
+  }
+  return bytes;
 }
 /* Resident CTAs per SM the grid assumes (registers: ~128-255 per thread; shared memory). A
  * wrong guess only costs balance: the CTAs of a persistent grid beyond residency wait. */
 static int ctas_per_sm(int kind, int head_dim, int rope, int smem_per_sm) {
-  int by_regs = kind == 0 ? 8 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (warps128_for(head_dim) == 8 ? 1 : 2);
+  int by_regs = kind == 0 ? 4 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (warps128_for(head_dim) == 8 ? 1 : 2);
   int by_smem = smem_per_sm / (smem_for(kind, head_dim, rope) + 1024);
   int n = by_regs < by_smem ? by_regs : by_smem;
   return n < 1 ? 1 : n;
@@ -212,11 +218,12 @@ static void *compile_thread(void *arg) {
   return NULL;
 }
 
-static void make_defines(const kvattn_attention_desc *d, int group, int cta_q, char *out, size_t size) {
+static void make_defines(const kvattn_attention_desc *d, int group, int kind, char *out, size_t size) {
+  int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DDTYPE=%d -DO_DTYPE=%d "
            "-DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
-           d->head_dim, group, cta_q, kv_tile_for(d->head_dim), warps128_for(d->head_dim), dtype_code(d->q_dtype),
+           d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim), warps128_for(d->head_dim), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
 }
@@ -265,7 +272,7 @@ kvattn_status gpu_prefill_init(kvattn_attention *a) {
   int started[PREFILL_TILE_KINDS] = {0};
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     if (!p->reachable[k]) continue;
-    make_defines(d, p->cfg.group_size, prefill_tile_rows[k], p->defines[k], sizeof p->defines[k]);
+    make_defines(d, p->cfg.group_size, k, p->defines[k], sizeof p->defines[k]);
     p->threads[k] = threads_for(k, d->head_dim);
     p->smem[k] = smem_for(k, d->head_dim, d->rope);
     jobs[k] = (compile_job){g, p->defines[k], p->smem[k], k == 0 ? &p->merge_fn : NULL, NULL, KVATTN_SUCCESS, ""};
