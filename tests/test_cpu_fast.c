@@ -40,6 +40,8 @@ static kvattn_attention_desc desc_with(const test_spec *sp, const kvattn_attenti
   d.rope_llama31_original_max_pos = opts->rope_llama31_original_max_pos;
   d.alibi = opts->alibi;
   d.alibi_slopes = opts->alibi_slopes;
+  d.disable_split_kv = opts->disable_split_kv;
+  d.fixed_split_size = opts->fixed_split_size;
   return d;
 }
 
@@ -497,6 +499,90 @@ TEST(random_configurations_match_reference) {
     CHECK_MSG(fast_case(sp, mode, (int)rng_int(&r, 1, 6), (int)rng_int(&r, 1, 120), &o, 5000 + k) == 0,
               "configuration %d", k);
   }
+}
+
+/* ------------------------------------------------------------------ split KV */
+
+TEST(split_kv_fixed_size_every_option_matches_reference) {
+  /* fixed_split_size 2 pages of 4 tokens: every decode/draft row longer than 8 tokens is split
+   * into chunks whose states are merged */
+  test_spec sp = spec_of(KVATTN_FORMAT_PAGED, KVATTN_LAYOUT_NHD, TDT_F32);
+  sp.page_size = 4;
+  sp.custom_mask = 1;
+  kvattn_attention_desc o = causal_opts();
+  o.fixed_split_size = 2;
+  EXPECT_FAST_MATCHES(sp, DECODE, 6, 200, o, 2);
+  o.window_left = 30;
+  o.logits_soft_cap = 10.0f;
+  o.alibi = 1;
+  o.rope = 1;
+  EXPECT_FAST_MATCHES(sp, APPEND, 5, 20, o, 2); /* query blocks of <= 8 rows split; longer ones not */
+}
+TEST(split_kv_fixed_size_ragged_and_bsr_match_reference) {
+  test_spec sp = spec_of(KVATTN_FORMAT_RAGGED, KVATTN_LAYOUT_HND, TDT_BF16);
+  kvattn_attention_desc o = causal_opts();
+  o.fixed_split_size = 7; /* ragged: 7-token chunks */
+  EXPECT_FAST_MATCHES(sp, DECODE, 5, 100, o, 2);
+  test_spec b = bsr_spec(TDT_F32, 24, 90, 4, 6);
+  b.block_density = 0.9;
+  kvattn_attention_desc ob = NO_OPTS;
+  ob.fixed_split_size = 3; /* BSR: 3 block columns per chunk, block rows of 4 query rows */
+  EXPECT_FAST_MATCHES(b, PREFILL, 0, 0, ob, 2);
+}
+TEST(split_kv_long_decode_rows_match_reference) {
+  /* the automatic split (rows beyond 4096 tokens) */
+  test_spec sp = spec_of(KVATTN_FORMAT_PAGED, KVATTN_LAYOUT_HND, TDT_F16);
+  sp.num_qo_heads = 4, sp.num_kv_heads = 1, sp.head_dim = 32;
+  kvattn_attention_desc o = NO_OPTS;
+  o.rope = 1;
+  EXPECT_FAST_MATCHES(sp, DECODE, 3, 9000, o, 1);
+}
+TEST(disable_split_kv_matches_reference) {
+  test_spec sp = spec_of(KVATTN_FORMAT_PAGED, KVATTN_LAYOUT_NHD, TDT_F32);
+  sp.num_qo_heads = 2, sp.num_kv_heads = 2, sp.head_dim = 16;
+  kvattn_attention_desc o = NO_OPTS;
+  o.disable_split_kv = 1;
+  EXPECT_FAST_MATCHES(sp, DECODE, 2, 6000, o, 1);
+}
+TEST(fixed_split_size_gives_a_request_the_same_bits_in_any_batch) {
+  /* request A alone, then A among others (in another position): its output rows are bitwise equal */
+  test_spec sp = spec_of(KVATTN_FORMAT_PAGED, KVATTN_LAYOUT_NHD, TDT_BF16);
+  static const int32_t kv_alone[1] = {700}, kv_mixed[4] = {33, 5000, 700, 2};
+  test_spec a = sp, m = sp;
+  a.batch_size = 1, a.kv_lens = kv_alone;
+  m.batch_size = 4, m.kv_lens = kv_mixed;
+  test_rng ra = rng_seed(3), rm = rng_seed(4);
+  test_batch ta, tm;
+  CHECK(tb_build(&ta, &a, &ra));
+  CHECK(tb_build(&tm, &m, &rm));
+  /* copy A's query and KV into request 2 of the mixed batch */
+  for (int64_t h = 0; h < sp.num_qo_heads; h++)
+    for (int64_t x = 0; x < sp.head_dim; x++) ht_set(&tm.q, (int64_t[]){2, h, x}, ht_get(&ta.q, (int64_t[]){0, h, x}));
+  for (int c = 0; c < 2; c++)
+    for (int64_t j = 0; j < 700; j++)
+      for (int64_t h = 0; h < sp.num_kv_heads; h++)
+        for (int64_t x = 0; x < sp.head_dim; x++) {
+          int64_t oa, om;
+          const host_tensor *ha = tb_paged_elem(&ta, c, ta.kv_indices[j / 16], j % 16, h, x, &oa);
+          const host_tensor *hm = tb_paged_elem(&tm, c, tm.kv_indices[tm.kv_indptr[2] + j / 16], j % 16, h, x, &om);
+          ht_set_off(hm, om, ht_get_off(ha, oa));
+        }
+  kvattn_attention_desc d = tb_desc(&sp);
+  d.fixed_split_size = 8;
+  CHECK_OK(tb_run(cpu_ctx(), &d, &ta, &ta.out, &ta.out_lse));
+  kvattn_context *three = test_context(KVATTN_BACKEND_CPU, 3);
+  CHECK(three);
+  CHECK_OK(tb_run(three, &d, &tm, &tm.out, &tm.out_lse));
+  kvattn_context_destroy(three);
+  int same = 1;
+  for (int64_t h = 0; h < sp.num_qo_heads; h++) {
+    same &= ht_get(&ta.out_lse, (int64_t[]){0, h}) == ht_get(&tm.out_lse, (int64_t[]){2, h});
+    for (int64_t x = 0; x < sp.head_dim; x++)
+      same &= ht_get(&ta.out, (int64_t[]){0, h, x}) == ht_get(&tm.out, (int64_t[]){2, h, x});
+  }
+  tb_free(&ta);
+  tb_free(&tm);
+  CHECK(same);
 }
 
 /* ------------------------------------------------------------------ determinism */

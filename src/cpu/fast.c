@@ -34,6 +34,8 @@
 #define BK 32   /* KV tokens per block: four vectors of 8 */
 #define VEC 8   /* floats per vector */
 #define QUERIES_PER_ITEM 64 /* query heads x rows an item aims for: KV conversion is then ~1% */
+#define SPLIT_TOKENS 2048   /* split-KV chunk: rows longer than two chunks are split (any batch) */
+#define SPLIT_MAX_ROWS 8    /* split-KV applies to query blocks of at most this many rows (decode, drafts) */
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -59,7 +61,7 @@ static int dtype_kind(DLDataType t) {
 
 /* ------------------------------------------------------------------ vector helpers */
 
-INLINE v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+INLINE v8f splat(float x) { return (v8f){0} + x; } /* vector + scalar: one broadcast */
 INLINE v8f select_f(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
 
 /* e^x for x <= 0 (the softmax's s - max), relative error ~2e-7; x < -86 (and -inf) gives 0.
@@ -92,6 +94,16 @@ INLINE void load_row(float *dst, const char *src, int kind, int64_t stride, int 
     if (kind == KIND_F32) {
       memcpy(dst, src, sizeof(float) * (size_t)n);
       return;
+    }
+    if (kind == KIND_BF16) { /* the common case, two vectors per step */
+      for (; x + 2 * VEC <= n; x += 2 * VEC) {
+        v8h h0, h1;
+        memcpy(&h0, src + 2 * x, sizeof h0);
+        memcpy(&h1, src + 2 * x + 16, sizeof h1);
+        v8f f0 = (v8f)(__builtin_convertvector(h0, v8u) << 16), f1 = (v8f)(__builtin_convertvector(h1, v8u) << 16);
+        memcpy(dst + x, &f0, sizeof f0);
+        memcpy(dst + x + VEC, &f1, sizeof f1);
+      }
     }
     if (kind == KIND_F16 || kind == KIND_BF16) {
       for (; x + VEC <= n; x += VEC) {
@@ -126,7 +138,11 @@ INLINE void load_row(float *dst, const char *src, int kind, int64_t stride, int 
 /* ------------------------------------------------------------------ the run */
 
 typedef struct work_item {
-  int32_t row, kv_head, q_begin, q_end; /* query rows [q_begin, q_end) of work row `row` */
+  int32_t row, q_begin, q_end; /* query rows [q_begin, q_end) of work row `row` */
+  int32_t kv_head, heads;      /* kv heads [kv_head, kv_head + heads) */
+  int64_t j_lo, j_hi;          /* the KV tokens [j_lo, j_hi) of the row this item visits */
+  int64_t part;                /* split KV: the item's slot in fast_run.partial; -1: writes out */
+  int64_t parts;               /* split KV: chunks of its (row, query block, heads) */
   double cost;
 } work_item;
 
@@ -139,6 +155,10 @@ typedef struct fast_run {
   int head_dim, dpad, group;  /* dpad: head_dim rounded up to VEC */
   int q_kind, kv_kind;
   int q_rows_per_item;
+  int heads_per_item;         /* kv heads an item covers (a divisor of num_kv_heads) */
+  /* split KV: per chunk item, its queries' unnormalized acc [dpad] then m and l */
+  float *partial;
+  int64_t part_floats;        /* floats per item slot */
   work_item *items;
   int64_t num_items;
   atomic_llong next_item;
@@ -151,14 +171,12 @@ typedef struct fast_run {
 typedef struct scratch {
   float *q, *acc;   /* [queries][dpad] */
   float *m, *l;     /* [queries] running max and sum */
-  float *kt;        /* [dpad][BK]: the K block, transposed */
+  float *kb;        /* [BK][dpad]: the K block (converted, rotated) */
   float *vb;        /* [BK][dpad]: the V block */
-  float *krow;      /* [dpad] */
-  float s[BK] __attribute__((aligned(32)));
+  float *s;         /* [queries of one kv head][BK]: the block's scores */
   float p[BK] __attribute__((aligned(32)));
   int64_t kv_pos[BK];
   int32_t ok[BK];   /* the token exists (inside the row and the data) */
-  int32_t live[BK]; /* tokens with a nonzero weight for the current query */
   void *mem;
 } scratch;
 
@@ -177,6 +195,20 @@ static int64_t q_pos_of(const fast_run *fr, int64_t i, int64_t r, int64_t qo_len
   return fr->bv->bsr_positions ? fr->bv->qo_indptr[i] + r : kv_len - qo_len + r;
 }
 
+/* The KV tokens [*j_begin, *j_end) a block of query rows [q_begin, q_end) can see. Paged and ragged
+ * positions are the token index, so causal and the window bound the walk; BSR walks every entry. */
+static void item_kv_range(const fast_run *fr, int64_t i, int64_t q_begin, int64_t q_end, int64_t *j_begin,
+                          int64_t *j_end) {
+  const kvattn_attention_desc *d = fr->d;
+  const int64_t qo_len = bv_qo_len(fr->bv, i), kv_len = bv_kv_len(fr->bv, i);
+  *j_begin = 0, *j_end = kv_len;
+  if (fr->bv->bsr_positions) return;
+  const int64_t qp_lo = q_pos_of(fr, i, q_begin, qo_len, kv_len), qp_hi = q_pos_of(fr, i, q_end - 1, qo_len, kv_len);
+  if (d->causal && qp_hi + 1 < *j_end) *j_end = qp_hi + 1 > 0 ? qp_hi + 1 : 0;
+  if (d->window_left >= 0 && qp_lo - d->window_left > 0) *j_begin = qp_lo - d->window_left;
+  if (*j_begin > *j_end) *j_begin = *j_end;
+}
+
 /* Rotate-half RoPE on an fp32 row from the table (position inside it). */
 INLINE void rope_row_table(const fast_run *fr, float *x, int64_t pos) {
   const int half = fr->head_dim / 2;
@@ -188,56 +220,155 @@ INLINE void rope_row_table(const fast_run *fr, float *x, int64_t pos) {
   }
 }
 
+/* The item's queries are numbered head by head: query qi is kv head (kv_head + qi / per_head), query
+ * row q_begin + (qi % per_head) / group, and within the group (qi % group); per_head = rows * group.
+ * So the queries of one kv head are contiguous and a converted KV block serves them in one sweep. */
+static void query_of(const fast_run *fr, const work_item *it, int qi, int64_t *r, int *h) {
+  const int per_head = (it->q_end - it->q_begin) * fr->group, in_head = qi % per_head;
+  *r = it->q_begin + in_head / fr->group;
+  *h = (it->kv_head + qi / per_head) * fr->group + in_head % fr->group;
+}
+
 /* Load the item's queries: q' = RoPE(q) * sm_scale, in fp32, padded with zeros to dpad. */
-static void load_queries(const fast_run *fr, const work_item *it, scratch *sc, int64_t qo_len, int64_t kv_len) {
+static void load_queries(const fast_run *fr, const work_item *it, scratch *sc, int nq, int64_t qo_len,
+                         int64_t kv_len) {
   const kvattn_attention_desc *d = fr->d;
   const tview *q = &fr->t->q;
   const int half = fr->head_dim / 2;
   double tmp[1024]; /* head_dim <= 512 */
-  int qi = 0;
-  for (int64_t r = it->q_begin; r < it->q_end; r++) {
+  for (int qi = 0; qi < nq; qi++) {
+    int64_t r;
+    int h;
+    query_of(fr, it, qi, &r, &h);
     const int64_t row = fr->bv->qo_indptr[it->row] + r, pos = q_pos_of(fr, it->row, r, qo_len, kv_len);
-    for (int g = 0; g < fr->group; g++, qi++) {
-      const int h = it->kv_head * fr->group + g;
-      float *dst = sc->q + (int64_t)qi * fr->dpad;
-      const int64_t base = row * q->stride[0] + h * q->stride[1];
-      for (int x = 0; x < fr->head_dim; x++) tmp[x] = tview_get(q, base + x * q->stride[2]);
-      if (d->rope) {
-        for (int x = 0; x < half; x++) {
-          double c, s;
-          if (pos >= 0 && pos < fr->rope_positions) {
-            c = fr->rope_cos[pos * half + x], s = fr->rope_sin[pos * half + x];
-          } else {
-            double angle = ((double)pos / d->rope_scale) * rope_frequency(d, x);
-            c = cos(angle), s = sin(angle);
-          }
-          double a = tmp[x], b = tmp[x + half];
-          tmp[x] = a * c - b * s;
-          tmp[x + half] = b * c + a * s;
+    float *dst = sc->q + (int64_t)qi * fr->dpad;
+    const int64_t base = row * q->stride[0] + h * q->stride[1];
+    for (int x = 0; x < fr->head_dim; x++) tmp[x] = tview_get(q, base + x * q->stride[2]);
+    if (d->rope) {
+      for (int x = 0; x < half; x++) {
+        double c, s;
+        if (pos >= 0 && pos < fr->rope_positions) {
+          c = fr->rope_cos[pos * half + x], s = fr->rope_sin[pos * half + x];
+        } else {
+          double angle = ((double)pos / d->rope_scale) * rope_frequency(d, x);
+          c = cos(angle), s = sin(angle);
         }
+        double a = tmp[x], b = tmp[x + half];
+        tmp[x] = a * c - b * s;
+        tmp[x + half] = b * c + a * s;
       }
-      for (int x = 0; x < fr->dpad; x++) dst[x] = x < fr->head_dim ? (float)(tmp[x] * d->sm_scale) : 0.0f;
-      memset(sc->acc + (int64_t)qi * fr->dpad, 0, sizeof(float) * (size_t)fr->dpad);
-      sc->m[qi] = -INFINITY;
-      sc->l[qi] = 0;
+    }
+    for (int x = 0; x < fr->dpad; x++) dst[x] = x < fr->head_dim ? (float)(tmp[x] * d->sm_scale) : 0.0f;
+    memset(sc->acc + (int64_t)qi * fr->dpad, 0, sizeof(float) * (size_t)fr->dpad);
+    sc->m[qi] = -INFINITY;
+    sc->l[qi] = 0;
+  }
+}
+
+/* The sum of a vector's 8 lanes (three shuffle-and-add steps). */
+INLINE float hsum(v8f v) {
+  v = v + __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3});
+  v = v + __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5});
+  v = v + __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6});
+  return v[0];
+}
+
+/* s[q][u] = <q_q, K_u> for nq queries (rows of q, [nq][dpad]) and the BK tokens of the block (rows
+ * of kb). Four queries x two tokens at a time: eight accumulators share each load. */
+INLINE void head_scores(const float *q, int nq, const float *kb, int nvec, float *s) {
+  for (int qa = 0; qa < nq; qa += 4) {
+    const v8f *qr[4];
+    for (int k = 0; k < 4; k++) qr[k] = (const v8f *)(q + (int64_t)(qa + k < nq ? qa + k : nq - 1) * nvec * VEC);
+    for (int u = 0; u < BK; u += 2) {
+      const v8f *k0 = (const v8f *)(kb + (int64_t)u * nvec * VEC), *k1 = k0 + nvec;
+      v8f a00 = splat(0), a01 = splat(0), a10 = splat(0), a11 = splat(0);
+      v8f a20 = splat(0), a21 = splat(0), a30 = splat(0), a31 = splat(0);
+      for (int c = 0; c < nvec; c++) {
+        const v8f x0 = k0[c], x1 = k1[c];
+        a00 += qr[0][c] * x0, a01 += qr[0][c] * x1;
+        a10 += qr[1][c] * x0, a11 += qr[1][c] * x1;
+        a20 += qr[2][c] * x0, a21 += qr[2][c] * x1;
+        a30 += qr[3][c] * x0, a31 += qr[3][c] * x1;
+      }
+      const v8f acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
+      for (int k = 0; k < 4 && qa + k < nq; k++) {
+        s[(int64_t)(qa + k) * BK + u] = hsum(acc[k][0]);
+        s[(int64_t)(qa + k) * BK + u + 1] = hsum(acc[k][1]);
+      }
     }
   }
 }
 
-/* s[t] = <q, K_t> for the BK tokens of the block (K transposed: one vector FMA per dim and
- * 8 tokens, no horizontal sum). */
-INLINE void block_scores(const float *q, const float *kt, int head_dim, float *s) {
-  v8f a0 = splat(0), a1 = splat(0), a2 = splat(0), a3 = splat(0);
-  for (int x = 0; x < head_dim; x++) {
-    const v8f *k = (const v8f *)(kt + (int64_t)x * BK);
-    v8f qx = splat(q[x]);
-    a0 += qx * k[0];
-    a1 += qx * k[1];
-    a2 += qx * k[2];
-    a3 += qx * k[3];
+/* Prefetch the K and V rows (all the item's heads) of the up-to-BK tokens from token j of a row. */
+INLINE void prefetch_block(const fast_run *fr, const run_tensors *t, const work_item *it, int64_t e0, int64_t j,
+                           int64_t j_end) {
+  const int64_t page_size = fr->bv->page_size;
+  const int64_t k_bytes = (int64_t)dtype_size(t->k.dtype), v_bytes = (int64_t)dtype_size(t->v.dtype);
+  const int64_t k_row = fr->head_dim * t->k.stride[3] * k_bytes, v_row = fr->head_dim * t->v.stride[3] * v_bytes;
+  const int64_t end = j + BK < j_end ? j + BK : j_end;
+  for (; j < end; j++) {
+    const int64_t page = page_id(fr, e0 + j / page_size), slot = j % page_size;
+    for (int hh = 0; hh < it->heads; hh++) {
+      const int64_t h = it->kv_head + hh;
+      const char *k = t->k.data + (page * t->k.stride[0] + slot * t->k.stride[1] + h * t->k.stride[2]) * k_bytes;
+      const char *v = t->v.data + (page * t->v.stride[0] + slot * t->v.stride[1] + h * t->v.stride[2]) * v_bytes;
+      for (int64_t b = 0; b < k_row; b += 64) __builtin_prefetch(k + b);
+      for (int64_t b = 0; b < v_row; b += 64) __builtin_prefetch(v + b);
+    }
   }
-  v8f *o = (v8f *)s;
-  o[0] = a0, o[1] = a1, o[2] = a2, o[3] = a3;
+}
+
+/* o = acc / l per query of the item; a query that saw nothing gets o = 0, lse = -inf. */
+static void write_outputs(const fast_run *fr, const work_item *it, int nq, const float *acc_all, const float *m,
+                          const float *l_all) {
+  const run_tensors *t = fr->t;
+  const int head_dim = fr->head_dim;
+  for (int qi = 0; qi < nq; qi++) {
+    int64_t r;
+    int h;
+    query_of(fr, it, qi, &r, &h);
+    const int64_t row = fr->bv->qo_indptr[it->row] + r;
+    const float l = l_all[qi];
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    const float *acc = acc_all + (int64_t)qi * fr->dpad;
+    const int64_t ob = row * t->out.stride[0] + h * t->out.stride[1], os = t->out.stride[2];
+    if (dtype_eq(t->out.dtype, DT_F32)) {
+      float *o = (float *)t->out.data + ob;
+      for (int x = 0; x < head_dim; x++) o[x * os] = acc[x] * inv;
+    } else {
+      for (int x = 0; x < head_dim; x++) tview_set(&t->out, ob + x * os, acc[x] * inv);
+    }
+    if (t->lse.data)
+      ((float *)t->lse.data)[row * t->lse.stride[0] + h * t->lse.stride[1]] =
+          l > 0 ? (float)((double)m[qi] + log((double)l)) : -INFINITY;
+  }
+}
+
+/* Merge the chunk states of a split item (slots part .. part + parts - 1, in KV order, so the
+ * bits do not depend on which thread ran which chunk) and write the outputs. */
+static void merge_parts(const fast_run *fr, const work_item *it, float *acc, float *m, float *l) {
+  const int nq = (it->q_end - it->q_begin) * fr->group * it->heads, dpad = fr->dpad;
+  for (int qi = 0; qi < nq; qi++) {
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < it->parts; c++) {
+      const float *src = fr->partial + (it->part + c) * fr->part_floats;
+      float mc = src[(int64_t)nq * dpad + qi];
+      mx = mc > mx ? mc : mx;
+    }
+    float *a = acc + (int64_t)qi * dpad, sum = 0;
+    memset(a, 0, sizeof(float) * (size_t)dpad);
+    for (int64_t c = 0; c < it->parts && mx > -INFINITY; c++) {
+      const float *src = fr->partial + (it->part + c) * fr->part_floats;
+      const float mc = src[(int64_t)nq * dpad + qi], lc = src[(int64_t)nq * (dpad + 1) + qi];
+      if (lc == 0) continue; /* an empty chunk: its acc is 0 and its m -inf */
+      const float w = expf(mc - mx);
+      sum += lc * w;
+      for (int x = 0; x < dpad; x++) a[x] += w * src[(int64_t)qi * dpad + x];
+    }
+    m[qi] = mx;
+    l[qi] = sum;
+  }
+  write_outputs(fr, it, nq, acc, m, l);
 }
 
 CPU_CLONES
@@ -248,21 +379,16 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
   const int64_t i = it->row, qo_len = bv_qo_len(bv, i), kv_len = bv_kv_len(bv, i);
   const int64_t e0 = bv->kv_indptr[i], page_size = bv->page_size;
   const int head_dim = fr->head_dim, dpad = fr->dpad, nvec = dpad / VEC;
-  const int nq = (it->q_end - it->q_begin) * fr->group;
+  const int per_head = (it->q_end - it->q_begin) * fr->group, nq = per_head * it->heads;
   const int64_t qp_lo = q_pos_of(fr, i, it->q_begin, qo_len, kv_len);
   const int64_t qp_hi = q_pos_of(fr, i, it->q_end - 1, qo_len, kv_len);
   const int windowed = d->window_left >= 0, has_mask = t->mask.data != NULL;
   const float cap = d->logits_soft_cap;
 
-  load_queries(fr, it, sc, qo_len, kv_len);
+  load_queries(fr, it, sc, nq, qo_len, kv_len);
 
-  /* Paged and ragged positions are the token index, so causal and window bound the walk. */
-  int64_t j_begin = 0, j_end = kv_len;
-  if (!bv->bsr_positions) {
-    if (d->causal && qp_hi + 1 < j_end) j_end = qp_hi + 1 > 0 ? qp_hi + 1 : 0;
-    if (windowed && qp_lo - d->window_left > 0) j_begin = qp_lo - d->window_left;
-  }
-  const int64_t k_head = it->kv_head * t->k.stride[2], v_head = it->kv_head * t->v.stride[2];
+  /* this item's share of the row's KV (all of it unless the KV is split) */
+  const int64_t j_begin = it->j_lo, j_end = it->j_hi;
 
   for (int64_t jb = j_begin; jb < j_end; jb += BK) {
     const int count = (int)(j_end - jb < BK ? j_end - jb : BK);
@@ -278,8 +404,8 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
       sc->kv_pos[u] = pos;
       if (pos >= bv->kv_token_limit) { all_ok = 0; continue; }
       sc->ok[u] = 1;
-      k_off[u] = page * t->k.stride[0] + slot * t->k.stride[1] + k_head;
-      v_off[u] = page * t->v.stride[0] + slot * t->v.stride[1] + v_head;
+      k_off[u] = page * t->k.stride[0] + slot * t->k.stride[1];
+      v_off[u] = page * t->v.stride[0] + slot * t->v.stride[1];
       if (pos < kmin) kmin = pos;
       if (pos > kmax) kmax = pos;
     }
@@ -287,28 +413,35 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
     if (d->causal && kmin > qp_hi) continue;
     if (windowed && kmax < qp_lo - d->window_left) continue;
     if (count < BK) all_ok = 0;
+    /* Pages are scattered, so the hardware prefetchers see no stream: ask for the next block's
+     * rows now, and they arrive while this block is computed (3x on decode over a paged cache). */
+    if (jb + BK < j_end) prefetch_block(fr, t, it, e0, jb + BK, j_end);
 
-    /* Convert the block: K transposed (and rotated), V as rows; absent tokens are zeros. */
+    /* Per kv head of the item: convert the block (K transposed and rotated, V as rows; absent
+     * tokens are zeros), then update that head's queries. */
     const size_t k_es = dtype_size(t->k.dtype), v_es = dtype_size(t->v.dtype);
+    for (int hh = 0; hh < it->heads; hh++) {
+    const int64_t k_head = (it->kv_head + hh) * t->k.stride[2], v_head = (it->kv_head + hh) * t->v.stride[2];
     for (int u = 0; u < BK; u++) {
-      float *vrow = sc->vb + (int64_t)u * dpad;
+      float *krow = sc->kb + (int64_t)u * dpad, *vrow = sc->vb + (int64_t)u * dpad;
       if (!sc->ok[u]) {
-        for (int x = 0; x < dpad; x++) sc->kt[(int64_t)x * BK + u] = 0, vrow[x] = 0;
+        memset(krow, 0, sizeof(float) * (size_t)dpad);
+        memset(vrow, 0, sizeof(float) * (size_t)dpad);
         continue;
       }
-      load_row(sc->krow, t->k.data + k_off[u] * (int64_t)k_es, fr->kv_kind, t->k.stride[3], head_dim);
-      if (d->rope) rope_row_table(fr, sc->krow, sc->kv_pos[u]);
-      for (int x = 0; x < head_dim; x++) sc->kt[(int64_t)x * BK + u] = sc->krow[x];
-      load_row(vrow, t->v.data + v_off[u] * (int64_t)v_es, fr->kv_kind, t->v.stride[3], head_dim);
-      for (int x = head_dim; x < dpad; x++) vrow[x] = 0;
+      load_row(krow, t->k.data + (k_off[u] + k_head) * (int64_t)k_es, fr->kv_kind, t->k.stride[3], head_dim);
+      if (d->rope) rope_row_table(fr, krow, sc->kv_pos[u]);
+      load_row(vrow, t->v.data + (v_off[u] + v_head) * (int64_t)v_es, fr->kv_kind, t->v.stride[3], head_dim);
+      for (int x = head_dim; x < dpad; x++) krow[x] = vrow[x] = 0;
     }
+    head_scores(sc->q + (int64_t)hh * per_head * dpad, per_head, sc->kb, nvec, sc->s);
 
-    for (int qi = 0; qi < nq; qi++) {
-      const int64_t r = it->q_begin + qi / fr->group;
-      const int h = it->kv_head * fr->group + qi % fr->group;
+    for (int qi = hh * per_head; qi < (hh + 1) * per_head; qi++) {
+      int64_t r;
+      int h;
+      query_of(fr, it, qi, &r, &h);
       const int64_t q_pos = q_pos_of(fr, i, r, qo_len, kv_len);
-      float *s = sc->s;
-      block_scores(sc->q + (int64_t)qi * dpad, sc->kt, head_dim, s);
+      float *s = sc->s + (int64_t)(qi - hh * per_head) * BK;
       if (cap > 0)
         for (int u = 0; u < count; u++) s[u] = cap * tanhf(s[u] / cap);
       if (d->alibi) {
@@ -350,43 +483,47 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
       /* acc = acc * alpha + sum_u p_u V_u over the tokens with weight (masked ones are skipped,
        * so whatever their V holds cannot reach the output). */
       int nlive = 0;
+      const v8f *live_row[BK];
+      float live_w[BK];
       for (int u = 0; u < BK; u++)
-        if (sc->p[u] != 0) sc->live[nlive++] = u;
+        if (sc->p[u] != 0) live_row[nlive] = (const v8f *)(sc->vb + (int64_t)u * dpad), live_w[nlive++] = sc->p[u];
       v8f *acc = (v8f *)(sc->acc + (int64_t)qi * dpad);
-      const v8f *vb = (const v8f *)sc->vb;
-      for (int c = 0; c < nvec; c++) {
+      /* four accumulators at a time stay in registers while the live tokens stream past */
+      int c = 0;
+      for (; c + 4 <= nvec; c += 4) {
+        v8f a0 = acc[c] * splat(alpha), a1 = acc[c + 1] * splat(alpha);
+        v8f a2 = acc[c + 2] * splat(alpha), a3 = acc[c + 3] * splat(alpha);
+        for (int k = 0; k < nlive; k++) {
+          const v8f pk = splat(live_w[k]), *row = live_row[k] + c;
+          a0 += pk * row[0], a1 += pk * row[1], a2 += pk * row[2], a3 += pk * row[3];
+        }
+        acc[c] = a0, acc[c + 1] = a1, acc[c + 2] = a2, acc[c + 3] = a3;
+      }
+      for (; c < nvec; c++) {
         v8f a = acc[c] * splat(alpha);
-        for (int k = 0; k < nlive; k++) a += splat(sc->p[sc->live[k]]) * vb[(int64_t)sc->live[k] * nvec + c];
+        for (int k = 0; k < nlive; k++) a += splat(live_w[k]) * live_row[k][c];
         acc[c] = a;
       }
     }
+    } /* kv heads */
   }
 
-  /* o = acc / l; a query that saw nothing gets o = 0, lse = -inf. */
-  for (int qi = 0; qi < nq; qi++) {
-    const int64_t row = bv->qo_indptr[i] + it->q_begin + qi / fr->group;
-    const int h = it->kv_head * fr->group + qi % fr->group;
-    const float l = sc->l[qi];
-    const float inv = l > 0 ? 1.0f / l : 0.0f;
-    const float *acc = sc->acc + (int64_t)qi * dpad;
-    const int64_t ob = row * t->out.stride[0] + h * t->out.stride[1], os = t->out.stride[2];
-    if (dtype_eq(t->out.dtype, DT_F32)) {
-      float *o = (float *)t->out.data + ob;
-      for (int x = 0; x < head_dim; x++) o[x * os] = acc[x] * inv;
-    } else {
-      for (int x = 0; x < head_dim; x++) tview_set(&t->out, ob + x * os, acc[x] * inv);
-    }
-    if (t->lse.data)
-      ((float *)t->lse.data)[row * t->lse.stride[0] + h * t->lse.stride[1]] =
-          l > 0 ? (float)((double)sc->m[qi] + log((double)l)) : -INFINITY;
+  if (it->part >= 0) { /* one chunk of a split KV: keep the state for the merge */
+    float *dst = fr->partial + it->part * fr->part_floats;
+    memcpy(dst, sc->acc, sizeof(float) * (size_t)nq * (size_t)dpad);
+    memcpy(dst + (int64_t)nq * dpad, sc->m, sizeof(float) * (size_t)nq);
+    memcpy(dst + (int64_t)nq * (dpad + 1), sc->l, sizeof(float) * (size_t)nq);
+    return;
   }
+  write_outputs(fr, it, nq, sc->acc, sc->m, sc->l);
 }
 
 /* ------------------------------------------------------------------ threads */
 
 static size_t scratch_floats(const fast_run *fr, size_t *parts) {
-  size_t nq = (size_t)fr->q_rows_per_item * (size_t)fr->group, dp = (size_t)fr->dpad;
-  size_t sizes[7] = {nq * dp, nq * dp, nq, nq, dp * BK, dp * BK, dp};
+  size_t per_head = (size_t)fr->q_rows_per_item * (size_t)fr->group, dp = (size_t)fr->dpad;
+  size_t nq = per_head * (size_t)fr->heads_per_item;
+  size_t sizes[7] = {nq * dp, nq * dp, nq, nq, dp * BK, dp * BK, per_head * BK};
   size_t total = 0;
   for (int i = 0; i < 7; i++) {
     parts[i] = total;
@@ -401,8 +538,7 @@ static int scratch_init(const fast_run *fr, scratch *sc) {
   if (!mem) return 0;
   sc->mem = mem;
   sc->q = mem + parts[0], sc->acc = mem + parts[1], sc->m = mem + parts[2], sc->l = mem + parts[3];
-  sc->kt = mem + parts[4], sc->vb = mem + parts[5], sc->krow = mem + parts[6];
-  memset(sc->krow, 0, sizeof(float) * (size_t)fr->dpad);
+  sc->kb = mem + parts[4], sc->vb = mem + parts[5], sc->s = mem + parts[6];
   return 1;
 }
 
@@ -479,42 +615,95 @@ kvattn_status cpu_attention_fast(const cpu_problem *p, int num_threads) {
               (long long)page, (long long)num_pages);
   }
 
+  /* Items: (work row, block of query rows, range of kv heads). One item takes as many kv heads as
+   * keeps enough items for the threads (4 per thread) and at most QUERIES_PER_ITEM queries: a
+   * decode item then reads whole token rows of an NHD page (all heads are adjacent there) instead
+   * of 256-byte pieces 2 KiB apart, which costs a TLB miss per row on large caches. */
   fr.q_rows_per_item = QUERIES_PER_ITEM / fr.group > 0 ? QUERIES_PER_ITEM / fr.group : 1;
-  int64_t num_items = 0, kv_len_max = 0, mask_bits = 0;
+  int64_t kv_len_max = 0, mask_bits = 0, max_rows = 1;
   for (int64_t i = 0; i < bv->batch; i++) {
-    num_items += ceil_div64(bv_qo_len(bv, i), fr.q_rows_per_item) * d->num_kv_heads;
+    int64_t qo_len = bv_qo_len(bv, i);
+    if (qo_len > max_rows) max_rows = qo_len;
     if (bv_kv_len(bv, i) > kv_len_max) kv_len_max = bv_kv_len(bv, i);
   }
+  if (max_rows > fr.q_rows_per_item) max_rows = fr.q_rows_per_item;
+  /* Split KV: a row longer than two chunks (decode-like: few query rows) is cut into chunks whose
+   * states are merged after.
+   * The chunk depends only on the desc (fixed_split_size pages, or SPLIT_TOKENS), never on the
+   * batch or the thread count, so a request gets the same bits in any batch on any machine. */
+  int64_t chunk = INT64_MAX;
+  if (!d->disable_split_kv)
+    chunk = d->fixed_split_size > 0 ? (int64_t)d->fixed_split_size * bv->page_size : SPLIT_TOKENS;
+  const int64_t split_above = chunk == INT64_MAX ? INT64_MAX : d->fixed_split_size > 0 ? chunk : 2 * chunk;
   kvattn_status st = KVATTN_SUCCESS;
   int64_t *mask_first = NULL;
   scratch *scs = NULL;
   pthread_t *tids = NULL;
   worker *workers = NULL;
   int *started = NULL;
+  work_item *groups = NULL; /* the split items' first chunks, for the merge */
   int threads = 0;
-  fr.items = malloc(sizeof(work_item) * (size_t)(num_items > 0 ? num_items : 1));
-  mask_first = malloc(sizeof(int64_t) * (size_t)(bv->batch > 0 ? bv->batch : 1));
-  if (!fr.items || !mask_first) {
-    st = set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_run: %lld work items", (long long)num_items);
-    goto done;
-  }
-  /* Work items; the cost is the (query x KV token) pairs the item visits. */
-  int64_t n = 0;
-  for (int64_t i = 0; i < bv->batch; i++) {
-    const int64_t qo_len = bv_qo_len(bv, i), kv_len = bv_kv_len(bv, i);
-    mask_first[i] = p->mask_offset ? p->mask_offset[i] : mask_bits;
-    mask_bits += ceil_div64(qo_len * kv_len, 8) * 8;
-    for (int64_t qb = 0; qb < qo_len; qb += fr.q_rows_per_item) {
-      int64_t qe = qb + fr.q_rows_per_item < qo_len ? qb + fr.q_rows_per_item : qo_len;
-      double kv_seen = (double)kv_len;
-      if (d->causal && !bv->bsr_positions) {
-        double last = (double)(kv_len - qo_len + qe);
-        kv_seen = last < 0 ? 0 : last < kv_seen ? last : kv_seen;
+  int64_t num_items = 0, num_groups = 0, num_parts = 0;
+  fr.heads_per_item = d->num_kv_heads; /* pass 0 counts (row, query block, chunk) units with all heads */
+  for (int pass = 0; pass < 2; pass++) { /* pass 0 counts, pass 1 fills */
+    int64_t n = 0, g = 0, part = 0;
+    mask_bits = 0;
+    for (int64_t i = 0; i < bv->batch; i++) {
+      const int64_t qo_len = bv_qo_len(bv, i), kv_len = bv_kv_len(bv, i);
+      if (pass) mask_first[i] = p->mask_offset ? p->mask_offset[i] : mask_bits;
+      mask_bits += ceil_div64(qo_len * kv_len, 8) * 8;
+      for (int64_t qb = 0; qb < qo_len; qb += fr.q_rows_per_item) {
+        const int64_t qe = qb + fr.q_rows_per_item < qo_len ? qb + fr.q_rows_per_item : qo_len;
+        int64_t jb, je;
+        item_kv_range(&fr, i, qb, qe, &jb, &je);
+        /* chunks start at multiples of `chunk` from token 0, whatever the query block; only blocks
+         * of few query rows are split (long ones have parallelism enough, and states to keep) */
+        const int split = je - jb > split_above && qe - qb <= SPLIT_MAX_ROWS;
+        const int64_t c0 = split ? jb / chunk : 0;
+        const int64_t parts = split ? ceil_div64(je, chunk) - c0 : 1;
+        for (int h = 0; h < d->num_kv_heads; h += fr.heads_per_item) {
+          for (int64_t c = 0; c < parts; c++, n++) {
+            if (!pass) continue;
+            int64_t lo = parts > 1 ? (c0 + c) * chunk : jb, hi = parts > 1 ? (c0 + c + 1) * chunk : je;
+            lo = lo < jb ? jb : lo, hi = hi > je ? je : hi;
+            work_item w = {(int32_t)i, (int32_t)qb, (int32_t)qe, h, fr.heads_per_item, lo, hi,
+                           parts > 1 ? part + c : -1, parts,
+                           (double)(qe - qb) * fr.heads_per_item * (double)(hi - lo + BK)};
+            fr.items[n] = w;
+            if (parts > 1 && c == 0) groups[g] = w;
+          }
+          if (parts > 1) g++, part += parts;
+        }
       }
-      for (int h = 0; h < d->num_kv_heads; h++)
-        fr.items[n++] = (work_item){(int32_t)i, h, (int32_t)qb, (int32_t)qe, (double)(qe - qb) * (kv_seen + BK)};
+    }
+    if (!pass) {
+      /* n units (all heads together): take as many kv heads per item as keeps 4 items per thread */
+      const int64_t units = n;
+      fr.heads_per_item = 1;
+      for (int hp = d->num_kv_heads; hp > 1; hp--) {
+        if (d->num_kv_heads % hp) continue;
+        if (max_rows * fr.group * hp > QUERIES_PER_ITEM) continue;
+        if (units * (d->num_kv_heads / hp) < 4 * (int64_t)(num_threads > 1 ? num_threads : 1)) continue;
+        fr.heads_per_item = hp;
+        break;
+      }
+      const int64_t per_unit = d->num_kv_heads / fr.heads_per_item;
+      n *= per_unit, g *= per_unit, part *= per_unit;
+      num_items = n, num_groups = g, num_parts = part;
+      fr.part_floats = (int64_t)(max_rows < SPLIT_MAX_ROWS ? max_rows : SPLIT_MAX_ROWS) * fr.group *
+                       fr.heads_per_item * (fr.dpad + 2);
+      fr.items = malloc(sizeof(work_item) * (size_t)(n > 0 ? n : 1));
+      groups = malloc(sizeof(work_item) * (size_t)(g > 0 ? g : 1));
+      mask_first = malloc(sizeof(int64_t) * (size_t)(bv->batch > 0 ? bv->batch : 1));
+      fr.partial = part ? malloc(sizeof(float) * (size_t)part * (size_t)fr.part_floats) : NULL;
+      if (!fr.items || !groups || !mask_first || (part && !fr.partial)) {
+        st = set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_run: %lld work items, %lld split-KV chunks",
+                       (long long)n, (long long)part);
+        goto done;
+      }
     }
   }
+  int64_t n = num_items;
   fr.num_items = n;
   fr.mask_first = mask_first;
   qsort(fr.items, (size_t)n, sizeof(work_item), by_cost_desc);
@@ -548,11 +737,14 @@ kvattn_status cpu_attention_fast(const cpu_problem *p, int num_threads) {
   worker_main(&workers[0]);
   for (int w = 1; w < threads; w++)
     if (started[w]) pthread_join(tids[w], NULL);
+  /* Split KV: merge each split item's chunks (small next to the chunks themselves). */
+  for (int64_t g = 0; g < num_groups; g++) merge_parts(&fr, &groups[g], scs[0].acc, scs[0].m, scs[0].l);
+  (void)num_parts;
 
 done:
   if (scs)
     for (int w = 0; w < threads; w++) free(scs[w].mem);
   free(scs), free(tids), free(workers), free(started);
-  free(fr.items), free(mask_first), free(fr.rope_cos), free(fr.rope_sin);
+  free(fr.items), free(groups), free(mask_first), free(fr.rope_cos), free(fr.rope_sin), free(fr.partial);
   return st;
 }
