@@ -160,8 +160,9 @@ static int parse_options(int argc, char **argv, opt_def *defs, int ndefs) {
     }
     case OPT_STRING: *(const char **)d->dst = val; break;
     case OPT_CHOICE: {
-      int c = choice_index(d->choices, val);
-      if (c < 0) return usage_error("%s: '%s' is not one of %s", d->name, val, d->choices ? d->choices : "?");
+      const char *choices = d->choices ? d->choices : "";
+      int c = choice_index(choices, val);
+      if (c < 0) return usage_error("%s: '%s' is not one of %s", d->name, val, choices);
       *(int *)d->dst = c;
       break;
     }
@@ -1638,6 +1639,14 @@ static int cmd_check(int argc, char **argv) {
   int nreasons = 0;
   double worst_half = 0, worst_wide = 0, t_start = now_us();
   for (int64_t i = first; i < last; i++) {
+    if (gpu && i > first && (i - first) % 32 == 0) {
+      /* Each case is a new variant, hence new kernels; a context holds GPU_MAX_KERNELS of them, so the
+       * sweep starts a fresh one now and then (a serving process needs a handful, not hundreds). */
+      kvattn_context_destroy(ctx);
+      ctx = NULL;
+      rc = open_contexts(backend, threads, &ctx, NULL);
+      if (rc) break;
+    }
     rng r = {(uint64_t)seed * 0x100000001B3ull + (uint64_t)i};
     attn_case c;
     case_filter filter = {format - 1, decode_only};
@@ -1786,7 +1795,7 @@ static int cmd_bench(int argc, char **argv) {
       {"--iters", OPT_INT, &iters, 1, 1000000, NULL, "timed samples, the median is reported (default 10)", 0},
       {"--threads", OPT_INT, &threads, 0, 4096, NULL, "CPU worker threads (default 0: one per core)", 0},
       {"--seed", OPT_INT, &seed, 0, INT64_MAX, NULL, "seed of the data (default 1)", 0},
-      {"--check", OPT_FLAG, &check, 0, 0, NULL, "also check the result against the float64 reference", 0},
+      {"--check", OPT_FLAG, &check, 0, 0, NULL, "also check against the float64 reference (one CPU thread: keep shapes small)", 0},
       {"--json", OPT_STRING, &json, 0, 0, NULL, "write the results as JSON to this file", 0},
   };
   int ndefs = (int)(sizeof defs / sizeof defs[0]);
