@@ -194,6 +194,25 @@ def bench_kvattn(P, kvattn, tc=False):
     return {"us": t * 1e6, "relerr": err, "timing": how}
 
 
+def with_env(cfg, fn):
+    """Run fn under a scheduler/kernel configuration "s<stages>c<ctas per SM>m<min chunk>" (any part
+    optional), read by kvattn when an attention is created."""
+    import re
+    keys = {"s": "KVATTN_DECODE_STAGES", "c": "KVATTN_DECODE_CTAS_PER_SM", "m": "KVATTN_DECODE_MIN_CHUNK",
+            "i": "KVATTN_DECODE_ITEM_COST"}
+    saved = {k: os.environ.get(k) for k in keys.values()}
+    try:
+        for letter, value in re.findall(r"([scmi])(\d+)", cfg):
+            os.environ[keys[letter]] = value
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def bench_flashinfer(P, fi, tc, workspace):
     w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
     w.plan(P.indptr_d, P.indices, P.last_d, P.qo, P.kv, P.d, P.page, q_data_type=torch.bfloat16,
@@ -226,6 +245,7 @@ def main():
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--tc", action="store_true", help="also kvattn's tensor-core path (the prefill kernel)")
+    ap.add_argument("--sweep", default=None, help="extra kvattn configurations, e.g. s8c1,s3c3,m128")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -252,7 +272,7 @@ def main():
     bw = copy_bandwidth()
     result["copy_TBps"] = bw
     log("device %s, copy bandwidth %.3f TB/s (read+write)" % (props.name, bw))
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if fi else None
+    workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda") if fi else None  # FlashInfer wants zeros
 
     rows = []
     for name, batch, lens, qo, kv, pages in WORKLOADS:
@@ -269,6 +289,8 @@ def main():
                      "kv_tokens": int(P.lens.sum()), "max_len": int(P.lens.max()), "bytes": P.bytes,
                      "copies": P.copies}
             contenders = [("kvattn", lambda: bench_kvattn(P, kvattn))]
+            for cfg in (args.sweep.split(",") if args.sweep else []):
+                contenders.append(("kvattn[%s]" % cfg, lambda cfg=cfg: with_env(cfg, lambda: bench_kvattn(P, kvattn))))
             if args.tc:
                 contenders.append(("kvattn_tc", lambda: bench_kvattn(P, kvattn, True)))
             if fi is not None:
@@ -293,7 +315,7 @@ def main():
                 entry["kvattn_vs_flashinfer"] = min(fis) / entry["kvattn"]["us"]  # > 1: kvattn faster
             result["workloads"][key] = entry
             line = "%-22s" % key
-            for cname in ("kvattn", "kvattn_tc", "flashinfer_tc1", "flashinfer_tc0", "triton"):
+            for cname in [c for c, _ in contenders]:
                 r = entry.get(cname)
                 if r and "us" in r:
                     line += "  %s %8.1f us %5.2f TB/s err %.1e" % (cname, r["us"], r["TBps"], r["relerr"])

@@ -5,18 +5,20 @@
 # (bench/decode.py: kvattn vs FlashInfer vs Triton vs the copy bandwidth), and a summary table last.
 # Logs and JSON go to $OUT (or /tmp/gpu-check).
 #
-#   scripts/gpu-check.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--bench-args "..."]
+#   scripts/gpu-check.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--bench-args "..."] [--profile]
+# --profile: one Nsight Compute report of the decode kernel (b64 x 4096, page 16) after the bench.
 # FlashInfer travels as wheels in .whl/ (see the device README); without them the bench runs without it.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-TESTS=1 SAN=1 BENCH=1 BENCH_ARGS=""
+TESTS=1 SAN=1 BENCH=1 PROFILE=0 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) TESTS=0 ;;
     --no-sanitizer) SAN=0 ;;
     --no-bench) BENCH=0 ;;
+    --profile) PROFILE=1 ;;
     --quick-bench) BENCH_ARGS="$BENCH_ARGS --quick" ;;
     --bench-args) shift; BENCH_ARGS="$BENCH_ARGS $1" ;;
     *) echo "unknown option $1"; exit 2 ;;
@@ -89,6 +91,20 @@ if [ "$BENCH" = 1 ] && [ "${R[build]}" = ok ]; then
     result bench ok
   else
     result bench FAIL
+  fi
+fi
+
+if [ "$PROFILE" = 1 ] && [ "${R[build]}" = ok ]; then
+  phase "profile (ncu, one decode launch)"
+  export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
+  if command -v ncu >/dev/null; then
+    ncu --target-processes all -k regex:decode_paged --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      --section LaunchStats python3 bench/decode.py --only b64_L4096 --quick --no-flashinfer --no-triton \
+      >"$OUT/ncu.log" 2>&1 && result profile ok || result profile FAIL
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|Warp Cycles|Issued Ipc|Block Limit|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -40
+  else
+    result profile "FAIL (ncu missing)"
   fi
 fi
 

@@ -530,11 +530,11 @@ static void print_case(const dcase *c, double rel, double lse) {
     if (c->kv_len[i] > mx) mx = c->kv_len[i];
   }
   fprintf(stderr,
-          "  %-22s b%-4d kvh %d g%-2d hd%-3d p%-3d %s %s%s%s%s%s%s%s kv %lld (max %lld): err %.2e lse %.2e\n",
+          "  %-22s b%-4d kvh %d g%-2d hd%-3d p%-3d %s %s%s%s%s%s%s%s%s kv %lld (max %lld): err %.2e lse %.2e\n",
           c->name, c->batch, c->kv_heads, c->group, c->head_dim, c->page_size, c->layout ? "HND" : "NHD",
           c->bf16 ? "bf16" : "fp16", c->noncontig ? " strided" : "", c->combined_kv ? " kv5" : "",
           c->window >= 0 ? " window" : "", c->soft_cap > 0 ? " softcap" : "", c->alibi ? " alibi" : "",
-          c->rope ? " rope" : "", (long long)total, (long long)mx, rel, lse);
+          c->rope ? " rope" : "", c->kernel == KVATTN_KERNEL_TENSOR_CORE ? " tensor-core" : "", (long long)total, (long long)mx, rel, lse);
 }
 
 TEST(decode_matches_the_reference_on_random_cases) {
@@ -625,7 +625,7 @@ TEST(decode_edge_shapes) {
 
 TEST(decode_options_and_split_modes) {
   NEED_GPU();
-  for (int k = 0; k < 8; k++) {
+  for (int k = 0; k < 10; k++) {
     int64_t len[24];
     dcase c;
     memset(&c, 0, sizeof c);
@@ -643,6 +643,8 @@ TEST(decode_options_and_split_modes) {
     c.rope = k >= 4;
     c.disable_split = k == 3;
     c.fixed_split = k == 5 ? 4 : 0;
+    c.kernel = k >= 8 ? KVATTN_KERNEL_TENSOR_CORE : KVATTN_KERNEL_AUTO; /* the mma.sync path */
+    if (k >= 8) c.rope = c.alibi = 0, c.soft_cap = k == 9 ? 20.0f : 0.0f, c.window = -1, c.group = 4 * (k - 7);
     c.noncontig = 1;
     random_lengths(len, c.batch, 3000, 30000);
     c.kv_len = len;
