@@ -174,6 +174,20 @@ TEST(check_sweep_of_20_cases_passes_on_the_cpu) {
   CHECK_MSG(strstr(out_, "check: 20 cases") && strstr(out_, "20 passed, 0 failed"), "%s", out_);
 }
 
+TEST(check_fails_with_exit_1_when_outputs_are_spoiled) {
+  NEED_CLI();
+  /* --perturb adds a tenth of a row's norm to one output value: every case with query rows must fail */
+  int rc = run_cli("check --cases 12 --backend cpu --format paged --decode --perturb --verbose", out_, sizeof out_);
+  CHECK_MSG(rc == 1, "exit %d, want 1:\n%s", rc, out_);
+  CHECK_MSG(count_of(out_, "FAILED") >= 6, "%s", out_);
+  for (const char *p = out_; (p = strstr(p, " ok: ")); p++) { /* only a batch of 0 requests may pass */
+    const char *eol = strchr(p, '\n');
+    const char *b0 = strstr(p, " b0 ");
+    CHECK_MSG(b0 && (!eol || b0 < eol), "a spoiled case passed:\n%s", out_);
+  }
+  CHECK(strstr(out_, "reproduce: kvattn check --backend cpu --seed 1 --only 0 --format paged --decode"));
+}
+
 TEST(check_reruns_one_case_with_only) {
   NEED_CLI();
   int rc = run_cli("check --backend cpu --seed 3 --only 5 --verbose", out_, sizeof out_);

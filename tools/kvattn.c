@@ -701,6 +701,24 @@ static void tolerances(const attn_case *c, double *out_tol, double *lse_tol) {
   }
 }
 
+/* `kvattn check --perturb`: spoil the backend's output a little before the comparison, to show that
+ * the comparison catches it. */
+static int g_perturb = 0;
+
+/* Add a tenth of the first row's reference norm to its first element (or write 1 there if the row is
+ * fully masked). A case with no query rows has nothing to spoil. */
+static void perturb_output(attn_case *c) {
+  int64_t dim = c->desc.head_dim;
+  if (c->qo_tokens * c->desc.num_qo_heads == 0) return;
+  double norm2 = 0;
+  for (int64_t d = 0; d < dim; d++) {
+    double x = tensor_get(&c->ref_out, c->ref_out.host, d);
+    norm2 += x * x;
+  }
+  double o = tensor_get(&c->out, c->out.host, 0);
+  tensor_set(&c->out, c->out.host, 0, norm2 > 0 ? o + 0.1 * sqrt(norm2) : 1.0);
+}
+
 typedef struct verify_result {
   exec_result exec;    /* the backend under test */
   exec_result ref;     /* the reference */
@@ -731,6 +749,7 @@ static kvattn_status verify_case(kvattn_context *ctx, kvattn_context *ref, attn_
   exec_attention(ref, &rd, c, 0, &c->ref_out, &c->ref_lse, 1, 1, &v->ref);
   c->want_lse = want_lse;
   if (v->ref.status) return v->ref.status;
+  if (g_perturb) perturb_output(c);
   compare_outputs(c, &v->cmp);
   tolerances(c, &v->out_tol, &v->lse_tol);
   v->pass = v->cmp.nonfinite == 0 && v->cmp.empty_wrong == 0 && v->cmp.max_rel <= v->out_tol &&
@@ -1607,6 +1626,7 @@ static int cmd_check(int argc, char **argv) {
       {"--format", OPT_CHOICE, &format, 0, 0, "any|paged|ragged|bsr", "draw only this KV format (default any)", 0},
       {"--decode", OPT_FLAG, &decode_only, 0, 0, NULL, "draw only decode batches (paged, one query token each)", 0},
       {"--verbose", OPT_FLAG, &verbose, 0, 0, NULL, "print every case and its error", 0},
+      {"--perturb", OPT_FLAG, &g_perturb, 0, 0, NULL, "spoil one output value of each case before comparing (every case with output must fail)", 0},
   };
   int ndefs = (int)(sizeof defs / sizeof defs[0]);
   int p = parse_options(argc, argv, defs, ndefs);
