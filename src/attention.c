@@ -135,6 +135,33 @@ KVATTN_API kvattn_status kvattn_attention_destroy(kvattn_attention *a) {
   return KVATTN_SUCCESS;
 }
 
+/* ---------------------------------------------------------------- the plan's fingerprint (CPU) */
+
+/* The CPU plan's arrays live in the caller's workspace and the kernels index tensors with them. A
+ * run recomputes this hash and refuses a workspace rewritten since the plan (another attention
+ * planned into the same workspace, say), which would otherwise send reads past the tensors. */
+static uint64_t hash_words(uint64_t h, const void *p, size_t bytes) {
+  const unsigned char *c = p;
+  for (size_t i = 0; i < bytes; i += 8) {
+    uint64_t w = 0;
+    memcpy(&w, c + i, bytes - i < 8 ? bytes - i : 8);
+    h = (h ^ w) * 0x100000001b3ull;
+    h ^= h >> 29;
+  }
+  return h;
+}
+
+static uint64_t cpu_plan_fingerprint(const kvattn_attention *a) {
+  const batch_view *bv = &a->bv;
+  size_t n = (size_t)bv->batch + 1;
+  uint64_t h = hash_words(0x9e3779b97f4a7c15ull, &n, sizeof n);
+  h = hash_words(h, bv->qo_indptr, n * sizeof(int32_t));
+  h = hash_words(h, bv->kv_indptr, n * sizeof(int32_t));
+  if (bv->last_page_len) h = hash_words(h, bv->last_page_len, (n - 1) * sizeof(int32_t));
+  if (a->mask_offset) h = hash_words(h, a->mask_offset, n * sizeof(int64_t));
+  return h;
+}
+
 /* ---------------------------------------------------------------- plan */
 
 KVATTN_API kvattn_status kvattn_plan(kvattn_attention *a, const kvattn_batch *batch, const kvattn_workspace *ws,
@@ -217,6 +244,7 @@ KVATTN_API kvattn_status kvattn_plan(kvattn_attention *a, const kvattn_batch *ba
     bv.indices = NULL; /* the run's indices tensor is read instead */
     a->bv = bv;
     a->mask_bits = mask_bits;
+    a->plan_fingerprint = cpu_plan_fingerprint(a);
   }
   a->ws = *ws;
   a->planned = 1;
@@ -455,6 +483,10 @@ KVATTN_API kvattn_status kvattn_run(kvattn_attention *a, const DLTensor *q, cons
   clear_error();
   RETURN_IF(!a, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_run: attn is NULL");
   RETURN_IF(!a->planned, KVATTN_ERROR_INVALID_USAGE, "kvattn_run: no plan: call kvattn_plan() first");
+  RETURN_IF(a->ctx->backend != KVATTN_BACKEND_CUDA && cpu_plan_fingerprint(a) != a->plan_fingerprint,
+            KVATTN_ERROR_INVALID_USAGE,
+            "kvattn_run: the workspace no longer holds this attention's plan (another kvattn_plan into the same "
+            "workspace, or it was rewritten): plan again");
   run_tensors rt;
   TRY(run_tensors_check(a, q, kv, custom_mask, out, lse, &rt));
   if (a->ctx->backend == KVATTN_BACKEND_CUDA) return gpu_run(a, &rt, stream);

@@ -172,6 +172,7 @@ struct kvattn_attention {
   int64_t mask_bits;           /* total bits the custom mask must hold */
   struct gpu_attention *gpu;   /* NULL on the CPU */
   struct gpu_prefill *gpu_prefill; /* the prefill family's state (GPU), or NULL */
+  uint64_t plan_fingerprint;   /* CPU: hash of the plan's arrays in the workspace, checked by run */
 };
 
 /* ---------------------------------------------------------------- run arguments */

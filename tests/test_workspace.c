@@ -495,6 +495,78 @@ TEST(plans_may_alternate_between_two_workspaces) {
   CHECK(ok);
 }
 
+TEST(workspace_planned_into_by_another_attention_is_refused_at_run) {
+  /* a workspace holds one plan: after B plans into A's workspace, A's run must not read B's arrays
+   * (they index A's tensors out of bounds); A plans again and runs */
+  static problem pa, pb;
+  for (int bi = 0; bi < 2; bi++) {
+    kvattn_context *ctx = context(BACKENDS[bi]);
+    problem_make(&pa, FMT_PAGED, 3, 0, 700);
+    problem_make(&pb, FMT_PAGED, 8, 0, 701);
+    kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+    bounds.max_batch = 8;
+    bounds.max_qo_tokens = 24;
+    bounds.max_kv_entries = 72;
+    kvattn_attention_desc d = make_desc(0);
+    float *want_out = malloc(pa.out.bytes + 4), *want_lse = malloc(pa.lse.bytes + 4);
+    solve_fresh(failed_, ctx, &bounds, &pa, want_out, want_lse);
+    kvattn_attention *a = NULL, *b = NULL;
+    size_t dev, host;
+    kvattn_workspace ws = {0};
+    kvattn_status s = kvattn_attention_create(ctx, &d, &bounds, &a);
+    if (s == KVATTN_SUCCESS) s = kvattn_attention_create(ctx, &d, &bounds, &b);
+    if (s == KVATTN_SUCCESS) s = kvattn_workspace_size(ctx, &d, &bounds, &dev, &host);
+    if (s == KVATTN_SUCCESS) s = kvattn_workspace_alloc(ctx, dev, host, &ws);
+    if (s == KVATTN_SUCCESS) s = kvattn_plan(a, &pa.b, &ws, NULL);
+    if (s == KVATTN_SUCCESS) s = kvattn_plan(b, &pb.b, &ws, NULL);
+    memset(pa.out.mem, 0xA5, pa.out.bytes);
+    kvattn_status refused = kvattn_run(a, &pa.q.t, &pa.kv, NULL, &pa.out.t, &pa.lse.t, NULL);
+    char msg[512];
+    snprintf(msg, sizeof msg, "%s", kvattn_last_error());
+    int untouched = 1;
+    for (size_t i = 0; i < pa.out.bytes; i++) untouched &= ((unsigned char *)pa.out.mem)[i] == 0xA5;
+    kvattn_status again = s == KVATTN_SUCCESS ? run_problem(a, &ws, &pa) : s;
+    int same = again == KVATTN_SUCCESS && memcmp(want_out, pa.out.mem, pa.out.bytes) == 0 &&
+               memcmp(want_lse, pa.lse.mem, pa.lse.bytes) == 0;
+    kvattn_attention_destroy(a);
+    kvattn_attention_destroy(b);
+    kvattn_workspace_free(ctx, &ws);
+    free(want_out), free(want_lse);
+    if (*failed_) return;
+    CHECK_OK(s);
+    CHECK_STATUS(refused, KVATTN_ERROR_INVALID_USAGE);
+    CHECK_MSG(strstr(msg, "plan again") != NULL, "message: %s", msg);
+    CHECK(untouched);
+    CHECK_OK(again);
+    CHECK(same);
+  }
+}
+
+TEST(workspace_rewritten_after_plan_is_refused_at_run) {
+  static problem p;
+  kvattn_context *ctx = context(KVATTN_BACKEND_CPU);
+  problem_make(&p, FMT_RAGGED, 6, 1, 800);
+  kvattn_bounds bounds = bounds_of(&p);
+  kvattn_attention_desc d = make_desc(1);
+  kvattn_attention *a = NULL;
+  CHECK_OK(kvattn_attention_create(ctx, &d, &bounds, &a));
+  size_t dev, host;
+  CHECK_OK(kvattn_workspace_size(ctx, &d, &bounds, &dev, &host));
+  kvattn_workspace ws;
+  CHECK_OK(kvattn_workspace_alloc(ctx, dev, host, &ws));
+  kvattn_status plan = kvattn_plan(a, &p.b, &ws, NULL);
+  memset(ws.device, 0x7F, ws.device_bytes);
+  memset(p.out.mem, 0xA5, p.out.bytes);
+  kvattn_status run = kvattn_run(a, &p.q.t, &p.kv, &p.mask.t, &p.out.t, &p.lse.t, NULL);
+  int untouched = 1;
+  for (size_t i = 0; i < p.out.bytes; i++) untouched &= ((unsigned char *)p.out.mem)[i] == 0xA5;
+  kvattn_attention_destroy(a);
+  kvattn_workspace_free(ctx, &ws);
+  CHECK_OK(plan);
+  CHECK_STATUS(run, KVATTN_ERROR_INVALID_USAGE);
+  CHECK(untouched);
+}
+
 /* ---------------------------------------------------------------- poisoning */
 
 TEST(poisoned_padding_between_strided_q_rows_is_not_read) {
