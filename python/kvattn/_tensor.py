@@ -115,7 +115,8 @@ class Borrowed:
 
     def __init__(self, obj, capsule, tensor, read_only):
         self.obj = obj          # the producer's object (keeps its memory alive too)
-        self.capsule = capsule  # owns the managed tensor; its destructor calls the deleter
+        self.capsule = capsule  # owns the managed tensor (its destructor calls the deleter), or
+                                # the shape/strides arrays of a tensor read directly
         self.tensor = tensor    # DLTensor living inside the managed tensor
         self.read_only = read_only
 
@@ -155,6 +156,39 @@ def _export(x, dev_type, stream, same_stream):
     return x.__dlpack__(stream=dl_stream)
 
 
+_TORCH_DL = {}  # torch.dtype -> (code, bits), filled on first use
+
+
+def _torch_dl_dtype(dtype):
+    dl = _TORCH_DL.get(dtype)
+    if dl is None:
+        name = str(dtype).split(".")[-1]
+        dl = _DTYPE_CODES.get(_ALIASES.get(name, name))
+        _TORCH_DL[dtype] = dl  # None: a dtype kvattn has no name for (DLPack path reports it)
+    return dl
+
+
+_I64_ARRAYS = [ctypes.c_int64 * n for n in range(9)]
+
+
+def _borrow_torch_direct(x):
+    """The DLTensor of a strided torch tensor, read from its attributes. Gives the bytes that
+    x.__dlpack__(stream=-1) would (no synchronization; data_ptr is already past the storage offset)
+    for less host time; used where no stream ordering is asked of torch. None if not applicable."""
+    dl = _torch_dl_dtype(x.dtype)
+    if dl is None or x.layout is not _torch().strided or x.is_conj() or x.is_neg():
+        return None
+    shape = x.shape
+    n = len(shape)
+    if n >= len(_I64_ARRAYS):
+        return None
+    arr = _I64_ARRAYS[n]
+    shape_arr, strides_arr = arr(*shape), arr(*x.stride())
+    dev = _lib.DLDevice(_lib.kDLCUDA, x.get_device()) if x.is_cuda else _lib.DLDevice(_lib.kDLCPU, 0)
+    t = DLTensor(x.data_ptr(), dev, n, DLDataType(dl[0], dl[1], 1), shape_arr, strides_arr, 0)
+    return Borrowed(x, (shape_arr, strides_arr), t, False)
+
+
 def borrow(x, name, stream=None, writable=False, same_stream=False):
     """Borrow `x` (anything with __dlpack__) as a DLTensor. `name` is the argument's name for error
     messages; `writable` refuses producers that flag their data read-only; `same_stream` says that
@@ -164,6 +198,10 @@ def borrow(x, name, stream=None, writable=False, same_stream=False):
     if is_torch(x):
         if x.requires_grad:
             x = x.detach()  # torch refuses to export tensors that require grad; we only touch data
+        if same_stream or not x.is_cuda:
+            b = _borrow_torch_direct(x)
+            if b is not None:
+                return b
         dev_type = _lib.kDLCUDA if x.is_cuda else _lib.kDLCPU  # cheaper than __dlpack_device__
     elif not hasattr(x, "__dlpack__"):
         raise_error(Status.INVALID_ARGUMENT, "%s: a %s has no __dlpack__; pass a NumPy array or a "
@@ -205,8 +243,13 @@ def borrow(x, name, stream=None, writable=False, same_stream=False):
 
 
 def ptr(b):
-    """POINTER(DLTensor) or None for an optional argument."""
-    return None if b is None else b.ptr
+    """POINTER(DLTensor) or None for an optional argument (struct fields)."""
+    return None if b is None else ctypes.pointer(b.tensor)
+
+
+def ref(b):
+    """A DLTensor* function argument, or None (byref: cheaper than a pointer object)."""
+    return None if b is None else ctypes.byref(b.tensor)
 
 
 # ----------------------------------------------------------------------------- host index arrays

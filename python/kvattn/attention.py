@@ -232,8 +232,8 @@ class _AttentionWrapper:
         kvs = _lib.kv_init(self._layout)
         kvs.k, kvs.v, kvs.kv, kvs.indices = (_tensor.ptr(bk), _tensor.ptr(bv), _tensor.ptr(bkv),
                                              _tensor.ptr(bidx))
-        _lib.call("kvattn_run", self._attn, _tensor.ptr(bq), ctypes.byref(kvs), _tensor.ptr(bmask),
-                  _tensor.ptr(bout), _tensor.ptr(blse), None if s is None else ctypes.c_void_p(s))
+        _lib.call("kvattn_run", self._attn, _tensor.ref(bq), ctypes.byref(kvs), _tensor.ref(bmask),
+                  _tensor.ref(bout), _tensor.ref(blse), s)
         return (out, lse) if return_lse else out
 
     @staticmethod

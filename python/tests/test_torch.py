@@ -230,3 +230,33 @@ def test_cuda_paged_prefill(causal):
     ro, _ = R.paged_attention(f64(q), qo_indptr, f64(cache[:, 0]), f64(cache[:, 1]), kv_indptr,
                               kv_indices, last, ps, causal=causal)
     assert R.rel_err(f64(out), ro) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.uint8])
+def test_direct_torch_borrow_equals_its_dlpack_export(dtype):
+    """Torch tensors are read from their attributes where torch would not synchronize anyway; the
+    DLTensor must be the one torch's own __dlpack__ gives."""
+    from kvattn import _tensor
+    base = torch.zeros(6, 7, 9, dtype=dtype)
+    for t in (base, base[1:5:2, :, 3:], base.permute(2, 0, 1), base[2], base[:0]):
+        direct = _tensor._borrow_torch_direct(t)
+        via = _tensor.borrow(OnlyDLPack(t), "t")
+        for b in (direct, via):
+            assert b is not None
+        same = lambda b: (b.shape, b.dtype, b.device, b.tensor.data + b.tensor.byte_offset  # noqa
+                          if t.numel() else 0,
+                          [b.tensor.strides[i] for i in range(b.tensor.ndim)] if t.numel() > 1 else 0)
+        assert same(direct) == same(via)
+
+
+class OnlyDLPack:
+    """Hides that an object is a torch tensor, so the generic DLPack path is taken."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __dlpack__(self, **kw):
+        return self.t.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.t.__dlpack_device__()
