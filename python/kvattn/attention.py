@@ -77,6 +77,7 @@ class _AttentionWrapper:
         self._ws = _lib.Workspace()
         self._ws_live = False
         self._plan = None          # what run() needs from the last plan
+        self._copy_done = None     # GPU: an event after the last plan's host-to-device copy
 
     # ------------------------------------------------------------------ resources
 
@@ -200,14 +201,33 @@ class _AttentionWrapper:
         self._plan = None  # a failed plan leaves nothing to run
         self._prepare(desc, desc_keep, need)
         s = self._ctx.resolve_stream(stream, arrays)
-        _lib.call("kvattn_plan", self._attn, ctypes.byref(batch), ctypes.byref(self._ws),
-                  None if s is None else ctypes.c_void_p(s))
+        if self._copy_done is not None:
+            # On a GPU, plan writes the work lists into pinned host memory and copies them
+            # asynchronously: they may be rewritten only once the last plan's copy has run.
+            self._copy_done.synchronize()
+            self._copy_done = None
+        _lib.call("kvattn_plan", self._attn, ctypes.byref(batch), ctypes.byref(self._ws), s)
+        if self._ctx.is_cuda:
+            self._copy_done = self._record_event(s)
         plan_state["num_qo_heads"] = desc.num_qo_heads
         plan_state["head_dim"] = desc.head_dim
         plan_state["o_dtype"] = _tensor.dtype_name(
             desc.o_dtype if desc.o_dtype.bits else desc.q_dtype if desc.q_dtype.bits
             else _lib.DLDataType(_lib.kDLFloat, 16, 1))
         self._plan = plan_state
+
+    def _record_event(self, s):
+        """An event marking the plan's copy on stream `s` (through torch, when it is loaded; without
+        torch the caller keeps the order, as the C API asks)."""
+        torch = _tensor._torch()
+        if torch is None:
+            return None
+        dev = self._ctx.device_id
+        cur = torch.cuda.current_stream(dev)
+        st = cur if cur.cuda_stream == s else torch.cuda.ExternalStream(s, device=dev)
+        ev = torch.cuda.Event()
+        ev.record(st)
+        return ev
 
     def _do_run(self, q, k, v, kv, out, lse, return_lse, stream):
         p = self._plan
