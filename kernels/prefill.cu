@@ -226,19 +226,21 @@ static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, c
   }
 }
 
-/* The position of KV token j of the item (BSR: the global column). */
-static __device__ __forceinline__ long long kv_position(const struct prefill_params &p, const struct prefill_item &it,
-                                                        int j) {
+/* The position of KV token j of the item (BSR: the global column; one at or past the data's end
+ * reads as INT_MAX, masked like any position past the limit). Positions fit int32: kv_len and
+ * num_cols are < 2^31. */
+static __device__ __forceinline__ int kv_position(const struct prefill_params &p, const struct prefill_item &it, int j) {
   if (!p.bsr) return j;
   int e, slot;
   page_split(p, j, &e, &slot);
-  return (long long)__ldg(p.indices + it.kv_entry + e) * p.page_size + slot;
+  const long long pos = (long long)__ldg(p.indices + it.kv_entry + e) * p.page_size + slot;
+  return pos < p.kv_token_limit ? (int)pos : 0x7fffffff;
 }
 
 #if ROPE
 /* Rotate-half RoPE of the rows of a swizzled tile in place: pair (d, d + HEAD_DIM/2) of row r is
  * rotated by pos(r) * freq[d]. Each thread takes whole 8-element chunks of the low half. */
-static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const long long *pos, const float *freq) {
+static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const int *pos, const float *freq) {
   for (int idx = threadIdx.x; idx < rows * (CH / 2); idx += NUM_THREADS) {
     int row = idx / (CH / 2), c = idx % (CH / 2);
     u16 *lo = tile + swz(row, c), *hi = tile + swz(row, c + CH / 2);
@@ -272,9 +274,9 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 prefill_kernel(const struct prefill_params p) {
   extern __shared__ __align__(16) u16 smem[];
   u16 *sq = smem, *sk = smem + SMEM_Q, *sv = sk + SMEM_KV;
-  long long *skpos = (long long *)(sv + SMEM_KV); /* [2][KV_TILE] BSR/RoPE positions */
+  int *skpos = (int *)(sv + SMEM_KV); /* [2][KV_TILE] BSR/RoPE positions */
 #if ROPE
-  long long *sqpos = skpos + 2 * KV_TILE;         /* [CTA_Q] */
+  int *sqpos = skpos + 2 * KV_TILE;   /* [CTA_Q] */
 #endif
   const int lane = threadIdx.x & 31;
   const int warp = (threadIdx.x >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
@@ -306,11 +308,11 @@ prefill_kernel(const struct prefill_params p) {
     cp_async_commit();
 #if ROPE
     for (int row = threadIdx.x; row < CTA_Q; row += NUM_THREADS)
-      sqpos[row] = (long long)it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
+      sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
 #endif
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
-    long long q_pos[MF][2];
+    int q_pos[MF][2];
     int row_ok[MF][2];
 #if ALIBI
     float slope[MF][2];
@@ -325,7 +327,7 @@ prefill_kernel(const struct prefill_params p) {
       for (int h = 0; h < 2; h++) {
         int pr = it.row_start + warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
         int tok = pr / GROUP_SIZE;
-        q_pos[mf][h] = (long long)it.q_pos_base + tok;
+        q_pos[mf][h] = it.q_pos_base + tok;
         row_ok[mf][h] = tok < it.qo_len;
 #if ALIBI
         slope[mf][h] = p.alibi_slopes[qo_heads_base + (pr - tok * GROUP_SIZE)] * log2e;
@@ -337,10 +339,10 @@ prefill_kernel(const struct prefill_params p) {
       }
     /* first and last query position of the tile (causal/window tile classification) */
 #if CAUSAL
-    const long long tile_qpos_lo = (long long)it.q_pos_base + it.row_start / GROUP_SIZE;
+    const int tile_qpos_lo = it.q_pos_base + it.row_start / GROUP_SIZE;
 #endif
 #if WINDOW
-    const long long tile_qpos_hi = (long long)it.q_pos_base + (it.row_start + CTA_Q - 1) / GROUP_SIZE;
+    const int tile_qpos_hi = it.q_pos_base + (it.row_start + CTA_Q - 1) / GROUP_SIZE;
 #endif
 
     float o[MF][DF][4];
@@ -369,7 +371,7 @@ prefill_kernel(const struct prefill_params p) {
     int buf = 0;
     for (; t0 < kv_end; t0 += KV_TILE, buf ^= 1) {
       const int t1 = t0 + KV_TILE;
-      long long *kpos = skpos + buf * KV_TILE;
+      int *kpos = skpos + buf * KV_TILE;
       if (p.bsr || ROPE) {
         for (int c = threadIdx.x; c < KV_TILE; c += NUM_THREADS) kpos[c] = t0 + c < kv_end ? kv_position(p, it, t0 + c) : 0;
       }
@@ -411,10 +413,10 @@ prefill_kernel(const struct prefill_params p) {
       /* ---- scores: scale, variants, masks (log2 domain) */
       int need_mask = t1 > kv_end || p.bsr;
 #if CAUSAL
-      need_mask |= (long long)(t1 - 1) > tile_qpos_lo;
+      need_mask |= t1 - 1 > tile_qpos_lo;
 #endif
 #if WINDOW
-      need_mask |= (long long)t0 < tile_qpos_hi - p.window_left;
+      need_mask |= t0 < tile_qpos_hi - p.window_left;
 #endif
 #if CUSTOM_MASK
       need_mask = 1;
@@ -438,23 +440,23 @@ prefill_kernel(const struct prefill_params p) {
             x *= scale_log2;
 #endif
 #if ALIBI || CAUSAL || WINDOW || CUSTOM_MASK
-            const long long kp = p.bsr ? kpos[col] : (long long)(t0 + col);
+            const int kp = p.bsr ? kpos[col] : t0 + col;
 #endif
 #if ALIBI
             x += slope[mf][h] * (float)(kp - q_pos[mf][h]);
 #endif
             if (need_mask) {
               bool keep = t0 + col < kv_end;
-              if (p.bsr) keep = keep && kpos[col] < p.kv_token_limit;
+              if (p.bsr) keep = keep && kpos[col] != 0x7fffffff;
 #if CAUSAL
               keep = keep && kp <= q_pos[mf][h];
 #endif
 #if WINDOW
-              keep = keep && kp >= q_pos[mf][h] - p.window_left;
+              keep = keep && (long long)kp >= (long long)q_pos[mf][h] - p.window_left;
 #endif
 #if CUSTOM_MASK
               if (keep && row_ok[mf][h]) {
-                long long bit = mask_row[mf][h] + (p.bsr ? kp : (long long)(t0 + col));
+                long long bit = mask_row[mf][h] + (p.bsr ? kp : t0 + col);
                 keep = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
               }
 #endif

@@ -103,7 +103,7 @@ static int threads_for(int kind, int head_dim) {
 }
 static int smem_for(int kind, int head_dim, int rope) {
   int q = prefill_tile_rows[kind], kt = kind_kv_tile(kind, head_dim);
-  int bytes = (q + 2 * kt) * head_dim * 2 + 2 * kt * 8 + (rope ? q * 8 : 0);
+  int bytes = (q + 2 * kt) * head_dim * 2 + 2 * kt * 4 + (rope ? q * 4 : 0);
   if (kind == 0) { /* the cross-warp merge reuses K/V: 4 warps x (o, m, d) of 16 rows */
     int merge = q * head_dim * 2 + 4 * q * (head_dim + 2) * 4;
     if (merge > bytes) bytes = merge;
