@@ -1998,6 +1998,188 @@ TEST(destroying_null_handles_is_a_no_op) {
   CHECK_OK(kvattn_context_destroy(NULL));
 }
 
+/* ---------------------------------------------------------------- the same checks on a CUDA context */
+
+/* RELIABILITY.md class 2 (wrong device) and the GPU's layout rules, on a real CUDA context when
+ * there is one (skipped otherwise). All tensors are carved out of device memory from
+ * kvattn_workspace_alloc (zeroed), so even a check that wrongly passed would launch on valid
+ * memory. Decode over a paged f16 cache: 3 requests, page_size 16, head_dim 64, 4 pages. */
+enum { G_HEAD_DIM = 64, G_PAGE = 16, G_PAGES = 4, G_ROWS = 3 };
+
+typedef struct gpu_fixture {
+  int tried, ok;
+  kvattn_context *ctx;
+  kvattn_attention *attn;
+  kvattn_workspace ws, mem;
+  int32_t kv_indptr[8], last[8], indices[8];
+  kvattn_batch batch;
+  tens q, k, v, ix, out, lse;
+  kvattn_kv kv;
+} gpu_fixture;
+static gpu_fixture G;
+
+static void gview(tens *x, char *base, size_t *at, DLDataType dt, int ndim, const int64_t *shape) {
+  memset(x, 0, sizeof *x);
+  size_t n = 1;
+  for (int i = 0; i < ndim; i++) n *= (size_t)(x->shape[i] = shape[i]);
+  x->bytes = n * (dt.bits / 8);
+  x->t.data = base + *at;
+  *at += (x->bytes + 255) / 256 * 256;
+  x->t.device.device_type = kDLCUDA;
+  x->t.device.device_id = 0;
+  x->t.ndim = ndim;
+  x->t.dtype = dt;
+  x->t.shape = x->shape;
+}
+
+/* Fresh tensors (metadata) over the same device memory, planned; 0 when there is no GPU. */
+static int gpu_setup(void) {
+  if (!G.tried) {
+    G.tried = 1;
+    kvattn_options opt = KVATTN_OPTIONS_INIT;
+    opt.backend = KVATTN_BACKEND_CUDA;
+    if (kvattn_context_create(&opt, &G.ctx) != KVATTN_SUCCESS) return 0;
+    kvattn_attention_desc d = base_desc();
+    d.head_dim = G_HEAD_DIM;
+    d.q_dtype = F16;
+    kvattn_bounds b = KVATTN_BOUNDS_INIT;
+    b.max_batch = G_ROWS;
+    b.max_qo_tokens = G_ROWS;
+    b.max_kv_entries = G_PAGES;
+    size_t dev = 0, host = 0;
+    kvattn_status s = kvattn_attention_create(G.ctx, &d, &b, &G.attn);
+    if (s == KVATTN_SUCCESS) s = kvattn_workspace_size(G.ctx, &d, &b, &dev, &host);
+    if (s == KVATTN_SUCCESS) s = kvattn_workspace_alloc(G.ctx, dev, host, &G.ws);
+    if (s == KVATTN_SUCCESS) s = kvattn_workspace_alloc(G.ctx, 1 << 20, 0, &G.mem);
+    if (s != KVATTN_SUCCESS) {
+      fprintf(stderr, "  GPU fixture: %s (%s)\n", kvattn_status_string(s), kvattn_last_error());
+      return 0;
+    }
+    G.ok = 1;
+  }
+  if (!G.ok) return 0;
+  const int32_t kv[] = {0, 1, 2, 3}, last[] = {5, 16, 1}, ix[] = {2, 0, 3};
+  memcpy(G.kv_indptr, kv, sizeof kv);
+  memcpy(G.last, last, sizeof last);
+  memcpy(G.indices, ix, sizeof ix);
+  G.batch = (kvattn_batch)KVATTN_BATCH_INIT;
+  G.batch.batch_size = G_ROWS;
+  G.batch.kv_indptr = G.kv_indptr;
+  G.batch.kv_indices = G.indices;
+  G.batch.kv_last_page_len = G.last;
+  G.batch.page_size = G_PAGE;
+  G.batch.num_pages = G_PAGES;
+  char *base = G.mem.device;
+  size_t at = 0;
+  int64_t qs[] = {G_ROWS, QO_HEADS, G_HEAD_DIM}, ls[] = {G_ROWS, QO_HEADS},
+          ks[] = {G_PAGES, G_PAGE, KV_HEADS, G_HEAD_DIM}, is[] = {G_ROWS};
+  gview(&G.q, base, &at, F16, 3, qs);
+  gview(&G.out, base, &at, F16, 3, qs);
+  gview(&G.lse, base, &at, F32, 2, ls);
+  gview(&G.k, base, &at, F16, 4, ks);
+  gview(&G.v, base, &at, F16, 4, ks);
+  gview(&G.ix, base, &at, I32, 1, is); /* zeroed: every index is page 0, inside the cache */
+  G.kv = (kvattn_kv)KVATTN_KV_INIT;
+  G.kv.k = &G.k.t;
+  G.kv.v = &G.v.t;
+  G.kv.indices = &G.ix.t;
+  return kvattn_plan(G.attn, &G.batch, &G.ws, NULL) == KVATTN_SUCCESS;
+}
+
+static kvattn_status gpu_run(void) { return kvattn_run(G.attn, &G.q.t, &G.kv, NULL, &G.out.t, &G.lse.t, NULL); }
+
+#define GPU_CASE()                                                     \
+  do {                                                                 \
+    if (!G.tried) gpu_setup();                                         \
+    if (!G.ok) SKIP("no usable GPU here");                             \
+    CHECK_MSG(gpu_setup(), "plan: %s", kvattn_last_error());           \
+  } while (0)
+
+TEST(gpu_fixture_runs) {
+  GPU_CASE();
+  CHECK_OK(gpu_run());
+}
+
+TEST(gpu_host_q_on_a_cuda_context_is_device_mismatch) {
+  GPU_CASE();
+  G.q.t.device.device_type = kDLCPU;
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_DEVICE_MISMATCH);
+  CHECK_ERROR_HAS("q is on cpu:0, the context is on cuda:0");
+}
+
+TEST(gpu_cache_on_another_gpu_is_device_mismatch) {
+  GPU_CASE();
+  G.k.t.device.device_id = 1;
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_DEVICE_MISMATCH);
+  CHECK_ERROR_HAS("kv.k is on cuda:1, the context is on cuda:0");
+}
+
+TEST(gpu_pinned_host_out_is_device_mismatch) {
+  GPU_CASE();
+  G.out.t.device.device_type = kDLCUDAHost;
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_DEVICE_MISMATCH);
+}
+
+TEST(gpu_host_indices_are_device_mismatch) {
+  GPU_CASE();
+  G.ix.t.device.device_type = kDLCPU;
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_DEVICE_MISMATCH);
+  CHECK_ERROR_HAS("kv.indices");
+}
+
+TEST(gpu_non_unit_inner_stride_is_invalid_stride) {
+  GPU_CASE();
+  const int64_t st[] = {QO_HEADS * G_HEAD_DIM * 2, G_HEAD_DIM * 2, 2};
+  memcpy(G.q.strides, st, sizeof st);
+  G.q.t.strides = G.q.strides; /* the view reaches into out's bytes: still inside the zeroed block */
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_INVALID_STRIDE);
+  CHECK_ERROR_HAS("q.strides[2]=2");
+}
+
+TEST(gpu_cache_not_16_byte_aligned_is_invalid_stride) {
+  GPU_CASE();
+  G.k.t.byte_offset = 8;
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_INVALID_STRIDE);
+  CHECK_ERROR_HAS("16-byte aligned");
+}
+
+TEST(gpu_row_stride_not_multiple_of_16_bytes_is_invalid_stride) {
+  GPU_CASE();
+  const int64_t st[] = {G_PAGE * KV_HEADS * (G_HEAD_DIM + 4), KV_HEADS * (G_HEAD_DIM + 4), G_HEAD_DIM + 4, 1};
+  memcpy(G.v.strides, st, sizeof st); /* 68 halfs = 136 bytes per head row */
+  G.v.t.strides = G.v.strides;
+  G.v.shape[0] = 2; /* inside the block */
+  G.k.shape[0] = 2;
+  G.batch.num_pages = 0;
+  CHECK_OK(kvattn_plan(G.attn, &G.batch, &G.ws, NULL));
+  CHECK_STATUS(gpu_run(), KVATTN_ERROR_INVALID_STRIDE);
+  CHECK_ERROR_HAS("multiple of 16 bytes");
+}
+
+TEST(gpu_workspace_one_byte_short_is_workspace_too_small) {
+  GPU_CASE();
+  kvattn_workspace small = G.ws;
+  small.device_bytes -= 1;
+  CHECK_STATUS(kvattn_plan(G.attn, &G.batch, &small, NULL), KVATTN_ERROR_WORKSPACE_TOO_SMALL);
+  if (G.ws.host_bytes) {
+    small = G.ws;
+    small.host_bytes -= 1;
+    CHECK_STATUS(kvattn_plan(G.attn, &G.batch, &small, NULL), KVATTN_ERROR_WORKSPACE_TOO_SMALL);
+    CHECK_ERROR_HAS("ws.host_bytes");
+  }
+  CHECK_OK(gpu_run()); /* the previous plan still stands */
+}
+
+TEST(gpu_more_requests_than_bounds_is_bounds_exceeded) {
+  GPU_CASE();
+  const int32_t kv[] = {0, 1, 2, 3, 4}, last[] = {1, 1, 1, 1};
+  memcpy(G.kv_indptr, kv, sizeof kv);
+  memcpy(G.last, last, sizeof last);
+  G.batch.batch_size = 4;
+  CHECK_STATUS(kvattn_plan(G.attn, &G.batch, &G.ws, NULL), KVATTN_ERROR_BOUNDS_EXCEEDED);
+  CHECK_OK(gpu_run());
+}
+
 /* ---------------------------------------------------------------- edges: valid, defined results */
 
 /* A tiny problem of our own: paged f32, any batch, checked on both CPU backends. Sizes are small
