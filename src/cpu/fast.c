@@ -135,6 +135,23 @@ INLINE void load_row(float *dst, const char *src, int kind, int64_t stride, int 
   }
 }
 
+/* fp32 -> bf16 / fp16, round to nearest even; the common (finite, normal) cases inline, the rest
+ * through the library's full conversions. */
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  if ((x & 0x7f800000u) == 0x7f800000u) return float_to_bf16(f); /* inf, NaN */
+  return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1)) >> 16);
+}
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  const uint32_t a = x & 0x7fffffffu;
+  if (a < 0x38800000u || a >= 0x477ff000u) return float_to_half(f); /* zero, subnormal, overflow, inf, NaN */
+  const uint32_t r = a + 0x0fffu + ((a >> 13) & 1);                /* round at bit 13 */
+  return (uint16_t)(((x >> 16) & 0x8000u) | ((r - 0x38000000u) >> 13)); /* rebias 127 -> 15 */
+}
+
 /* ------------------------------------------------------------------ the run */
 
 typedef struct work_item {
@@ -173,8 +190,8 @@ typedef struct scratch {
   float *m, *l;     /* [queries] running max and sum */
   float *kb;        /* [BK][dpad]: the K block (converted, rotated) */
   float *vb;        /* [BK][dpad]: the V block */
-  float *s;         /* [queries of one kv head][BK]: the block's scores */
-  float p[BK] __attribute__((aligned(32)));
+  float *s;         /* [queries of one kv head][BK]: the block's scores, then its weights */
+  float *alpha;     /* [queries of one kv head]: this block's rescale of acc */
   int64_t kv_pos[BK];
   int32_t ok[BK];   /* the token exists (inside the row and the data) */
   void *mem;
@@ -243,7 +260,12 @@ static void load_queries(const fast_run *fr, const work_item *it, scratch *sc, i
     const int64_t row = fr->bv->qo_indptr[it->row] + r, pos = q_pos_of(fr, it->row, r, qo_len, kv_len);
     float *dst = sc->q + (int64_t)qi * fr->dpad;
     const int64_t base = row * q->stride[0] + h * q->stride[1];
-    for (int x = 0; x < fr->head_dim; x++) tmp[x] = tview_get(q, base + x * q->stride[2]);
+    float row_f[512];
+    load_row(row_f, q->data + base * (int64_t)dtype_size(q->dtype), fr->q_kind, q->stride[2], fr->head_dim);
+    if (fr->q_kind == KIND_F64) /* keep float64 queries exact until they are scaled */
+      for (int x = 0; x < fr->head_dim; x++) tmp[x] = ((const double *)q->data)[base + x * q->stride[2]];
+    else
+      for (int x = 0; x < fr->head_dim; x++) tmp[x] = row_f[x];
     if (d->rope) {
       for (int x = 0; x < half; x++) {
         double c, s;
@@ -271,6 +293,48 @@ INLINE float hsum(v8f v) {
   v = v + __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5});
   v = v + __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6});
   return v[0];
+}
+
+/* The largest of a vector's 8 lanes. */
+INLINE float hmax(v8f v) {
+  v8f w = __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3});
+  v = select_f(w > v, w, v);
+  w = __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5});
+  v = select_f(w > v, w, v);
+  w = __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6});
+  v = select_f(w > v, w, v);
+  return v[0];
+}
+
+/* acc_q = acc_q * alpha_q + sum_u p_q[u] V_u over all BK tokens, for the nq queries from q0 (their
+ * weights are rows of sc->s, their alphas in sc->alpha): two queries x four vectors of head_dim at a
+ * time, so each V load feeds two FMAs. */
+INLINE void block_pv_pairs(scratch *sc, int q0, int nq, int nvec) {
+  const v8f *vb = (const v8f *)sc->vb;
+  for (int qa = 0; qa < nq; qa += 2) {
+    const int qb = qa + 1 < nq ? qa + 1 : qa; /* an odd last query pairs with itself, written once */
+    const float *p0 = sc->s + (int64_t)qa * BK, *p1 = sc->s + (int64_t)qb * BK;
+    const v8f al0 = splat(sc->alpha[qa]), al1 = splat(sc->alpha[qb]);
+    v8f *acc0 = (v8f *)(sc->acc + (int64_t)(q0 + qa) * nvec * VEC), *acc1 = (v8f *)(sc->acc + (int64_t)(q0 + qb) * nvec * VEC);
+    int c = 0;
+    for (; c + 4 <= nvec; c += 4) {
+      v8f a0 = acc0[c] * al0, a1 = acc0[c + 1] * al0, a2 = acc0[c + 2] * al0, a3 = acc0[c + 3] * al0;
+      v8f b0 = acc1[c] * al1, b1 = acc1[c + 1] * al1, b2 = acc1[c + 2] * al1, b3 = acc1[c + 3] * al1;
+      for (int u = 0; u < BK; u++) {
+        const v8f *row = vb + (int64_t)u * nvec + c, w0 = splat(p0[u]), w1 = splat(p1[u]);
+        a0 += w0 * row[0], a1 += w0 * row[1], a2 += w0 * row[2], a3 += w0 * row[3];
+        b0 += w1 * row[0], b1 += w1 * row[1], b2 += w1 * row[2], b3 += w1 * row[3];
+      }
+      if (qb != qa) acc1[c] = b0, acc1[c + 1] = b1, acc1[c + 2] = b2, acc1[c + 3] = b3;
+      acc0[c] = a0, acc0[c + 1] = a1, acc0[c + 2] = a2, acc0[c + 3] = a3;
+    }
+    for (; c < nvec; c++) {
+      v8f a = acc0[c] * al0, b = acc1[c] * al1;
+      for (int u = 0; u < BK; u++) a += splat(p0[u]) * vb[(int64_t)u * nvec + c], b += splat(p1[u]) * vb[(int64_t)u * nvec + c];
+      if (qb != qa) acc1[c] = b;
+      acc0[c] = a;
+    }
+  }
 }
 
 /* s[q][u] = <q_q, K_u> for nq queries (rows of q, [nq][dpad]) and the BK tokens of the block (rows
@@ -335,6 +399,12 @@ static void write_outputs(const fast_run *fr, const work_item *it, int nq, const
     if (dtype_eq(t->out.dtype, DT_F32)) {
       float *o = (float *)t->out.data + ob;
       for (int x = 0; x < head_dim; x++) o[x * os] = acc[x] * inv;
+    } else if (dtype_eq(t->out.dtype, DT_BF16)) {
+      uint16_t *o = (uint16_t *)t->out.data + ob;
+      for (int x = 0; x < head_dim; x++) o[x * os] = f32_to_bf16(acc[x] * inv);
+    } else if (dtype_eq(t->out.dtype, DT_F16)) {
+      uint16_t *o = (uint16_t *)t->out.data + ob;
+      for (int x = 0; x < head_dim; x++) o[x * os] = f32_to_f16(acc[x] * inv);
     } else {
       for (int x = 0; x < head_dim; x++) tview_set(&t->out, ob + x * os, acc[x] * inv);
     }
@@ -436,6 +506,10 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
     }
     head_scores(sc->q + (int64_t)hh * per_head * dpad, per_head, sc->kb, nvec, sc->s);
 
+    /* A full block: every token exists and no query of the item can have any of them masked.
+     * Then the weights of two queries are applied to V together, with no per-token bookkeeping. */
+    const int full_block = all_ok && !has_mask && !(d->causal && kmax > qp_lo) &&
+                           !(windowed && kmin < qp_hi - d->window_left);
     for (int qi = hh * per_head; qi < (hh + 1) * per_head; qi++) {
       int64_t r;
       int h;
@@ -449,8 +523,8 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
         for (int u = 0; u < count; u++) s[u] += slope * (float)(sc->kv_pos[u] - q_pos);
       }
       /* Masks, only where some token of the block may be masked for this query. */
-      int need_mask = !all_ok || has_mask || (d->causal && kmax > q_pos) ||
-                      (windowed && kmin < q_pos - d->window_left);
+      int need_mask = !full_block && (!all_ok || has_mask || (d->causal && kmax > q_pos) ||
+                                      (windowed && kmin < q_pos - d->window_left));
       if (need_mask) {
         const int64_t row = bv->qo_indptr[i] + r;
         for (int u = 0; u < BK; u++) {
@@ -463,22 +537,27 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
           if (!keep) s[u] = -INFINITY;
         }
       }
-      float mx = -INFINITY;
-      for (int u = 0; u < BK; u++) mx = s[u] > mx ? s[u] : mx;
-      if (mx == -INFINITY) continue; /* nothing visible in this block for this query */
+      v8f *sv = (v8f *)s;
+      v8f vmax = sv[0];
+      for (int c = 1; c < BK / VEC; c++) vmax = select_f(sv[c] > vmax, sv[c], vmax);
+      float mx = hmax(vmax);
+      if (mx == -INFINITY) { /* nothing visible in this block for this query (never in a full block) */
+        sc->alpha[qi - hh * per_head] = 1.0f;
+        memset(s, 0, sizeof(float) * BK); /* weights 0 (only NaN/inf inputs get here in a full block) */
+        continue;
+      }
 
       float m_old = sc->m[qi], m_new = m_old > mx ? m_old : mx;
       float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
-      v8f *pv = (v8f *)sc->p, *sv = (v8f *)s;
       v8f mn = splat(m_new), sum = splat(0);
-      for (int c = 0; c < BK / VEC; c++) {
-        pv[c] = vexp(sv[c] - mn);
-        sum += pv[c];
+      for (int c = 0; c < BK / VEC; c++) { /* the scores become the weights, in place */
+        sv[c] = vexp(sv[c] - mn);
+        sum += sv[c];
       }
-      float psum = 0;
-      for (int c = 0; c < VEC; c++) psum += sum[c];
-      sc->l[qi] = sc->l[qi] * alpha + psum;
+      sc->l[qi] = sc->l[qi] * alpha + hsum(sum);
       sc->m[qi] = m_new;
+      sc->alpha[qi - hh * per_head] = alpha;
+      if (full_block) continue; /* V is applied below, two queries at a time */
 
       /* acc = acc * alpha + sum_u p_u V_u over the tokens with weight (masked ones are skipped,
        * so whatever their V holds cannot reach the output). */
@@ -486,7 +565,7 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
       const v8f *live_row[BK];
       float live_w[BK];
       for (int u = 0; u < BK; u++)
-        if (sc->p[u] != 0) live_row[nlive] = (const v8f *)(sc->vb + (int64_t)u * dpad), live_w[nlive++] = sc->p[u];
+        if (s[u] != 0) live_row[nlive] = (const v8f *)(sc->vb + (int64_t)u * dpad), live_w[nlive++] = s[u];
       v8f *acc = (v8f *)(sc->acc + (int64_t)qi * dpad);
       /* four accumulators at a time stay in registers while the live tokens stream past */
       int c = 0;
@@ -505,6 +584,7 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
         acc[c] = a;
       }
     }
+    if (full_block) block_pv_pairs(sc, hh * per_head, per_head, nvec);
     } /* kv heads */
   }
 
@@ -523,9 +603,9 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
 static size_t scratch_floats(const fast_run *fr, size_t *parts) {
   size_t per_head = (size_t)fr->q_rows_per_item * (size_t)fr->group, dp = (size_t)fr->dpad;
   size_t nq = per_head * (size_t)fr->heads_per_item;
-  size_t sizes[7] = {nq * dp, nq * dp, nq, nq, dp * BK, dp * BK, per_head * BK};
+  size_t sizes[8] = {nq * dp, nq * dp, nq, nq, dp * BK, dp * BK, per_head * BK, per_head};
   size_t total = 0;
-  for (int i = 0; i < 7; i++) {
+  for (int i = 0; i < 8; i++) {
     parts[i] = total;
     total += align_up(sizes[i], 16); /* 64 bytes */
   }
@@ -533,12 +613,12 @@ static size_t scratch_floats(const fast_run *fr, size_t *parts) {
 }
 
 static int scratch_init(const fast_run *fr, scratch *sc) {
-  size_t parts[7], total = scratch_floats(fr, parts);
+  size_t parts[8], total = scratch_floats(fr, parts);
   float *mem = aligned_alloc(64, total * sizeof(float));
   if (!mem) return 0;
   sc->mem = mem;
   sc->q = mem + parts[0], sc->acc = mem + parts[1], sc->m = mem + parts[2], sc->l = mem + parts[3];
-  sc->kb = mem + parts[4], sc->vb = mem + parts[5], sc->s = mem + parts[6];
+  sc->kb = mem + parts[4], sc->vb = mem + parts[5], sc->s = mem + parts[6], sc->alpha = mem + parts[7];
   return 1;
 }
 
