@@ -1,5 +1,6 @@
 /*
- * decode_paged.cu - batch decode over a paged KV cache, CUDA-core path.
+ * decode_paged.cu - batch decode over a paged KV cache: the CUDA-core path, and (DECODE_TC=1) the
+ * tensor-core path that packs a GQA group's query heads into the rows of mma.sync m16n8k16.
  *
  * One launch, a fixed grid (a multiple of the SM count, chosen at attention creation): CTA b runs
  * the work items [cta_indptr[b], cta_indptr[b+1]) that the host planner (src/plan_decode.c) wrote.
@@ -10,7 +11,8 @@
  * loads of the next item are in flight while the current one finishes (no pipeline drain between
  * items). The thread that loads a 16-byte chunk of K or V is the thread that consumes it, so the
  * ring needs no barrier for K/V; barriers appear only at item boundaries (the query and the
- * cross-group reduction pass through shared memory).
+ * cross-group reduction pass through shared memory). The tensor-core path reads tiles across warps
+ * (ldmatrix), so it takes one barrier per tile.
  *
  * A request whose KV is split over several items (split-KV) writes each piece's (o, lse) to the
  * workspace; the CTA that finishes the last piece (an atomic counter per split) merges them exactly
@@ -67,9 +69,25 @@
 #define NUM_THREADS (NUM_WARPS * 32)
 #define VEC 8                        /* 16-bit elements per 16-byte chunk */
 #define TX (HEAD_DIM / VEC)          /* lanes that share one K/V row */
-#define TG (NUM_THREADS / TX)        /* token groups in the CTA */
+#define TG (NUM_THREADS / TX)        /* token groups in the CTA (the loader's row mapping) */
+#ifndef DECODE_TC
+#define DECODE_TC 0
+#endif
+#if DECODE_TC
+/* tensor-core path: each warp takes 16 tokens of a 64-token tile; the group's query heads are the
+ * rows of one m16n8k16 A operand (padded to 16 rows) */
+#if NUM_WARPS != 4 || HEAD_DIM > 128 || ROPE || GROUP_HEADS > 16
+#error "the tensor-core decode path takes 4 warps, head_dim <= 128, no RoPE, <= 16 heads per item"
+#endif
+#define TPG (64 / TG)
+#define NGROUPS NUM_WARPS            /* partial states merged at an item's end */
+#define QROWS 16
+#else
 #ifndef TPG
 #define TPG (GROUP_HEADS <= 4 ? 4 : 2) /* tokens per group per tile: bounded by registers */
+#endif
+#define NGROUPS TG
+#define QROWS GROUP_HEADS
 #endif
 #define TILE (TG * TPG)              /* tokens per pipeline stage */
 #define GH GROUP_HEADS
@@ -157,11 +175,12 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 }
 
 /* Shared memory: the K/V ring, a query slot per stage, and the cross-group reduction area. */
-#define ROW_ELEMS HEAD_DIM
+/* rows padded by 16 bytes: the 8 rows an ldmatrix reads fall in distinct banks */
+#define ROW_ELEMS (HEAD_DIM + 8)
 #define STAGE_ELEMS (2 * TILE * ROW_ELEMS)              /* K tile then V tile */
-#define QSLOT_ELEMS (GH * ROW_ELEMS)
+#define QSLOT_ELEMS (QROWS * ROW_ELEMS)
 #define SMEM_RING_BYTES (STAGES * (STAGE_ELEMS + QSLOT_ELEMS) * 2)
-#define SMEM_RED_BYTES ((TG * GH * HEAD_DIM + 2 * TG * GH) * 4)
+#define SMEM_RED_BYTES ((NGROUPS * GH * HEAD_DIM + 2 * NGROUPS * GH) * 4)
 #define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES)
 
 /* Issue the cp.async loads of one tile into ring stage `stage` (and the query, on an item's first
@@ -198,10 +217,10 @@ static __device__ __forceinline__ void load_tile(const struct decode_params &p, 
   }
   if (ti->first) {
     const int hb = ti->it.unit_head % HEAD_BLOCKS;
-    for (int i = tid; i < GH * TX; i += NUM_THREADS) {
+    for (int i = tid; i < QROWS * TX; i += NUM_THREADS) {
       const int g = i / TX, c = i % TX;
       const int gi = hb * GH + g; /* head inside the group */
-      const int valid = gi < GROUP_SIZE;
+      const int valid = g < GH && gi < GROUP_SIZE; /* padding rows are zeros */
       const u16 *src = p.q;
       if (valid)
         src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
@@ -229,9 +248,9 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 decode_paged_kernel(const struct decode_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   u16 *ring = (u16 *)smem;
-  float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [TG][GH][HEAD_DIM] */
-  float *red_m = red_acc + TG * GH * HEAD_DIM;        /* [TG][GH] */
-  float *red_l = red_m + TG * GH;                     /* [TG][GH] */
+  float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [NGROUPS][GH][HEAD_DIM] */
+  float *red_m = red_acc + NGROUPS * GH * HEAD_DIM;   /* [NGROUPS][GH] */
+  float *red_l = red_m + NGROUPS * GH;                /* [NGROUPS][GH] */
   __shared__ int sh_last;
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
@@ -256,9 +275,19 @@ decode_paged_kernel(const struct decode_params p) {
   for (int e = 0; e < VEC; e++) freq_reg[e] = p.rope_freq[(tx * VEC + e) % (HEAD_DIM / 2)];
 #endif
 
+#if DECODE_TC
+  const int lane = tid % 32, warp = tid / 32;
+  u32 qa[HEAD_DIM / 16][4];         /* Q as the A operand, per 16-dim k-step */
+  float oacc[HEAD_DIM / 8][4];      /* O: rows lane/4 and lane/4+8, columns 2*(lane%4)+{0,1} */
+  float m2[2], l2[2];               /* per row (lane/4, lane/4+8): max (log2 domain), partial sum */
+#if ALIBI
+  float slope2[2];
+#endif
+#else
   float q[GH][VEC], acc[GH][VEC], m[GH], l[GH];
 #if ALIBI
   float slope[GH];
+#endif
 #endif
   int stage = 0, ld_stage = STAGES - 1;
 
@@ -270,6 +299,26 @@ decode_paged_kernel(const struct decode_params p) {
     const int kv_head = cs.it.unit_head / HEAD_BLOCKS;
     const int hb = cs.it.unit_head % HEAD_BLOCKS;
 
+#if DECODE_TC
+    /* K/V tiles are read across warps: every thread's copies must have landed, and everyone must be
+     * done with the stage that the refill below overwrites */
+    __syncthreads();
+    if (cs.first) {
+#pragma unroll
+      for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + (lane % 16) * ROW_ELEMS + ks * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nd = 0; nd < HEAD_DIM / 8; nd++) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0.0f;
+      m2[0] = m2[1] = KV_NEG_INF;
+      l2[0] = l2[1] = 0.0f;
+#if ALIBI
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        const int g = lane / 4 + 8 * r, gi = hb * GH + g;
+        slope2[r] = g < GH && gi < GROUP_SIZE ? p.alibi_slopes[kv_head * GROUP_SIZE + gi] : 0.0f;
+      }
+#endif
+    }
+#else
     if (cs.first) {
       __syncthreads(); /* the query slot was filled by other threads */
 #pragma unroll
@@ -295,6 +344,7 @@ decode_paged_kernel(const struct decode_params p) {
       }
       __syncthreads(); /* everyone has read the slot before it is refilled */
     }
+#endif
 
     /* refill the stage consumed last iteration (each thread rewrites only its own K/V chunks) */
     if (iter_valid(&ld)) {
@@ -303,6 +353,85 @@ decode_paged_kernel(const struct decode_params p) {
     }
     cp_async_commit();
 
+#if DECODE_TC
+    {
+      /* S = Q K^T over this warp's 16 tokens: two n8 tiles, head_dim/16 k-steps */
+      const u16 *kw = sk + (warp * 16) * ROW_ELEMS;
+      const u16 *vw = sv + (warp * 16) * ROW_ELEMS;
+      float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+      for (int ks = 0; ks < HEAD_DIM / 16; ks++) {
+        u32 b[4]; /* {b0,b1} tokens 0-7, {b2,b3} tokens 8-15 */
+        ldmatrix_x4(b, kw + ((lane / 16) * 8 + lane % 8) * ROW_ELEMS + ks * 16 + ((lane / 8) % 2) * 8);
+        if (KV_DTYPE == KV_BF16) {
+          mma_bf16_16816(sc[0], qa[ks], b);
+          mma_bf16_16816(sc[1], qa[ks], b + 2);
+        } else {
+          mma_f16_16816(sc[0], qa[ks], b);
+          mma_f16_16816(sc[1], qa[ks], b + 2);
+        }
+      }
+      /* transforms and masking; element e of tile nt: row lane/4 + 8*(e/2), token nt*8 + 2*(lane%4) + e%2 */
+#pragma unroll
+      for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int pos = cs.tok + warp * 16 + nt * 8 + 2 * (lane % 4) + (e % 2);
+          float x = sc[nt][e] * p.sm_scale;
+#if SOFT_CAP
+          x = p.soft_cap * tanhf(x / p.soft_cap);
+#endif
+#if ALIBI
+          x += slope2[e / 2] * (float)(pos - cs.it.q_pos);
+#endif
+          sc[nt][e] = pos < cs.it.tok_end ? x * KV_LOG2E : KV_NEG_INF;
+        }
+      /* online softmax per row; a row's 16 scores live in the 4 lanes of a quad */
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        float mx = fmaxf(fmaxf(sc[0][2 * r], sc[0][2 * r + 1]), fmaxf(sc[1][2 * r], sc[1][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, m2[r]);
+        const float base = mx == KV_NEG_INF ? 0.0f : mx;
+        const float scale = fast_exp2(m2[r] - base);
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            sc[nt][2 * r + e] = fast_exp2(sc[nt][2 * r + e] - base);
+            sum += sc[nt][2 * r + e];
+          }
+        l2[r] = l2[r] * scale + sum; /* this lane's part; the quad is summed at the item's end */
+        m2[r] = mx;
+#pragma unroll
+        for (int nd = 0; nd < HEAD_DIM / 8; nd++) {
+          oacc[nd][2 * r] *= scale;
+          oacc[nd][2 * r + 1] *= scale;
+        }
+      }
+      /* P (16 rows x 16 tokens) as the A operand, straight from the S accumulators */
+      u32 pa[4];
+      pa[0] = pack2(KV_DTYPE, sc[0][0], sc[0][1]);
+      pa[1] = pack2(KV_DTYPE, sc[0][2], sc[0][3]);
+      pa[2] = pack2(KV_DTYPE, sc[1][0], sc[1][1]);
+      pa[3] = pack2(KV_DTYPE, sc[1][2], sc[1][3]);
+      /* O += P V: V rows are tokens (k), columns dims (n): ldmatrix.trans gives the B operand */
+#pragma unroll
+      for (int nd2 = 0; nd2 < HEAD_DIM / 16; nd2++) {
+        u32 b[4]; /* {b0,b1} dims nd2*16+0..7, {b2,b3} dims +8..15 */
+        ldmatrix_x4_trans(b, vw + (((lane / 8) % 2) * 8 + lane % 8) * ROW_ELEMS + nd2 * 16 + (lane / 16) * 8);
+        if (KV_DTYPE == KV_BF16) {
+          mma_bf16_16816(oacc[2 * nd2], pa, b);
+          mma_bf16_16816(oacc[2 * nd2 + 1], pa, b + 2);
+        } else {
+          mma_f16_16816(oacc[2 * nd2], pa, b);
+          mma_f16_16816(oacc[2 * nd2 + 1], pa, b + 2);
+        }
+      }
+    }
+#else
     /* scores of this group's TPG tokens for every head of the block */
     float s[TPG][GH];
 #pragma unroll
@@ -375,8 +504,28 @@ decode_paged_kernel(const struct decode_params p) {
         for (int e = 0; e < VEC; e++) acc[g][e] = fmaf(s[j][g], vf[e], acc[g][e]);
     }
 
+#endif /* DECODE_TC */
+
     if (iter_last(&cs)) {
-      /* reduce the TG token groups' states; one thread per (head, dim) writes the result */
+      /* reduce the NGROUPS partial states; one thread per (head, dim) writes the result */
+#if DECODE_TC
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        l2[r] += __shfl_xor_sync(0xffffffffu, l2[r], 1);
+        l2[r] += __shfl_xor_sync(0xffffffffu, l2[r], 2);
+        const int g = lane / 4 + 8 * r;
+        if (g < GH) {
+#pragma unroll
+          for (int nd = 0; nd < HEAD_DIM / 8; nd++)
+            *(float2 *)(red_acc + (warp * GH + g) * HEAD_DIM + nd * 8 + 2 * (lane % 4)) =
+                make_float2(oacc[nd][2 * r], oacc[nd][2 * r + 1]);
+          if (lane % 4 == 0) {
+            red_m[warp * GH + g] = m2[r];
+            red_l[warp * GH + g] = l2[r];
+          }
+        }
+      }
+#else
 #pragma unroll
       for (int g = 0; g < GH; g++) {
         float4 *dst = (float4 *)(red_acc + (tg * GH + g) * HEAD_DIM + tx * VEC);
@@ -387,6 +536,7 @@ decode_paged_kernel(const struct decode_params p) {
           red_l[tg * GH + g] = l[g];
         }
       }
+#endif
       __syncthreads();
       const struct decode_item it = cs.it;
       const int split = it.split;
@@ -395,10 +545,10 @@ decode_paged_kernel(const struct decode_params p) {
       for (int i = tid; i < GH * HEAD_DIM; i += NUM_THREADS) {
         const int g = i / HEAD_DIM, d = i % HEAD_DIM;
         float mm = KV_NEG_INF;
-        for (int k = 0; k < TG; k++) mm = fmaxf(mm, red_m[k * GH + g]);
+        for (int k = 0; k < NGROUPS; k++) mm = fmaxf(mm, red_m[k * GH + g]);
         const float base = mm == KV_NEG_INF ? 0.0f : mm;
         float ll = 0.0f, oo = 0.0f;
-        for (int k = 0; k < TG; k++) {
+        for (int k = 0; k < NGROUPS; k++) {
           const float w = fast_exp2(red_m[k * GH + g] - base);
           ll += red_l[k * GH + g] * w;
           oo += red_acc[(k * GH + g) * HEAD_DIM + d] * w;

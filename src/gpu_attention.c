@@ -52,6 +52,7 @@ enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
 struct gpu_attention {
   decode_config cfg;
   decode_layout lay;
+  int tensor_core;  /* 1: the mma.sync kernel (DECODE_TC) */
   int stages;
   char defines[512];
   int smem_bytes;
@@ -75,8 +76,10 @@ static int env_int(const char *name, int def, int lo, int hi) {
   return (int)v;
 }
 
-/* Tuning knobs, fixed per process (read from the environment for benchmarking sweeps). */
-static int decode_stages(void) { return env_int("KVATTN_DECODE_STAGES", 4, 2, 8); }
+/* Tuning knobs, read when an attention is created (the environment serves benchmark sweeps). */
+static int decode_stages(int tc) {
+  return tc ? env_int("KVATTN_DECODE_TC_STAGES", 2, 2, 8) : env_int("KVATTN_DECODE_STAGES", 4, 2, 8);
+}
 static int decode_ctas_per_sm(void) { return env_int("KVATTN_DECODE_CTAS_PER_SM", 2, 1, 8); }
 
 static int dtype_code(DLDataType t) {
@@ -87,11 +90,27 @@ static int dtype_code(DLDataType t) {
 }
 
 /* Mirrors the kernel's SMEM_BYTES. */
-static int decode_smem_bytes(int head_dim, int group_heads, int stages) {
-  int tx = head_dim / 8, tg = DECODE_THREADS / tx, tpg = group_heads <= 4 ? 4 : 2, tile = tg * tpg;
-  int ring = stages * (2 * tile * head_dim + group_heads * head_dim) * 2;
-  int red = (tg * group_heads * head_dim + 2 * tg * group_heads) * 4;
+static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages) {
+  int tx = head_dim / 8, tg = DECODE_THREADS / tx, row = head_dim + 8;
+  int tile = tc ? 64 : tg * (group_heads <= 4 ? 4 : 2);
+  int qrows = tc ? 16 : group_heads, groups = tc ? DECODE_WARPS : tg;
+  int ring = stages * (2 * tile * row + qrows * row) * 2;
+  int red = (groups * group_heads * head_dim + 2 * groups * group_heads) * 4;
   return ring + red;
+}
+
+/* The tensor-core path on request (desc.kernel), where it applies: head_dim <= 128, no RoPE (the
+ * rotation of K would have to happen between shared memory and the MMA). Elsewhere the hint is
+ * refined to the CUDA-core path. AUTO is the CUDA-core path (docs/perf.md compares the two). */
+static int decode_use_tc(const kvattn_attention_desc *d) {
+  return d->kernel == KVATTN_KERNEL_TENSOR_CORE && d->head_dim <= 128 && !d->rope &&
+         dtype_eq(d->q_dtype, d->kv_dtype); /* both MMA operands of one type */
+}
+
+/* The planner's view of the attention, for the path it runs on. */
+static void decode_config_for(decode_config *c, const kvattn_attention_desc *d, const kvattn_bounds *b, int grid) {
+  decode_config_init(c, d, b, grid);
+  if (decode_use_tc(d)) decode_config_group_heads(c, 16);
 }
 
 static kvattn_status decode_supported(const kvattn_attention_desc *d) {
@@ -110,9 +129,10 @@ static kvattn_status decode_supported(const kvattn_attention_desc *d) {
 static void decode_defines(const decode_config *c, const kvattn_attention_desc *d, int stages, char *out, size_t size) {
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
-           "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
+           "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
-           dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
+           dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
+           decode_use_tc(d));
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
@@ -124,7 +144,7 @@ kvattn_status gpu_workspace_size(kvattn_context *ctx, const kvattn_attention_des
   RETURN_IF(!ctx || !ctx->gpu, KVATTN_ERROR_INTERNAL, "gpu_workspace_size: no GPU context");
   decode_config c;
   decode_layout l;
-  decode_config_init(&c, desc, bounds, decode_grid(ctx->gpu));
+  decode_config_for(&c, desc, bounds, decode_grid(ctx->gpu));
   decode_layout_init(&l, &c);
   size_t pd = 0, ph = 0;
   TRY(gpu_prefill_workspace_size(ctx, desc, bounds, &pd, &ph));
@@ -139,14 +159,15 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   TRY(decode_supported(&a->desc));
   struct gpu_attention *ga = calloc(1, sizeof *ga);
   RETURN_IF(!ga, KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
-  decode_config_init(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
+  ga->tensor_core = decode_use_tc(&a->desc);
+  decode_config_for(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
   decode_layout_init(&ga->lay, &ga->cfg);
   /* scheduler knobs (benchmark sweeps); the layout's bounds do not depend on them */
   ga->cfg.min_chunk = env_int("KVATTN_DECODE_MIN_CHUNK", ga->cfg.min_chunk, 1, 1 << 24);
   ga->cfg.item_cost = env_int("KVATTN_DECODE_ITEM_COST", ga->cfg.item_cost, 0, 1 << 24);
-  ga->stages = decode_stages();
+  ga->stages = decode_stages(ga->tensor_core);
   decode_defines(&ga->cfg, &a->desc, ga->stages, ga->defines, sizeof ga->defines);
-  ga->smem_bytes = decode_smem_bytes(ga->cfg.head_dim, ga->cfg.group_heads, ga->stages);
+  ga->smem_bytes = decode_smem_bytes(ga->tensor_core, ga->cfg.head_dim, ga->cfg.group_heads, ga->stages);
   kvattn_status s = gpu_get_kernel(g, "decode_paged.cu", ga->defines, "decode_paged_kernel", ga->smem_bytes, &ga->fn);
   if (s != KVATTN_SUCCESS) {
     free(ga);
@@ -173,13 +194,9 @@ void gpu_attention_release(kvattn_attention *a) {
   a->gpu = NULL;
 }
 
-/* Decode takes paged batches of single-row requests without a custom mask, unless the caller asked
- * for the tensor-core path: the prefill family's mma.sync kernel, which packs a GQA group's query
- * heads into MMA rows. AUTO stays on the CUDA-core path: decode is memory-bound and its FMA work
- * is a fraction of the load time (docs/perf.md has the two paths side by side). */
+/* Decode takes paged batches of single-row requests without a custom mask. */
 static int is_decode_batch(const kvattn_attention *a, const batch_view *bv) {
-  return bv->format == KVATTN_FORMAT_PAGED && bv->qo_rows_max <= 1 && !a->desc.custom_mask && !bv->bsr_positions &&
-         a->desc.kernel != KVATTN_KERNEL_TENSOR_CORE;
+  return bv->format == KVATTN_FORMAT_PAGED && bv->qo_rows_max <= 1 && !a->desc.custom_mask && !bv->bsr_positions;
 }
 
 kvattn_status gpu_plan(kvattn_attention *a, const batch_view *bv, const kvattn_workspace *ws, kvattn_stream stream) {
@@ -421,9 +438,9 @@ KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const 
   kvattn_bounds b = KVATTN_BOUNDS_INIT;
   b.max_batch = b.max_qo_tokens = b.max_kv_entries = 1;
   decode_config c;
-  decode_config_init(&c, &d, &b, 1);
+  decode_config_for(&c, &d, &b, 1);
   char defines[512];
-  decode_defines(&c, &d, decode_stages(), defines, sizeof defines);
+  decode_defines(&c, &d, decode_stages(decode_use_tc(&d)), defines, sizeof defines);
   char merge_defines[64], append_defines[64];
   snprintf(merge_defines, sizeof merge_defines, "-DV_DTYPE=%d -DO_DTYPE=%d", dtype_code(d.o_dtype), dtype_code(d.o_dtype));
   snprintf(append_defines, sizeof append_defines, "-DELEM_BYTES=%d -DVEC_BYTES=16", (int)dtype_size(d.kv_dtype));

@@ -20,10 +20,9 @@ void decode_config_init(decode_config *c, const kvattn_attention_desc *d, const 
   c->num_kv_heads = d->num_kv_heads;
   c->head_dim = d->head_dim;
   c->group_size = d->num_qo_heads / (d->num_kv_heads > 0 ? d->num_kv_heads : 1);
-  /* At most 8 query heads per item (registers); a larger group is cut in equal blocks. */
-  c->head_blocks = (c->group_size + 7) / 8;
-  if (c->head_blocks < 1) c->head_blocks = 1;
-  c->group_heads = (c->group_size + c->head_blocks - 1) / c->head_blocks;
+  /* At most 8 query heads per item (the CUDA-core path's registers); a larger group is cut in equal
+   * blocks. The tensor-core path takes 16 (decode_config_group_heads). */
+  decode_config_group_heads(c, 8);
   c->grid = grid > 0 ? grid : 1;
   c->item_cost = 32;
   c->min_chunk = 256;
@@ -34,6 +33,13 @@ void decode_config_init(decode_config *c, const kvattn_attention_desc *d, const 
   c->max_batch = b->max_batch;
   c->max_qo_tokens = b->max_qo_tokens;
   c->max_kv_entries = b->max_kv_entries;
+}
+
+void decode_config_group_heads(decode_config *c, int max_group_heads) {
+  if (max_group_heads < 1) max_group_heads = 1;
+  c->head_blocks = (c->group_size + max_group_heads - 1) / max_group_heads;
+  if (c->head_blocks < 1) c->head_blocks = 1;
+  c->group_heads = (c->group_size + c->head_blocks - 1) / c->head_blocks;
 }
 
 void decode_layout_init(decode_layout *l, const decode_config *c) {

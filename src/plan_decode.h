@@ -70,6 +70,8 @@ typedef struct decode_layout {
 /* The config's fields derived from a resolved desc, bounds and the launch grid. */
 void decode_config_init(decode_config *c, const kvattn_attention_desc *desc, const kvattn_bounds *bounds, int grid);
 void decode_layout_init(decode_layout *l, const decode_config *c);
+/* Cut the group into head blocks of at most max_group_heads query heads (call before layout_init). */
+void decode_config_group_heads(decode_config *c, int max_group_heads);
 
 typedef struct decode_plan_stats {
   int64_t items, splits, slots, units;
