@@ -3,15 +3,16 @@
 # gpu) against the float64 reference, compute-sanitizer memcheck and racecheck on the decode tests'
 # small cases (the script FAILS when compute-sanitizer is missing), the decode benchmark
 # (bench/decode.py: kvattn vs FlashInfer vs Triton vs the copy bandwidth), and a summary table last.
-# Logs and JSON go to $OUT (or /tmp/gpu-check).
+# The JSON goes to $OUT (or /tmp/gpu-check), the logs to $OUT/logs.tgz.
 #
 #   scripts/gpu-check.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--bench-args "..."] [--profile]
 # --profile: one Nsight Compute report of the decode kernel (b64 x 4096, page 16) after the bench.
 # FlashInfer travels as wheels in .whl/ (see the device README); without them the bench runs without it.
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT"
+L="$OUT/logs"  # packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files)
+mkdir -p "$L"
 TESTS=1 SAN=1 BENCH=1 PROFILE=0 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,28 +35,28 @@ t0=$(date +%s)
 phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 
 phase "device"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>&1 | tee "$L/gpu.txt"
 
 phase "build"
-if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$OUT/build.log" 2>&1 &&
-   cmake --build build-gpu -j"$(nproc)" >>"$OUT/build.log" 2>&1; then
+if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$L/build.log" 2>&1 &&
+   cmake --build build-gpu -j"$(nproc)" >>"$L/build.log" 2>&1; then
   result build ok
 else
-  result build FAIL; tail -40 "$OUT/build.log"
+  result build FAIL; tail -40 "$L/build.log"
 fi
 DEC=build-gpu/test_gpu_decode
 [ -x "$DEC" ] || DEC=build-gpu/gpu_test_gpu_decode
 
 if [ "$TESTS" = 1 ] && [ "${R[build]}" = ok ]; then
-  phase "GPU tests (ctest -L gpu)"
-  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900) >"$OUT/gpu_tests.log" 2>&1
+  phase "decode GPU tests"
+  "$DEC" >"$L/decode_test.log" 2>&1 && result decode_tests ok || result decode_tests "FAIL (see decode_test.log)"
+  grep -E "prewarm|^  (random|small|options|batch|all_|short|exact|last|group|mha|page|odd|heavy)|passed|FAIL|CHECK|returned|graph replay|kvattn_plan|verify|error" "$L/decode_test.log" | tail -150
+  ./build-gpu/test_plan_decode 2>&1 | grep -E "plan_decode|heavy|passed" | tee -a "$L/decode_test.log"
+  phase "the other GPU tests (ctest -L gpu)"
+  (cd build-gpu && ctest -L gpu -E 'test_gpu_decode$' --output-on-failure --timeout 300) >"$L/gpu_tests.log" 2>&1
   rc=$?
-  grep -E "tests passed|Test *#|FAIL|failed" "$OUT/gpu_tests.log" | tail -20
-  [ $rc = 0 ] && result gpu_tests ok || result gpu_tests "FAIL (see gpu_tests.log)"
-  phase "decode test details"
-  "$DEC" >"$OUT/decode_test.log" 2>&1
-  grep -E "^  (random|batch|all_|short|exact|last|group|mha|page|odd|heavy|options)|passed|FAIL|CHECK|graph replay|kvattn_plan|planner" "$OUT/decode_test.log" | tail -120
-  ./build-gpu/test_plan_decode 2>&1 | grep -E "plan_decode|heavy|passed" | tee -a "$OUT/decode_test.log"
+  grep -E "tests passed|Test +#|FAIL|failed" "$L/gpu_tests.log" | tail -20
+  [ $rc = 0 ] && result other_gpu_tests ok || result other_gpu_tests "FAIL (see gpu_tests.log)"
 fi
 
 if [ "$SAN" = 1 ] && [ "${R[build]}" = ok ]; then
@@ -66,14 +67,14 @@ if [ "$SAN" = 1 ] && [ "${R[build]}" = ok ]; then
   else
     ok=1
     for t in decode_small_cases merge_states append_paged_kv; do
-      KVATTN_GPU_TEST_SCALE=0 compute-sanitizer --tool memcheck --error-exitcode 9 "$DEC" "$t" >"$OUT/memcheck_$t.log" 2>&1 || { ok=0; tail -25 "$OUT/memcheck_$t.log"; }
-      grep -E "ERROR SUMMARY|passed" "$OUT/memcheck_$t.log" | sed "s/^/memcheck $t: /"
+      KVATTN_GPU_TEST_SCALE=0 compute-sanitizer --tool memcheck --error-exitcode 9 "$DEC" "$t" >"$L/memcheck_$t.log" 2>&1 || { ok=0; tail -25 "$L/memcheck_$t.log"; }
+      grep -E "ERROR SUMMARY|passed" "$L/memcheck_$t.log" | sed "s/^/memcheck $t: /"
     done
     [ $ok = 1 ] && result memcheck ok || result memcheck FAIL
     ok=1
     for t in decode_small_cases merge_states; do
-      KVATTN_GPU_TEST_SCALE=0 compute-sanitizer --tool racecheck --error-exitcode 9 "$DEC" "$t" >"$OUT/racecheck_$t.log" 2>&1 || { ok=0; tail -25 "$OUT/racecheck_$t.log"; }
-      grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" "$OUT/racecheck_$t.log" | sed "s/^/racecheck $t: /"
+      KVATTN_GPU_TEST_SCALE=0 compute-sanitizer --tool racecheck --error-exitcode 9 "$DEC" "$t" >"$L/racecheck_$t.log" 2>&1 || { ok=0; tail -25 "$L/racecheck_$t.log"; }
+      grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" "$L/racecheck_$t.log" | sed "s/^/racecheck $t: /"
     done
     [ $ok = 1 ] && result racecheck ok || result racecheck FAIL
   fi
@@ -83,11 +84,11 @@ if [ "$BENCH" = 1 ] && [ "${R[build]}" = ok ]; then
   phase "benchmark"
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      >"$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$OUT/pip.log"
+      >"$L/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$L/pip.log"
   fi
   export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
   export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
-  if python3 bench/decode.py --json "$OUT/decode.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log"; then
+  if python3 bench/decode.py --json "$OUT/decode.json" $BENCH_ARGS 2>&1 | tee "$L/bench.log"; then
     result bench ok
   else
     result bench FAIL
@@ -101,13 +102,14 @@ if [ "$PROFILE" = 1 ] && [ "${R[build]}" = ok ]; then
     ncu --target-processes all -k regex:decode_paged --launch-skip 3 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
       --section LaunchStats python3 bench/decode.py --only b64_L4096 --quick --no-flashinfer --no-triton \
-      >"$OUT/ncu.log" 2>&1 && result profile ok || result profile FAIL
-    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|Warp Cycles|Issued Ipc|Block Limit|L2 Hit|Mem Busy|Max Bandwidth" "$OUT/ncu.log" | head -40
+      >"$L/ncu.log" 2>&1 && result profile ok || result profile FAIL
+    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|Warp Cycles|Issued Ipc|Block Limit|L2 Hit|Mem Busy|Max Bandwidth" "$L/ncu.log" | head -40
   else
     result profile "FAIL (ncu missing)"
   fi
 fi
 
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"
 phase "summary"
 echo "| step | result |"
 echo "|---|---|"
