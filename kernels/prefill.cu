@@ -26,7 +26,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), PREFETCH (0|1: cross-item prefetch), DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -270,6 +270,34 @@ static __device__ __forceinline__ struct prefill_item load_item(const int *lists
 #define SMEM_Q (CTA_Q * HEAD_DIM)
 #define SMEM_KV (KV_TILE * HEAD_DIM)
 
+/* The item's Q tile, packed rows [row_start, row_start + CTA_Q), into a swizzled tile; rows past
+ * the request's queries become zeros. */
+static __device__ __forceinline__ void load_q_tile(u16 *sq, const struct prefill_params &p, const struct prefill_item &it) {
+  for (int idx = threadIdx.x; idx < CTA_Q * CH; idx += NUM_THREADS) {
+    int row = idx / CH, c = idx % CH;
+    int pr = it.row_start + row;
+    int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
+    const u16 *src = p.q;
+    int bytes = 0;
+    if (tok < it.qo_len) {
+      src = p.q + (i64)(it.q_start + tok) * p.q_stride_tok + (i64)(it.kv_head * GROUP_SIZE + g) * p.q_stride_head + c * 8;
+      bytes = 16;
+    }
+    cp_async16(sq + swz(row, c), src, bytes);
+  }
+}
+
+/* Cross-item prefetch: the next item's Q and first K tile are issued right after the current
+ * item's last S (Q and K are free then), its first V tile after the last P*V, so a CTA's items
+ * flow without a pipeline drain. Not with WKV > 1: its final merge reuses the K/V tiles. */
+#ifndef PREFETCH
+#define PREFETCH 1
+#endif
+#if WKV > 1
+#undef PREFETCH
+#define PREFETCH 0
+#endif
+
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 prefill_kernel(const struct prefill_params p) {
   extern __shared__ __align__(16) u16 smem[];
@@ -287,25 +315,28 @@ prefill_kernel(const struct prefill_params p) {
   const float log2e = KV_LOG2E;
   const float scale_log2 = p.sm_scale * log2e;
 
+  /* the next item, in shared memory rather than registers (the 128-row kernel has none to spare) */
+  __shared__ struct prefill_item s_next;
+  int prefetched = 0; /* the current item's Q and first K/V tiles were issued by the previous one */
   for (int item_i = item_begin; item_i < item_end; item_i++) {
     const struct prefill_item it = load_item(p.lists, items_off, item_i);
     const int qo_heads_base = it.kv_head * GROUP_SIZE;
-    __syncthreads(); /* the previous item is done with the shared tiles */
+    const int has_next = item_i + 1 < item_end;
+    __syncthreads(); /* the previous item is done with the shared tiles (and s_next) */
+    if (PREFETCH && has_next && threadIdx.x == 0) s_next = load_item(p.lists, items_off, item_i + 1);
 
-    /* ---- Q tile: packed rows [row_start, row_start + CTA_Q) */
-    for (int idx = threadIdx.x; idx < CTA_Q * CH; idx += NUM_THREADS) {
-      int row = idx / CH, c = idx % CH;
-      int pr = it.row_start + row;
-      int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
-      const u16 *src = p.q;
-      int bytes = 0;
-      if (tok < it.qo_len) {
-        src = p.q + (i64)(it.q_start + tok) * p.q_stride_tok + (i64)(qo_heads_base + g) * p.q_stride_head + c * 8;
-        bytes = 16;
-      }
-      cp_async16(sq + swz(row, c), src, bytes);
+    /* ---- Q tile and the first K/V tiles (already in flight when prefetched) */
+    const int kv_end = it.kv_end;
+    int t0 = it.kv_begin;
+    if (!prefetched) {
+      cp_async_wait<0>(); /* an empty previous item may still have its (unused) Q copy in flight */
+      load_q_tile(sq, p, it);
+      if (t0 < kv_end) load_kv_tile(sk, p.k, p, it, t0, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+      cp_async_commit();
+      if (t0 < kv_end) load_kv_tile(sv, p.v, p, it, t0, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+      cp_async_commit();
     }
-    cp_async_commit();
+    prefetched = 0;
 #if ROPE
     for (int row = threadIdx.x; row < CTA_Q; row += NUM_THREADS)
       sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
@@ -355,14 +386,6 @@ prefill_kernel(const struct prefill_params p) {
       d[mf][0] = d[mf][1] = 0.f;
     }
 
-    const int kv_end = it.kv_end;
-    int t0 = it.kv_begin;
-    if (t0 < kv_end) {
-      load_kv_tile(sk, p.k, p, it, t0, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
-      cp_async_commit();
-      load_kv_tile(sv, p.v, p, it, t0, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
-      cp_async_commit();
-    }
 #if ROPE
     cp_async_wait<0>();
     __syncthreads();
@@ -405,9 +428,16 @@ prefill_kernel(const struct prefill_params p) {
           }
         }
       }
-      __syncthreads(); /* every warp is done with K(t) */
-      if (t1 < kv_end)
+      __syncthreads(); /* every warp is done with K(t) (and, on the last tile, with Q) */
+      if (t1 < kv_end) {
         load_kv_tile(sk, p.k, p, it, t1, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
+      } else if (PREFETCH && has_next) { /* s_next was written before this item's first barrier */
+        load_q_tile(sq, p, s_next);
+        if (s_next.kv_begin < s_next.kv_end)
+          load_kv_tile(sk, p.k, p, s_next, s_next.kv_begin, s_next.kv_end, p.k_stride_page, p.k_stride_slot,
+                       p.k_stride_head);
+        prefetched = 1;
+      }
       cp_async_commit();
 
       /* ---- scores: scale, variants, masks (log2 domain) */
@@ -521,9 +551,11 @@ prefill_kernel(const struct prefill_params p) {
       __syncthreads(); /* every warp is done with V(t) */
       if (t1 < kv_end)
         load_kv_tile(sv, p.v, p, it, t1, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
+      else if (prefetched && s_next.kv_begin < s_next.kv_end)
+        load_kv_tile(sv, p.v, p, s_next, s_next.kv_begin, s_next.kv_end, p.v_stride_page, p.v_stride_slot,
+                     p.v_stride_head);
       cp_async_commit();
     }
-    cp_async_wait<0>();
 
 #if WKV > 1
     /* ---- the WKV warps of a row group saw different KV columns: merge their (m, d, o) exactly
