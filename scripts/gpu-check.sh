@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check}
 L="$OUT/logs"  # packed into $OUT/logs.tgz at the end (the device tool returns at most 8 files)
 mkdir -p "$L"
+exec > >(tee -a "$OUT/console.log") 2>&1  # what is printed survives a run cut short
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
 TESTS=1 SAN=1 BENCH=1 PROFILE=0 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -88,7 +90,7 @@ if [ "$BENCH" = 1 ] && [ "${R[build]}" = ok ]; then
   fi
   export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
   export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
-  if python3 bench/decode.py --json "$OUT/decode.json" $BENCH_ARGS 2>&1 | tee "$L/bench.log"; then
+  if timeout "$BENCH_TIMEOUT" python3 bench/decode.py --json "$OUT/decode.json" $BENCH_ARGS 2>&1 | tee "$L/bench.log"; then
     result bench ok
   else
     result bench FAIL
