@@ -323,6 +323,10 @@ def main():
             P.free()
             del P
             torch.cuda.empty_cache()
+            if args.json:  # after every row: a run cut short keeps what it measured
+                os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
 
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
