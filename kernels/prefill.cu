@@ -49,7 +49,7 @@
 #define O_DTYPE DTYPE
 #endif
 #ifndef KV_TILE
-#define KV_TILE (HEAD_DIM > 128 ? 32 : 64)
+#define KV_TILE (CTA_Q == 16 || HEAD_DIM <= 128 ? 64 : 32) /* the 16-row tile splits 64 over 4 warps */
 #endif
 #ifndef CAUSAL
 #define CAUSAL 0
