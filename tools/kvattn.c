@@ -687,7 +687,9 @@ static void compare_outputs(const attn_case *c, cmp_result *r) {
 
 /* Tolerances by output dtype, relative (DESIGN.md): fp32 paths < 1e-5, fp16/bf16 inputs < 1e-2.
  * fp32 with RoPE gets 1e-4: the rotation angle pos * freq is rounded to fp32, an error that grows
- * with the position. */
+ * with the position. The LSE of fp16/bf16 inputs gets 1e-3 relative to 1 + |lse|, and 1e-2 with RoPE:
+ * a tensor-core kernel rounds the rotated q and k to the input dtype, one more rounding of the same
+ * size as the inputs' own (seen on the H100: 2.8e-3 for bf16, head_dim 128). */
 static void tolerances(const attn_case *c, double *out_tol, double *lse_tol) {
   DLDataType t = c->out.dtype;
   int wide = same_dtype(t, T_F32) || same_dtype(t, T_F64);
@@ -697,7 +699,7 @@ static void tolerances(const attn_case *c, double *out_tol, double *lse_tol) {
     *lse_tol = c->desc.rope ? 1e-4 : 1e-5;
   } else {
     *out_tol = 1e-2;
-    *lse_tol = 1e-3;
+    *lse_tol = c->desc.rope ? 1e-2 : 1e-3;
   }
 }
 
