@@ -323,7 +323,7 @@ TEST(split_kv_few_rows_long_kv) {
   /* chunked prefill / speculative verification: few rows, long KV -> split and merge */
   all_ok &= run_case("append 8 rows onto 6000", PAGED, NHD, 0, 16, 2, 8, 6000, 8, 2, 128, TDT_BF16, V_CAUSAL, 22, 1);
   all_ok &= run_case("spec decode 3 rows p1", PAGED, NHD, 0, 1, 3, 3, 3000, 32, 8, 128, TDT_BF16, V_CAUSAL, 23, 1);
-  all_ok &= run_case("append 70 rows g8 d256", PAGED, NHD, 0, 16, 2, 70, 4000, 8, 1, 256, TDT_BF16, V_CAUSAL, 24, 1);
+  all_ok &= run_case("append 40 rows g8 d256", PAGED, NHD, 0, 16, 2, 40, 2500, 8, 1, 256, TDT_BF16, V_CAUSAL, 24, 1);
   CHECK(all_ok);
 }
 
@@ -357,9 +357,9 @@ TEST(graph_replays_fifty_varlen_batches) {
   CUstream st;
   CHECK(stream_create(&st, 1) == 0);
 
-  /* bounds: 6 requests, 400 query tokens, 300 pages of 16; fixed device buffers sized to them */
-  const int B = 6, QMAX = 400, Hq = 8, Hk = 2, D = 128, P = 16;
-  const int64_t PAGES = 300;
+  /* bounds: 6 requests, 160 query tokens, 80 pages of 16; fixed device buffers sized to them */
+  const int B = 6, QMAX = 160, Hq = 8, Hk = 2, D = 128, P = 16;
+  const int64_t PAGES = 80;
   kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
   d.num_qo_heads = Hq, d.num_kv_heads = Hk, d.head_dim = D;
   d.q_dtype = d.kv_dtype = d.o_dtype = TDT_BF16;
