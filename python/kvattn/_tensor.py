@@ -169,24 +169,34 @@ def _torch_dl_dtype(dtype):
 
 
 _I64_ARRAYS = [ctypes.c_int64 * n for n in range(9)]
+# A DLTensor is a pure function of (data pointer, shape, strides, dtype, device): built once per
+# such key and reused, since serving loops pass the same caches and buffers on every call. Bounded.
+_DIRECT_CACHE = {}
+_DIRECT_CACHE_MAX = 1024
 
 
 def _borrow_torch_direct(x):
     """The DLTensor of a strided torch tensor, read from its attributes. Gives the bytes that
     x.__dlpack__(stream=-1) would (no synchronization; data_ptr is already past the storage offset)
     for less host time; used where no stream ordering is asked of torch. None if not applicable."""
-    dl = _torch_dl_dtype(x.dtype)
-    if dl is None or x.layout is not _torch().strided or x.is_conj() or x.is_neg():
+    if x.layout is not _torch().strided or x.is_neg():
         return None
-    shape = x.shape
-    n = len(shape)
-    if n >= len(_I64_ARRAYS):
-        return None
-    arr = _I64_ARRAYS[n]
-    shape_arr, strides_arr = arr(*shape), arr(*x.stride())
-    dev = _lib.DLDevice(_lib.kDLCUDA, x.get_device()) if x.is_cuda else _lib.DLDevice(_lib.kDLCPU, 0)
-    t = DLTensor(x.data_ptr(), dev, n, DLDataType(dl[0], dl[1], 1), shape_arr, strides_arr, 0)
-    return Borrowed(x, (shape_arr, strides_arr), t, False)
+    key = (x.data_ptr(), x.shape, x.stride(), x.dtype, x.get_device())
+    entry = _DIRECT_CACHE.get(key)
+    if entry is None:
+        dl = _torch_dl_dtype(x.dtype)
+        n = len(key[1])
+        if dl is None or x.is_conj() or n >= len(_I64_ARRAYS):
+            return None
+        arr = _I64_ARRAYS[n]
+        shape_arr, strides_arr = arr(*key[1]), arr(*key[2])
+        dev = _lib.DLDevice(_lib.kDLCUDA, key[4]) if x.is_cuda else _lib.DLDevice(_lib.kDLCPU, 0)
+        t = DLTensor(key[0], dev, n, DLDataType(dl[0], dl[1], 1), shape_arr, strides_arr, 0)
+        entry = (t, (shape_arr, strides_arr))
+        if len(_DIRECT_CACHE) >= _DIRECT_CACHE_MAX:
+            _DIRECT_CACHE.clear()
+        _DIRECT_CACHE[key] = entry
+    return Borrowed(x, entry[1], entry[0], False)
 
 
 def borrow(x, name, stream=None, writable=False, same_stream=False):

@@ -260,3 +260,18 @@ class OnlyDLPack:
 
     def __dlpack_device__(self):
         return self.t.__dlpack_device__()
+
+
+def test_direct_borrow_cache_tells_views_of_one_address_apart():
+    from kvattn import _tensor
+    base = torch.zeros(4, 6)
+    views = [base, base.view(6, 4), base.t(), base[:, :3], base.view(torch.int32), base.view(24)]
+    assert len({v.data_ptr() for v in views}) == 1
+    seen = set()
+    for v in views:
+        b = _tensor.borrow(v, "v")
+        t = b.tensor
+        desc = (b.shape, b.dtype, tuple(t.strides[i] for i in range(t.ndim)))
+        assert desc == (tuple(v.shape), str(v.dtype).split(".")[-1], tuple(v.stride()))
+        seen.add(desc)
+    assert len(seen) == len(views)
