@@ -306,9 +306,9 @@ TEST(tiny_grid_many_items_per_cta_with_and_without_prefetch) {
   for (int pf = 1; pf >= 0; pf--) {
     setenv("KVATTN_PREFILL_PREFETCH", pf ? "1" : "0", 1);
     all_ok &= run_case(pf ? "grid 5, prefetch: paged causal" : "grid 5, no prefetch: paged causal", PAGED, NHD, 0, 16, 9,
-                       200, 500, 8, 2, 128, TDT_BF16, V_CAUSAL, 30 + pf, 1);
+                       120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 30 + pf, 1);
     all_ok &= run_case(pf ? "grid 5, prefetch: ragged rope window" : "grid 5, no prefetch: ragged rope window", RAGGED,
-                       NHD, 0, 1, 9, 150, 300, 8, 2, 64, TDT_F16, (variant){1, 70, 0, 1, 0, 0.f}, 32 + pf, 0);
+                       NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16, (variant){1, 70, 0, 1, 0, 0.f}, 32 + pf, 0);
     all_ok &= run_case(pf ? "grid 5, prefetch: empty kv mix" : "grid 5, no prefetch: empty kv mix", PAGED, NHD, 0, 16,
                        12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 34 + pf, 1);
   }
