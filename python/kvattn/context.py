@@ -90,8 +90,12 @@ class Context:
                     return int(getattr(stream, attr))
             return int(stream)
         torch = _tensor._torch()
-        if torch is not None and any(_tensor.is_torch(t) and t.is_cuda for t in tensors if t is not None):
-            return int(torch.cuda.current_stream(self.device_id).cuda_stream)
+        if torch is not None:
+            for t in tensors:
+                if t is not None and _tensor.is_torch(t):
+                    if t.is_cuda:
+                        return torch.cuda.current_stream(self.device_id).cuda_stream
+                    break  # the call's first torch tensor decides; CPU tensors fail the device check
         return 0
 
 
