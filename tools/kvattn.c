@@ -237,6 +237,13 @@ static const char *fmt_time(double us, char *buf, size_t size) {
   else snprintf(buf, size, "%.2f s", us / 1e6);
   return buf;
 }
+/* A rate with three significant digits, whatever its size ("2119", "27.2", "0.00531"). */
+static const char *fmt_rate(double x, char *buf, size_t size) {
+  if (x >= 100) snprintf(buf, size, "%.0f", x);
+  else snprintf(buf, size, "%.3g", x);
+  return buf;
+}
+
 static const char *fmt_bytes(double b, char *buf, size_t size) {
   if (b < 1e3) snprintf(buf, size, "%.0f B", b);
   else if (b < 1e6) snprintf(buf, size, "%.1f KB", b / 1e3);
@@ -1767,7 +1774,7 @@ static void json_string(FILE *f, const char *s) {
   fputc('"', f);
 }
 static void json_number(FILE *f, double x) { /* JSON has no NaN/Inf */
-  if (isfinite(x)) fprintf(f, "%.6g", x);
+  if (isfinite(x)) fprintf(f, "%.9g", x);
   else fputs("null", f);
 }
 
@@ -2007,8 +2014,11 @@ static int cmd_bench(int argc, char **argv) {
   printf("  run   %10s  (median of %" PRId64 " samples%s)\n", fmt_time(run_us, tb, sizeof tb), iters,
          inner > 1 ? ", each the mean of back-to-back runs" : "");
   if (c.rotations > 1) printf("        the runs cycle over %d copies of the cache (> 4 x L2), as a serving step finds it: cold\n", c.rotations);
-  printf("  bytes %10s  %8.2f GB/s\n", fmt_bytes(bytes, bb, sizeof bb), run_us > 0 ? bytes / (run_us * 1e3) : 0);
-  if (op != 2) printf("  FLOPs %9.3g  %8.3f TFLOP/s\n", flops, run_us > 0 ? flops / (run_us * 1e6) : 0);
+  char rb[32];
+  printf("  bytes %10s  %8s GB/s\n", fmt_bytes(bytes, bb, sizeof bb),
+         fmt_rate(run_us > 0 ? bytes / (run_us * 1e3) : 0, rb, sizeof rb));
+  if (op != 2)
+    printf("  FLOPs %10.3g  %8s TFLOP/s\n", flops, fmt_rate(run_us > 0 ? flops / (run_us * 1e6) : 0, rb, sizeof rb));
   if (check_pass >= 0)
     printf("  check %s (max rel err %.2e against the float64 reference)\n", check_pass ? "PASS" : "FAIL", check_err);
   if (check_pass == 0) {
