@@ -183,10 +183,33 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 #define SMEM_RED_BYTES ((NGROUPS * GH * HEAD_DIM + 2 * NGROUPS * GH) * 4)
 #define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES)
 
+/* The page ids of this thread's rows (tg + TG * j) of a tile. Loaded one tile ahead of their use
+ * (the kernel calls this right after issuing a tile, for the next one), so the dependent id -> data
+ * load never stalls the pipeline; all ids of a tile are in flight together. */
+static __device__ __forceinline__ void load_ids(const struct decode_params &p, const struct tile_iter *ti, i64 *page,
+                                                int *off) {
+  const int tg = threadIdx.x / TX;
+#pragma unroll
+  for (int j = 0; j < TPG; j++) {
+    const int pos = ti->tok + tg + TG * j;
+    int page_idx;
+    if (p.page_shift >= 0) {
+      page_idx = pos >> p.page_shift;
+      off[j] = pos & (p.page_size - 1);
+    } else {
+      page_idx = pos / p.page_size;
+      off[j] = pos - page_idx * p.page_size;
+    }
+    const i64 entry = (i64)ti->it.page_base + page_idx;
+    page[j] = 0;
+    if (pos < ti->it.tok_end) page[j] = p.indices ? (i64)__ldg(p.indices + entry * p.indices_stride) : entry;
+  }
+}
+
 /* Issue the cp.async loads of one tile into ring stage `stage` (and the query, on an item's first
  * tile). Every thread loads the rows it will consume: rows tg + TG * j, chunk tx. */
-static __device__ __forceinline__ void load_tile(const struct decode_params &p, const struct tile_iter *ti,
-                                                 u16 *ring, int stage) {
+static __device__ __forceinline__ void issue_tile(const struct decode_params &p, const struct tile_iter *ti,
+                                                  const i64 *page, const int *off, u16 *ring, int stage) {
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
   u16 *sk = ring + stage * (STAGE_ELEMS + QSLOT_ELEMS);
   u16 *sv = sk + TILE * ROW_ELEMS;
@@ -195,22 +218,11 @@ static __device__ __forceinline__ void load_tile(const struct decode_params &p, 
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
     const int t = tg + TG * j;
-    const int pos = ti->tok + t;
-    const int valid = pos < ti->it.tok_end;
+    const int valid = ti->tok + t < ti->it.tok_end;
     const u16 *ksrc = p.k, *vsrc = p.v;
     if (valid) {
-      int page_idx, off;
-      if (p.page_shift >= 0) {
-        page_idx = pos >> p.page_shift;
-        off = pos & (p.page_size - 1);
-      } else {
-        page_idx = pos / p.page_size;
-        off = pos - page_idx * p.page_size;
-      }
-      const i64 entry = (i64)ti->it.page_base + page_idx;
-      const i64 page = p.indices ? (i64)__ldg(p.indices + entry * p.indices_stride) : entry;
-      ksrc = p.k + page * p.k_stride_page + (i64)off * p.k_stride_tok + (i64)kv_head * p.k_stride_head + tx * VEC;
-      vsrc = p.v + page * p.v_stride_page + (i64)off * p.v_stride_tok + (i64)kv_head * p.v_stride_head + tx * VEC;
+      ksrc = p.k + page[j] * p.k_stride_page + (i64)off[j] * p.k_stride_tok + (i64)kv_head * p.k_stride_head + tx * VEC;
+      vsrc = p.v + page[j] * p.v_stride_page + (i64)off[j] * p.v_stride_tok + (i64)kv_head * p.v_stride_head + tx * VEC;
     }
     cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
     cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
@@ -260,11 +272,15 @@ decode_paged_kernel(const struct decode_params p) {
   cs = ld;
   if (!iter_valid(&cs)) return;
 
+  i64 page[TPG]; /* the ids of the loader's next tile */
+  int off[TPG];
+  load_ids(p, &ld, page, off);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; s++) {
     if (iter_valid(&ld)) {
-      load_tile(p, &ld, ring, s);
+      issue_tile(p, &ld, page, off, ring, s);
       iter_next(&ld, p);
+      if (iter_valid(&ld)) load_ids(p, &ld, page, off);
     }
     cp_async_commit();
   }
@@ -348,8 +364,9 @@ decode_paged_kernel(const struct decode_params p) {
 
     /* refill the stage consumed last iteration (each thread rewrites only its own K/V chunks) */
     if (iter_valid(&ld)) {
-      load_tile(p, &ld, ring, ld_stage);
+      issue_tile(p, &ld, page, off, ring, ld_stage);
       iter_next(&ld, p);
+      if (iter_valid(&ld)) load_ids(p, &ld, page, off);
     }
     cp_async_commit();
 
