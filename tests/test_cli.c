@@ -278,6 +278,10 @@ TEST(warmup_fills_a_cache_without_a_gpu_or_says_why) {
   /* a second warmup finds everything in the cache */
   rc = run_cli(args, out_, sizeof out_);
   CHECK_MSG(rc == 0 && strstr(out_, ": 0.00 s of compilation"), "exit %d:\n%s", rc, out_);
+  /* info lists what the cache holds */
+  snprintf(args, sizeof args, "info --cache-dir %s", dir);
+  rc = run_cli(args, out_, sizeof out_);
+  CHECK_MSG(rc == 0 && strstr(out_, ".cubin") && strstr(out_, dir), "exit %d:\n%s", rc, out_);
   snprintf(args, sizeof args, "rm -rf '%s'", dir);
   CHECK(system(args) == 0);
 }
