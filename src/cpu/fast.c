@@ -81,7 +81,7 @@ INLINE v8f vexp(v8f x) {
   p = p * r + splat(0.5f);
   p = p * r + splat(1.0f);
   p = p * r + splat(1.0f);
-  v8i bits = (v8i)p + (ni << 23);
+  v8i bits = (v8i)((v8u)p + ((v8u)ni << 23)); /* unsigned: no signed-shift UB */
   return (v8f)(bits & ~tiny);
 }
 
