@@ -1064,10 +1064,14 @@ static const char *backend_name(kvattn_backend b) {
 }
 
 /* The context under test (and its memory), and the float64 reference context. Returns an exit code. */
+/* The CUDA device ordinal of the commands that create contexts (--device). */
+static int64_t g_device_id = 0;
+
 static int open_contexts(int backend, int64_t threads, kvattn_context **ctx, kvattn_context **ref) {
   kvattn_options opt = KVATTN_OPTIONS_INIT;
   opt.backend = backend;
   opt.num_threads = (int32_t)threads;
+  opt.device_id = (int32_t)g_device_id;
   *ctx = NULL;
   if (ref) *ref = NULL;
   kvattn_status s = kvattn_context_create(&opt, ctx);
@@ -1165,6 +1169,7 @@ static int cmd_demo(int argc, char **argv) {
       {"--seed", OPT_INT, &seed, 0, INT64_MAX, NULL, "seed of the request lengths and the data (default 1)", 0},
       {"--dtype", OPT_CHOICE, &dtype_choice, 0, 0, "f16|bf16", "q, KV and output dtype (default bf16)", 0},
       {"--threads", OPT_INT, &threads, 0, 4096, NULL, "CPU worker threads (default 0: one per core)", 0},
+      {"--device", OPT_INT, &g_device_id, 0, 1024, NULL, "CUDA device ordinal (default 0)", 0},
       {"--runs", OPT_INT, &runs, 1, 10000, NULL, "timed runs of each op, the median is shown (default 5)", 0},
   };
   int ndefs = (int)(sizeof defs / sizeof defs[0]);
@@ -1634,6 +1639,7 @@ static int cmd_check(int argc, char **argv) {
       {"--seed", OPT_INT, &seed, 0, INT64_MAX, NULL, "seed of the sweep (default 1)", 0},
       {"--backend", OPT_CHOICE, &backend, 0, 0, BACKENDS, "backend under test (default auto)", 0},
       {"--threads", OPT_INT, &threads, 0, 4096, NULL, "CPU worker threads (default 0: one per core)", 0},
+      {"--device", OPT_INT, &g_device_id, 0, 1024, NULL, "CUDA device ordinal (default 0)", 0},
       {"--only", OPT_INT, &only, 0, 100000000, NULL, "run only case N of the sweep (to reproduce a failure)", 0},
       {"--format", OPT_CHOICE, &format, 0, 0, "any|paged|ragged|bsr", "draw only this KV format (default any)", 0},
       {"--decode", OPT_FLAG, &decode_only, 0, 0, NULL, "draw only decode batches (paged, one query token each)", 0},
@@ -1826,6 +1832,7 @@ static int cmd_bench(int argc, char **argv) {
       {"--causal", OPT_FLAG, &causal, 0, 0, NULL, "causal mask (prefill)", 0},
       {"--iters", OPT_INT, &iters, 1, 1000000, NULL, "timed samples, the median is reported (default 10)", 0},
       {"--threads", OPT_INT, &threads, 0, 4096, NULL, "CPU worker threads (default 0: one per core)", 0},
+      {"--device", OPT_INT, &g_device_id, 0, 1024, NULL, "CUDA device ordinal (default 0)", 0},
       {"--seed", OPT_INT, &seed, 0, INT64_MAX, NULL, "seed of the data (default 1)", 0},
       {"--check", OPT_FLAG, &check, 0, 0, NULL, "also check against the float64 reference (one CPU thread: keep shapes small)", 0},
       {"--json", OPT_STRING, &json, 0, 0, NULL, "write the results as JSON to this file", 0},
