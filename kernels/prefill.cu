@@ -343,8 +343,10 @@ prefill_kernel(const struct prefill_params p) {
 #endif
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
-    int q_pos[MF][2];
-    int row_ok[MF][2];
+    /* the token of packed row `local` and its position: recomputed where needed (cheap integer
+     * math with a constant group size) rather than held in registers the 128-row tile lacks */
+#define ROW_TOK(mf, h) ((it.row_start + warp * 16 * MF + (mf) * 16 + (lane >> 2) + 8 * (h)) / GROUP_SIZE)
+#define ROW_QPOS(mf, h) (it.q_pos_base + ROW_TOK(mf, h))
 #if ALIBI
     float slope[MF][2];
 #endif
@@ -352,14 +354,13 @@ prefill_kernel(const struct prefill_params p) {
     long long mask_row[MF][2];
     const long long mask_first = ((long long)(unsigned)it.mask_lo) | ((long long)it.mask_hi << 32);
 #endif
+#if ALIBI || CUSTOM_MASK
 #pragma unroll
     for (int mf = 0; mf < MF; mf++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
         int pr = it.row_start + warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
         int tok = pr / GROUP_SIZE;
-        q_pos[mf][h] = it.q_pos_base + tok;
-        row_ok[mf][h] = tok < it.qo_len;
 #if ALIBI
         slope[mf][h] = p.alibi_slopes[qo_heads_base + (pr - tok * GROUP_SIZE)] * log2e;
 #endif
@@ -368,6 +369,7 @@ prefill_kernel(const struct prefill_params p) {
                                 : mask_first + (long long)tok * it.kv_len;
 #endif
       }
+#endif
     /* first and last query position of the tile (causal/window tile classification) */
 #if CAUSAL
     const int tile_qpos_lo = it.q_pos_base + it.row_start / GROUP_SIZE;
@@ -473,19 +475,19 @@ prefill_kernel(const struct prefill_params p) {
             const int kp = p.bsr ? kpos[col] : t0 + col;
 #endif
 #if ALIBI
-            x += slope[mf][h] * (float)(kp - q_pos[mf][h]);
+            x += slope[mf][h] * (float)(kp - ROW_QPOS(mf, h));
 #endif
             if (need_mask) {
               bool keep = t0 + col < kv_end;
               if (p.bsr) keep = keep && kpos[col] != 0x7fffffff;
 #if CAUSAL
-              keep = keep && kp <= q_pos[mf][h];
+              keep = keep && kp <= ROW_QPOS(mf, h);
 #endif
 #if WINDOW
-              keep = keep && (long long)kp >= (long long)q_pos[mf][h] - p.window_left;
+              keep = keep && (long long)kp >= (long long)ROW_QPOS(mf, h) - p.window_left;
 #endif
 #if CUSTOM_MASK
-              if (keep && row_ok[mf][h]) {
+              if (keep && ROW_TOK(mf, h) < it.qo_len) {
                 long long bit = mask_row[mf][h] + (p.bsr ? kp : t0 + col);
                 keep = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
               }
@@ -631,7 +633,7 @@ prefill_kernel(const struct prefill_params p) {
         const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
         const int pr = it.row_start + local;
         const int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
-        if (!row_ok[mf][h]) continue;
+        if (tok >= it.qo_len) continue;
         if (it.part >= 0) {
           float *dst = p.part_o + (i64)(it.part + local) * HEAD_DIM + 2 * (lane & 3);
 #pragma unroll
