@@ -846,6 +846,221 @@ TEST(one_captured_graph_replays_50_random_batches) {
   free(ref_lse);
 }
 
+/* ---------------------------------------------------------------- workspace, determinism, 64-bit */
+
+/* A simple decode problem on the device, for the tests below that vary one thing around it. */
+typedef struct simple {
+  int B, kvh, group, hd, P;
+  int64_t pages;
+  int32_t *kv_indptr, *last, *indices;
+  CUdptr dk, dv, dq, dix, dout;
+  kvattn_attention_desc desc;
+  kvattn_bounds bounds;
+  kvattn_batch batch;
+} simple;
+
+static void simple_make(simple *S, int B, int len, int64_t pages_in_cache, int64_t first_page) {
+  memset(S, 0, sizeof *S);
+  S->B = B, S->kvh = 2, S->group = 4, S->hd = 128, S->P = 16;
+  const int per = (len + S->P - 1) / S->P;
+  S->pages = pages_in_cache;
+  S->kv_indptr = malloc(sizeof(int32_t) * (B + 1));
+  S->last = malloc(sizeof(int32_t) * B);
+  S->indices = malloc(sizeof(int32_t) * (size_t)B * per);
+  S->kv_indptr[0] = 0;
+  for (int i = 0; i < B; i++) {
+    S->kv_indptr[i + 1] = S->kv_indptr[i] + per;
+    S->last[i] = len - (per - 1) * S->P;
+  }
+  for (int64_t e = 0; e < (int64_t)B * per; e++) S->indices[e] = (int32_t)(first_page + e);
+  const size_t page_elems = (size_t)S->P * S->kvh * S->hd, cache_bytes = (size_t)pages_in_cache * page_elems * 2;
+  S->dk = dalloc(cache_bytes);
+  S->dv = dalloc(cache_bytes);
+  cu.cuMemsetD8(S->dk, 0xFF, cache_bytes); /* NaN everywhere the batch does not write */
+  cu.cuMemsetD8(S->dv, 0xFF, cache_bytes);
+  /* random K/V in the referenced pages (contiguous from first_page) */
+  const size_t used = (size_t)B * per * page_elems;
+  uint16_t *h = malloc(used * 2);
+  for (size_t i = 0; i < used; i++) h[i] = float_to_bf16(rnd_sym());
+  upload(S->dk + (CUdptr)first_page * page_elems * 2, h, used * 2);
+  for (size_t i = 0; i < used; i++) h[i] = float_to_bf16(rnd_sym());
+  upload(S->dv + (CUdptr)first_page * page_elems * 2, h, used * 2);
+  free(h);
+  const size_t qn = (size_t)B * S->kvh * S->group * S->hd;
+  uint16_t *q = malloc(qn * 2);
+  for (size_t i = 0; i < qn; i++) q[i] = float_to_bf16(2 * rnd_sym());
+  S->dq = dalloc(qn * 2);
+  upload(S->dq, q, qn * 2);
+  free(q);
+  S->dout = dalloc(qn * 2);
+  S->dix = dalloc((size_t)B * per * 4);
+  upload(S->dix, S->indices, (size_t)B * per * 4);
+  kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
+  d.num_qo_heads = S->kvh * S->group;
+  d.num_kv_heads = S->kvh;
+  d.head_dim = S->hd;
+  d.q_dtype = (DLDataType){kDLBfloat, 16, 1};
+  S->desc = d;
+  kvattn_bounds b = KVATTN_BOUNDS_INIT;
+  b.max_batch = b.max_qo_tokens = B;
+  b.max_kv_entries = (int64_t)B * per;
+  S->bounds = b;
+  kvattn_batch bt = KVATTN_BATCH_INIT;
+  bt.batch_size = B;
+  bt.kv_indptr = S->kv_indptr;
+  bt.kv_last_page_len = S->last;
+  bt.page_size = S->P;
+  S->batch = bt;
+}
+
+static kvattn_status simple_run(simple *S, kvattn_attention *a, kvattn_workspace *ws) {
+  kvattn_status s = kvattn_plan(a, &S->batch, ws, NULL);
+  if (s) return s;
+  const DLDataType bf = {kDLBfloat, 16, 1}, i32 = {kDLInt, 32, 1};
+  int64_t q_shape[3] = {S->B, S->kvh * S->group, S->hd}, kv_shape[4] = {S->pages, S->P, S->kvh, S->hd};
+  int64_t ix_shape[1] = {S->kv_indptr[S->B]};
+  DLTensor q = make_tensor((void *)(uintptr_t)S->dq, 1, 3, q_shape, NULL, bf);
+  DLTensor k = make_tensor((void *)(uintptr_t)S->dk, 1, 4, kv_shape, NULL, bf);
+  DLTensor v = make_tensor((void *)(uintptr_t)S->dv, 1, 4, kv_shape, NULL, bf);
+  DLTensor ix = make_tensor((void *)(uintptr_t)S->dix, 1, 1, ix_shape, NULL, i32);
+  DLTensor o = make_tensor((void *)(uintptr_t)S->dout, 1, 3, q_shape, NULL, bf);
+  kvattn_kv kv = KVATTN_KV_INIT;
+  kv.k = &k;
+  kv.v = &v;
+  kv.indices = &ix;
+  return kvattn_run(a, &q, &kv, NULL, &o, NULL, NULL);
+}
+
+static void simple_free(simple *S) {
+  cu.cuMemFree(S->dk);
+  cu.cuMemFree(S->dv);
+  cu.cuMemFree(S->dq);
+  cu.cuMemFree(S->dix);
+  cu.cuMemFree(S->dout);
+  free(S->kv_indptr);
+  free(S->last);
+  free(S->indices);
+}
+
+TEST(workspace_of_exactly_the_reported_size_keeps_canaries_intact_and_reruns_are_bitwise_equal) {
+  NEED_GPU();
+  simple S;
+  simple_make(&S, 5, 3000, 5 * 188 + 2, 1);
+  kvattn_attention *a;
+  CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a));
+  size_t db, hb;
+  CHECK_OK(kvattn_workspace_size(gpu_ctx, &S.desc, &S.bounds, &db, &hb));
+  /* the reported sizes between 4 KiB canaries (device and pinned host) */
+  const size_t canary = 4096;
+  kvattn_workspace big;
+  CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db + 2 * canary, hb + 2 * canary, &big));
+  cu.cuMemsetD8((CUdptr)(uintptr_t)big.device, 0xA7, db + 2 * canary);
+  memset(big.host, 0xA7, hb + 2 * canary);
+  kvattn_workspace ws = {(char *)big.device + canary, db, (char *)big.host + canary, hb};
+  CHECK_OK(simple_run(&S, a, &ws));
+  CHECK(cu.cuCtxSynchronize() == 0);
+  uint8_t *c = malloc(canary);
+  download(c, (CUdptr)(uintptr_t)big.device, canary);
+  for (size_t i = 0; i < canary; i++) CHECK_MSG(c[i] == 0xA7, "device canary before the workspace, byte %zu", i);
+  download(c, (CUdptr)(uintptr_t)big.device + canary + db, canary);
+  for (size_t i = 0; i < canary; i++) CHECK_MSG(c[i] == 0xA7, "device canary after the workspace, byte %zu", i);
+  for (size_t i = 0; i < canary; i++) {
+    CHECK(((uint8_t *)big.host)[i] == 0xA7);
+    CHECK(((uint8_t *)big.host)[canary + hb + i] == 0xA7);
+  }
+  /* one byte less: the exact status, from plan */
+  kvattn_workspace small = ws;
+  small.device_bytes = db - 1;
+  CHECK_STATUS(kvattn_plan(a, &S.batch, &small, NULL), KVATTN_ERROR_WORKSPACE_TOO_SMALL);
+  small = ws;
+  small.host_bytes = hb - 1;
+  CHECK_STATUS(kvattn_plan(a, &S.batch, &small, NULL), KVATTN_ERROR_WORKSPACE_TOO_SMALL);
+  /* determinism: the same plan and inputs give the same bits, run after run */
+  const size_t on = (size_t)S.B * S.kvh * S.group * S.hd * 2;
+  uint8_t *first = malloc(on), *again = malloc(on);
+  CHECK_OK(simple_run(&S, a, &ws));
+  CHECK(cu.cuCtxSynchronize() == 0);
+  download(first, S.dout, on);
+  for (int r = 0; r < 20; r++) {
+    cu.cuMemsetD8(S.dout, 0xFF, on);
+    CHECK_OK(simple_run(&S, a, &ws));
+    CHECK(cu.cuCtxSynchronize() == 0);
+    download(again, S.dout, on);
+    CHECK_MSG(memcmp(first, again, on) == 0, "rerun %d differs", r);
+  }
+  free(first);
+  free(again);
+  free(c);
+  kvattn_workspace_free(gpu_ctx, &big);
+  kvattn_attention_destroy(a);
+  simple_free(&S);
+}
+
+TEST(a_cache_over_4_gib_with_page_ids_near_the_top_reads_the_right_pages) {
+  NEED_GPU();
+  /* 2 x 4.9 GB: element offsets of the used pages pass 2^31 (and their byte offsets 2^32) */
+  const int64_t page_elems = 16 * 2 * 128, pages = (int64_t)600000;
+  const int64_t first = pages - 4 * 63 - 1;
+  CHECK(first * page_elems > ((int64_t)1 << 31));
+  simple S;
+  simple_make(&S, 4, 1000, pages, first);
+  kvattn_attention *a, *ra;
+  kvattn_workspace ws, rws;
+  size_t db, hb;
+  CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a));
+  CHECK_OK(kvattn_workspace_size(gpu_ctx, &S.desc, &S.bounds, &db, &hb));
+  CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws));
+  cu.cuMemsetD8(S.dout, 0xFF, (size_t)S.B * 8 * 128 * 2);
+  CHECK_OK(simple_run(&S, a, &ws));
+  CHECK(cu.cuCtxSynchronize() == 0);
+  /* the reference on a compact host copy of the used pages (ids renumbered from 0) */
+  const int64_t used = S.kv_indptr[S.B];
+  uint16_t *k = malloc(used * page_elems * 2), *v = malloc(used * page_elems * 2), *q = malloc((size_t)S.B * 8 * 128 * 2);
+  uint16_t *got = malloc((size_t)S.B * 8 * 128 * 2);
+  download(k, S.dk + (CUdptr)first * page_elems * 2, used * page_elems * 2);
+  download(v, S.dv + (CUdptr)first * page_elems * 2, used * page_elems * 2);
+  download(q, S.dq, (size_t)S.B * 8 * 128 * 2);
+  download(got, S.dout, (size_t)S.B * 8 * 128 * 2);
+  int32_t *ids = malloc(used * 4);
+  for (int64_t e = 0; e < used; e++) ids[e] = (int32_t)e;
+  CHECK_OK(kvattn_attention_create(ref_ctx, &S.desc, &S.bounds, &ra));
+  CHECK_OK(kvattn_workspace_size(ref_ctx, &S.desc, &S.bounds, &db, &hb));
+  CHECK_OK(kvattn_workspace_alloc(ref_ctx, db, hb, &rws));
+  CHECK_OK(kvattn_plan(ra, &S.batch, &rws, NULL));
+  const DLDataType bf = {kDLBfloat, 16, 1}, f32 = {kDLFloat, 32, 1}, i32 = {kDLInt, 32, 1};
+  int64_t q_shape[3] = {S.B, 8, 128}, kv_shape[4] = {used, 16, 2, 128}, ix_shape[1] = {used};
+  float *ref = malloc((size_t)S.B * 8 * 128 * 4);
+  DLTensor tq = make_tensor(q, 0, 3, q_shape, NULL, bf), tk = make_tensor(k, 0, 4, kv_shape, NULL, bf);
+  DLTensor tv = make_tensor(v, 0, 4, kv_shape, NULL, bf), tix = make_tensor(ids, 0, 1, ix_shape, NULL, i32);
+  DLTensor to = make_tensor(ref, 0, 3, q_shape, NULL, f32);
+  kvattn_kv kv = KVATTN_KV_INIT;
+  kv.k = &tk;
+  kv.v = &tv;
+  kv.indices = &tix;
+  CHECK_OK(kvattn_run(ra, &tq, &kv, NULL, &to, NULL, NULL));
+  double num = 0, den = 0;
+  for (size_t i = 0; i < (size_t)S.B * 8 * 128; i++) {
+    float g = bf16_to_float(got[i]);
+    CHECK_MSG(g == g, "out[%zu] is NaN (a wrong page was read)", i);
+    num += (double)(g - ref[i]) * (g - ref[i]);
+    den += (double)ref[i] * ref[i];
+  }
+  fprintf(stderr, "  > 4 GiB cache, pages %lld..%lld: relative error %.2e\n", (long long)first,
+          (long long)(first + used - 1), sqrt(num / den));
+  CHECK(sqrt(num / den) < 1e-2);
+  kvattn_attention_destroy(a);
+  kvattn_attention_destroy(ra);
+  kvattn_workspace_free(gpu_ctx, &ws);
+  kvattn_workspace_free(ref_ctx, &rws);
+  free(k);
+  free(v);
+  free(q);
+  free(got);
+  free(ids);
+  free(ref);
+  simple_free(&S);
+}
+
 /* ---------------------------------------------------------------- plan time */
 
 static double now_us(void) {
