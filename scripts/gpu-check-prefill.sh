@@ -20,6 +20,7 @@ for a in "$@"; do
     --sweep) BENCH_ARGS+=(--sweep) ;;
   esac
 done
+export PATH=$PATH:/usr/local/cuda/bin
 export KVATTN_CACHE_DIR=${KVATTN_CACHE_DIR:-/tmp/kvattn-cache}
 declare -A RESULT
 t0=$(date +%s)
