@@ -26,7 +26,9 @@
 
 /* The file is plain float math where contracting a*b+c into one FMA only adds accuracy; -std=c11
  * turns contraction off, so turn it back on here. */
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast")
+#endif
 /* The 32-byte vector helpers are always inlined: no vector ever crosses a call boundary, so the
  * ABI note GCC prints for them does not apply. */
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -48,6 +50,12 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 #define CPU_CLONES
 #endif
 #define INLINE static inline __attribute__((always_inline))
+/* Lane permutation of an 8-float vector (GCC and clang spell it differently). */
+#if defined(__clang__)
+#define SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shufflevector(v, v, a, b, c, d, e, f, g, h)
+#else
+#define SHUFFLE8(v, a, b, c, d, e, f, g, h) __builtin_shuffle(v, (v8i){a, b, c, d, e, f, g, h})
+#endif
 
 enum { KIND_F16, KIND_BF16, KIND_F32, KIND_F64 };
 
@@ -62,14 +70,17 @@ static int dtype_kind(DLDataType t) {
 /* ------------------------------------------------------------------ vector helpers */
 
 INLINE v8f splat(float x) { return (v8f){0} + x; } /* vector + scalar: one broadcast */
-INLINE v8f select_f(v8i mask, v8f a, v8f b) { return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask)); }
+/* mask ? a : b per lane (mask lanes all ones or all zeros). A macro: GCC prints an ABI note for
+ * every function taking 32-byte vectors by value, even inlined ones. */
+#define SELECT_F(mask, a, b) ((v8f)((((v8i)(a)) & (mask)) | (((v8i)(b)) & ~(mask))))
 
 /* e^x for x <= 0 (the softmax's s - max), relative error ~2e-7; x < -86 (and -inf) gives 0.
  * x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^6, 2^n added to the exponent. */
-INLINE v8f vexp(v8f x) {
+INLINE v8f vexp(const v8f *xp) {
+  v8f x = *xp;
   const v8f shifter = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
   v8i tiny = x < splat(-86.0f);
-  x = select_f(tiny, splat(-86.0f), x);
+  x = SELECT_F(tiny, splat(-86.0f), x);
   v8f t = x * splat(1.44269504088896341f) + shifter;
   v8f n = t - shifter;
   v8i ni = (v8i)t - (v8i)shifter;
@@ -288,21 +299,23 @@ static void load_queries(const fast_run *fr, const work_item *it, scratch *sc, i
 }
 
 /* The sum of a vector's 8 lanes (three shuffle-and-add steps). */
-INLINE float hsum(v8f v) {
-  v = v + __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3});
-  v = v + __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5});
-  v = v + __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6});
+INLINE float hsum(const v8f *vp) {
+  v8f v = *vp;
+  v = v + SHUFFLE8(v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = v + SHUFFLE8(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = v + SHUFFLE8(v, 1, 0, 3, 2, 5, 4, 7, 6);
   return v[0];
 }
 
 /* The largest of a vector's 8 lanes. */
-INLINE float hmax(v8f v) {
-  v8f w = __builtin_shuffle(v, (v8i){4, 5, 6, 7, 0, 1, 2, 3});
-  v = select_f(w > v, w, v);
-  w = __builtin_shuffle(v, (v8i){2, 3, 0, 1, 6, 7, 4, 5});
-  v = select_f(w > v, w, v);
-  w = __builtin_shuffle(v, (v8i){1, 0, 3, 2, 5, 4, 7, 6});
-  v = select_f(w > v, w, v);
+INLINE float hmax(const v8f *vp) {
+  v8f v = *vp;
+  v8f w = SHUFFLE8(v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = SELECT_F(w > v, w, v);
+  w = SHUFFLE8(v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = SELECT_F(w > v, w, v);
+  w = SHUFFLE8(v, 1, 0, 3, 2, 5, 4, 7, 6);
+  v = SELECT_F(w > v, w, v);
   return v[0];
 }
 
@@ -356,8 +369,8 @@ INLINE void head_scores(const float *q, int nq, const float *kb, int nvec, float
       }
       const v8f acc[4][2] = {{a00, a01}, {a10, a11}, {a20, a21}, {a30, a31}};
       for (int k = 0; k < 4 && qa + k < nq; k++) {
-        s[(int64_t)(qa + k) * BK + u] = hsum(acc[k][0]);
-        s[(int64_t)(qa + k) * BK + u + 1] = hsum(acc[k][1]);
+        s[(int64_t)(qa + k) * BK + u] = hsum(&acc[k][0]);
+        s[(int64_t)(qa + k) * BK + u + 1] = hsum(&acc[k][1]);
       }
     }
   }
@@ -539,8 +552,8 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
       }
       v8f *sv = (v8f *)s;
       v8f vmax = sv[0];
-      for (int c = 1; c < BK / VEC; c++) vmax = select_f(sv[c] > vmax, sv[c], vmax);
-      float mx = hmax(vmax);
+      for (int c = 1; c < BK / VEC; c++) vmax = SELECT_F(sv[c] > vmax, sv[c], vmax);
+      float mx = hmax(&vmax);
       if (mx == -INFINITY) { /* nothing visible in this block for this query (never in a full block) */
         sc->alpha[qi - hh * per_head] = 1.0f;
         memset(s, 0, sizeof(float) * BK); /* weights 0 (only NaN/inf inputs get here in a full block) */
@@ -551,10 +564,11 @@ static void run_item(const fast_run *fr, const work_item *it, scratch *sc) {
       float alpha = m_old == -INFINITY ? 0.0f : expf(m_old - m_new);
       v8f mn = splat(m_new), sum = splat(0);
       for (int c = 0; c < BK / VEC; c++) { /* the scores become the weights, in place */
-        sv[c] = vexp(sv[c] - mn);
+        const v8f centered = sv[c] - mn;
+        sv[c] = vexp(&centered);
         sum += sv[c];
       }
-      sc->l[qi] = sc->l[qi] * alpha + hsum(sum);
+      sc->l[qi] = sc->l[qi] * alpha + hsum(&sum);
       sc->m[qi] = m_new;
       sc->alpha[qi - hh * per_head] = alpha;
       if (full_block) continue; /* V is applied below, two queries at a time */
