@@ -104,6 +104,16 @@ for src in "${examples[@]}"; do
     bash -c "! readelf -d '$WORK/${name}_pc_static' | grep -q libkvattn && '$WORK/${name}_pc_static'"
 done
 
+# The header is usable from C++ (extern "C", no C-only constructs in declarations or macros).
+if command -v "${CXX:-c++}" >/dev/null 2>&1; then
+  printf '#include <kvattn.h>\n#include <cstdio>\nint main() {\n  kvattn_options o = KVATTN_OPTIONS_INIT;\n  kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;\n  kvattn_context *ctx = nullptr;\n  o.backend = KVATTN_BACKEND_CPU;\n  if (kvattn_context_create(&o, &ctx) != KVATTN_SUCCESS) return 1;\n  std::printf("%%s %%d\\n", kvattn_version(), d.window_left);\n  return kvattn_context_destroy(ctx) == KVATTN_SUCCESS && kvattn_version_number() == KVATTN_VERSION_NUMBER ? 0 : 1;\n}\n' > "$WORK/cxx.cc"
+  # shellcheck disable=SC2046
+  check "C++: kvattn.h compiles as C++11 (-Wall -Wextra -pedantic -Werror), links and runs" \
+    bash -c "${CXX:-c++} -std=c++11 -Wall -Wextra -pedantic -Werror '$WORK/cxx.cc' -o '$WORK/cxx' \$(pkg-config --cflags --libs kvattn) -Wl,-rpath,'$PREFIX/lib' && '$WORK/cxx'"
+else
+  echo "[ SKIP ] C++ header check: no C++ compiler here"
+fi
+
 # 4. find_package(kvattn), from the prefix and from the build tree.
 consume() { # consume LABEL CMAKE_ARGS...
   local label=$1; shift
