@@ -41,7 +41,7 @@ kvattn_status prefill_layout_compute(const prefill_config *c, prefill_layout *l)
             "prefill: negative bounds");
   int64_t grid_sum = 0;
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
-    RETURN_IF(c->grid[k] < 1, KVATTN_ERROR_INTERNAL, "prefill: grid[%d]=%d", k, c->grid[k]);
+    RETURN_IF(c->grid[k] < 1 || c->grid[k] >= (1 << 20), KVATTN_ERROR_INTERNAL, "prefill: grid[%d]=%d", k, c->grid[k]);
     grid_sum += c->grid[k];
   }
   /* Every request's tiles: ceil(qo * group / T) <= qo * group / 16 + 1 whatever T is. Splitting
@@ -79,20 +79,20 @@ kvattn_status prefill_layout_compute(const prefill_config *c, prefill_layout *l)
 
 /* ---------------------------------------------------------------- min-heap of CTA loads */
 
-static void heap_sift_down(int64_t *load, int32_t *cta, int n, int i) {
+/* A heap entry is one key, load << 20 | cta (grids are < 2^20 CTAs, loads < 2^43): one compare
+ * orders by load and breaks ties by CTA, so the deal is deterministic. Sift the root down. */
+#define HEAP_CTA_BITS 20
+static void heap_sift_down(uint64_t *heap, int n, int i) {
+  const uint64_t x = heap[i];
   for (;;) {
-    int a = 2 * i + 1, b = a + 1, m = i;
-    if (a < n && (load[a] < load[m] || (load[a] == load[m] && cta[a] < cta[m]))) m = a;
-    if (b < n && (load[b] < load[m] || (load[b] == load[m] && cta[b] < cta[m]))) m = b;
-    if (m == i) return;
-    int64_t tl = load[i];
-    load[i] = load[m];
-    load[m] = tl;
-    int32_t tc = cta[i];
-    cta[i] = cta[m];
-    cta[m] = tc;
-    i = m;
+    int a = 2 * i + 1;
+    if (a >= n) break;
+    if (a + 1 < n && heap[a + 1] < heap[a]) a++;
+    if (heap[a] >= x) break;
+    heap[i] = heap[a];
+    i = a;
   }
+  heap[i] = x;
 }
 
 /* Sort keys by cost, largest first, ties in index order: an LSD radix sort over the bytes of
@@ -143,10 +143,9 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
   sp += (size_t)l->max_items * sizeof(sort_key);
   int32_t *owner = (int32_t *)sp;
   sp += (size_t)l->max_items * sizeof(int32_t);
-  int64_t *heap_load = (int64_t *)sp;
-  sp += (size_t)(grid_max(c) + 1) * sizeof(int64_t);
-  int32_t *heap_cta = (int32_t *)sp;
-  sp += (size_t)(grid_max(c) + 1) * sizeof(int32_t);
+  uint64_t *heap = (uint64_t *)sp;
+  sp += (size_t)(grid_max(c) + 1) * sizeof(uint64_t);
+  sp += (size_t)(grid_max(c) + 1) * sizeof(int32_t); /* (spare) */
   int32_t *fill = (int32_t *)sp;
 
   memset(lists, 0, (size_t)PREFILL_META_WORDS * 4);
@@ -263,21 +262,29 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
     out->part_rows_used += part_used;
 
     /* ---- longest first onto the least loaded CTA; the fixed cost stands for Q load + epilogue */
+    int64_t cost_sum = 0;
     for (int64_t t = 0; t < m; t++) {
       keys[t].cost = (int64_t)(exp[t].kv_end - exp[t].kv_begin) + 2 * c->kv_tile;
       keys[t].index = t;
+      cost_sum += keys[t].cost;
     }
+    /* the heap keys hold loads in 43 bits: coarsen the costs of an absurdly large batch */
+    int cost_shift = 0;
+    while ((cost_sum >> cost_shift) >= (1ll << 42)) cost_shift++;
+    if (cost_shift)
+      for (int64_t t = 0; t < m; t++) keys[t].cost = (keys[t].cost >> cost_shift) + 1;
     sort_cost_desc(keys, keys_tmp, m);
     for (int b = 0; b < grid; b++) {
-      heap_load[b] = 0;
-      heap_cta[b] = b;
+      heap[b] = (uint64_t)b; /* load 0: already a heap */
       fill[b] = 0;
     }
+    const uint64_t cta_mask = (1ull << HEAP_CTA_BITS) - 1;
     for (int64_t t = 0; t < m; t++) {
-      owner[keys[t].index] = heap_cta[0];
-      fill[heap_cta[0]]++;
-      heap_load[0] += keys[t].cost;
-      heap_sift_down(heap_load, heap_cta, grid, 0);
+      const int32_t b = (int32_t)(heap[0] & cta_mask);
+      owner[keys[t].index] = b;
+      fill[b]++;
+      heap[0] += (uint64_t)keys[t].cost << HEAP_CTA_BITS;
+      heap_sift_down(heap, grid, 0);
     }
     /* CTA b's items are contiguous: an exclusive scan of the counts, then a scatter in LPT order */
     RETURN_IF(next_item + m > l->max_items, KVATTN_ERROR_BOUNDS_EXCEEDED,
