@@ -146,3 +146,70 @@ def test_split_kv_merged_equals_full_attention(backend, rng):
     w.plan([0, qo], [0, kv], heads, heads, head_dim, q_data_type="float32")
     of, sf = w.run(q, k, v, return_lse=True)
     assert R.rel_err(om, of) < 1e-5 and np.allclose(sm, sf, atol=1e-5)
+
+
+def llama31_frequencies(freq, factor, low, high, original_max_pos):
+    """Llama-3.1 scaling: short wavelengths kept, long ones divided by factor, a smooth blend between."""
+    wavelen = 2 * np.pi / freq
+    smooth = (original_max_pos / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freq / factor + smooth * freq
+    return np.where(wavelen < original_max_pos / high, freq,
+                    np.where(wavelen > original_max_pos / low, freq / factor, blended))
+
+
+def rope(x, pos, theta, scale, llama31=None):
+    """Rotate-half ("llama") RoPE of x [n, H, D] at positions pos [n], in float64."""
+    x = np.asarray(x, np.float64)
+    half = x.shape[-1] // 2
+    freq = theta ** (-np.arange(half) * 2.0 / x.shape[-1])
+    if llama31 is not None:
+        freq = llama31_frequencies(freq, *llama31)
+    ang = (np.asarray(pos, np.float64)[:, None] / scale) * freq[None, :]  # [n, half]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+@pytest.mark.parametrize("theta,scale", [(10000.0, 1.0), (500000.0, 4.0)])
+def test_ragged_prefill_rope(backend, rng, theta, scale):
+    """RoPE on the fly: q at q_pos = kv_len - qo_len + r, k at its index, then causal attention."""
+    qo_lens, kv_lens, heads, dim = [3, 6], [10, 6], 2, 16
+    qo_indptr = np.concatenate([[0], np.cumsum(qo_lens)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(kv_lens)]).astype(np.int32)
+    q = rng.standard_normal((qo_indptr[-1], heads, dim)).astype(np.float32)
+    k = rng.standard_normal((kv_indptr[-1], heads, dim)).astype(np.float32)
+    v = rng.standard_normal((kv_indptr[-1], heads, dim)).astype(np.float32)
+    w = kvattn.BatchPrefillWithRaggedKVCacheWrapper(backend)
+    w.plan(qo_indptr, kv_indptr, heads, heads, dim, causal=True, pos_encoding_mode="ROPE_LLAMA",
+           rope_theta=theta, rope_scale=scale, q_data_type="float32")
+    out = w.run(q, k, v)
+    refs = []
+    for i in range(2):
+        n_q, n_kv = qo_lens[i], kv_lens[i]
+        qi = rope(q[qo_indptr[i]:qo_indptr[i + 1]], n_kv - n_q + np.arange(n_q), theta, scale)
+        ki = rope(k[kv_indptr[i]:kv_indptr[i + 1]], np.arange(n_kv), theta, scale)
+        refs.append(R.attention(qi, ki, v[kv_indptr[i]:kv_indptr[i + 1]], causal=True)[0])
+    assert R.rel_err(out, np.concatenate(refs)) < 1e-5
+
+
+def test_llama31_rope_scaling(backend, rng):
+    """One query over 3000 keys, head_dim 32, theta 5e5, llama-3.1 factors (8, 1, 4, 8192): every band
+    of the scaling is exercised, and the result differs from unscaled RoPE."""
+    n_kv, heads, dim, theta, l31 = 3000, 1, 32, 500000.0, (8.0, 1.0, 4.0, 8192)
+    q = rng.standard_normal((1, heads, dim)).astype(np.float32)
+    k = rng.standard_normal((n_kv, heads, dim)).astype(np.float32)
+    v = rng.standard_normal((n_kv, heads, dim)).astype(np.float32)
+    freq = theta ** (-np.arange(dim // 2) * 2.0 / dim)
+    wavelen = 2 * np.pi / freq
+    assert (wavelen < 8192 / 4).any() and (wavelen > 8192).any() and \
+        ((wavelen >= 8192 / 4) & (wavelen <= 8192)).any()
+    outs = {}
+    for name, extra in (("l31", {"rope_llama31": l31}), ("plain", {})):
+        w = kvattn.BatchPrefillWithRaggedKVCacheWrapper(backend)
+        w.plan([0, 1], [0, n_kv], heads, heads, dim, pos_encoding_mode="ROPE_LLAMA", rope_theta=theta,
+               q_data_type="float32", **extra)
+        outs[name] = w.run(q, k, v)
+    ref = R.attention(rope(q, [n_kv - 1], theta, 1.0, l31), rope(k, np.arange(n_kv), theta, 1.0, l31),
+                      v)[0]
+    assert R.rel_err(outs["l31"], ref) < 1e-5
+    assert R.rel_err(outs["plain"], ref) > 1e-3
