@@ -170,5 +170,9 @@ void gpu_prefill_release(kvattn_attention *a);
 kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const kvattn_workspace *ws,
                                size_t ws_device_offset, size_t ws_host_offset, kvattn_stream stream);
 kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_stream stream);
+/* (added by prefill) For kvattn_warmup: compile the prefill specializations of a resolved desc on
+ * `arch` without a GPU; `kernels` / `seconds` (may be NULL) are added to. */
+kvattn_status gpu_prefill_warmup(const kvattn_attention_desc *desc, const char *arch, const char *cache_dir,
+                                 int *kernels, double *seconds);
 
 #endif /* KVATTN_GPU_INTERNAL_H */

@@ -429,3 +429,28 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
   }
   return KVATTN_SUCCESS;
 }
+
+/* Compile (or find in the cache) the prefill specializations an attention with `desc` (resolved)
+ * uses, on `arch`, with no GPU: the three tile kinds, whose modules also hold the merge kernel.
+ * For kvattn_warmup. `kernels` and `seconds` are added to. An attention this family cannot serve
+ * (say, q and KV dtypes that differ) compiles nothing. */
+kvattn_status gpu_prefill_warmup(const kvattn_attention_desc *d, const char *arch, const char *cache_dir, int *kernels,
+                                 double *seconds) {
+  if (prefill_supported(d) != KVATTN_SUCCESS) {
+    clear_error();
+    return KVATTN_SUCCESS;
+  }
+  for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
+    char defines[512];
+    make_defines(d, d->num_qo_heads / d->num_kv_heads, k, defines, sizeof defines);
+    jit_spec spec = {"prefill.cu", defines, arch};
+    void *cubin = NULL;
+    size_t size = 0;
+    double sec = 0;
+    TRY(jit_compile(&spec, cache_dir, &cubin, &size, &sec, NULL));
+    free(cubin);
+    if (kernels) *kernels += 1;
+    if (seconds) *seconds += sec;
+  }
+  return KVATTN_SUCCESS;
+}

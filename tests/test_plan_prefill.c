@@ -432,4 +432,28 @@ TEST(nvrtc_compiles_every_tile_and_head_dim_for_sm80_and_sm90a) {
   fprintf(stderr, "  %d prefill specializations compiled (sm_80 and sm_90a), %.1f s in all\n", count, total);
 }
 
+TEST(warmup_compiles_the_three_tile_kinds_then_hits_the_cache) {
+  if (jit_nvrtc_load(NULL, 0) != KVATTN_SUCCESS) SKIP("no NVRTC: %s", kvattn_last_error());
+  char dir[64];
+  CHECK(fresh_cache(dir, sizeof dir));
+  kvattn_attention_desc in = KVATTN_ATTENTION_DESC_INIT, d;
+  in.num_qo_heads = 32, in.num_kv_heads = 8, in.head_dim = 128, in.causal = 1;
+  in.q_dtype = (DLDataType){kDLBfloat, 16, 1};
+  CHECK_OK(desc_resolve(&in, &d));
+  int n = 0;
+  double sec = 0;
+  CHECK_OK(gpu_prefill_warmup(&d, "sm_90a", dir, &n, &sec));
+  CHECK(n == 3 && sec > 0);
+  fprintf(stderr, "  warmup of the Llama-3-8B prefill shape (3 tile kinds): %.2f s of NVRTC\n", sec);
+  n = 0, sec = 0;
+  CHECK_OK(gpu_prefill_warmup(&d, "sm_90a", dir, &n, &sec));
+  CHECK(n == 3 && sec == 0); /* all from the cache */
+  /* q and KV dtypes that differ: not this family's, nothing compiled, no error */
+  in.kv_dtype = (DLDataType){kDLFloat, 16, 1};
+  CHECK_OK(desc_resolve(&in, &d));
+  n = 0;
+  CHECK_OK(gpu_prefill_warmup(&d, "sm_90a", dir, &n, &sec));
+  CHECK(n == 0);
+}
+
 TEST_MAIN()
