@@ -245,8 +245,10 @@ class _AttentionWrapper:
         if torch is None:
             return None
         dev = self._ctx.device_id
-        cur = torch.cuda.current_stream(dev)
-        st = cur if cur.cuda_stream == s else torch.cuda.ExternalStream(s, device=dev)
+        st = self._ctx.last_torch_stream
+        if st is None or st.cuda_stream != s:
+            cur = torch.cuda.current_stream(dev)
+            st = cur if cur.cuda_stream == s else torch.cuda.ExternalStream(s, device=dev)
         if self._event is None:
             self._event = torch.cuda.Event()
         self._event.record(st)

@@ -37,6 +37,7 @@ class Context:
         _lib.call("kvattn_context_backend", self._ptr, ctypes.byref(b))
         self.backend = Backend(b.value)
         self.device_id = int(device_id)
+        self.last_torch_stream = None
 
     @property
     def handle(self):
@@ -94,7 +95,9 @@ class Context:
             for t in tensors:
                 if t is not None and _tensor.is_torch(t):
                     if t.is_cuda:
-                        return torch.cuda.current_stream(self.device_id).cuda_stream
+                        st = torch.cuda.current_stream(self.device_id)
+                        self.last_torch_stream = st  # lets plan() record its event without a lookup
+                        return st.cuda_stream
                     break  # the call's first torch tensor decides; CPU tensors fail the device check
         return 0
 
