@@ -184,6 +184,24 @@ typedef struct variant {
 
 static const variant V_PLAIN = {0, -1, 0, 0, 0, 0.f}, V_CAUSAL = {1, -1, 0, 0, 0, 0.f};
 
+/* Give a [tokens, heads, dim] host tensor gaps: head stride dim + extra_head, token stride
+ * heads * that + extra_tok (multiples of 8 elements keep rows 16-byte aligned); gaps hold NaN. */
+static int restride(host_tensor *h, int64_t extra_tok, int64_t extra_head) {
+  host_tensor n;
+  int64_t sh = h->shape[2] + extra_head, st[3] = {h->shape[1] * sh + extra_tok, sh, 1};
+  if (!ht_alloc_strided(&n, h->t.dtype, 3, h->shape, st, 0)) return 0;
+  int64_t idx[3] = {0, 0, 0};
+  if (ht_numel(h) > 0) do ht_set(&n, idx, ht_get(h, idx));
+    while (ht_next(3, h->shape, idx));
+  ht_free(h);
+  *h = n;
+  h->t.shape = h->shape;
+  h->t.strides = h->strides;
+  return 1;
+}
+
+static int g_strided_q; /* run_case: give q and out gaps (non-contiguous views) */
+
 /* One randomized case: `batch` requests with qo lengths in [0, qo_max] and kv lengths in
  * [0, kv_max] (qo_len > kv_len allowed), checked against the reference. */
 static int run_case(const char *name, int format, int layout, int combined, int page_size, int batch, int qo_max,
@@ -224,6 +242,10 @@ static int run_case(const char *name, int format, int layout, int combined, int 
     return 0;
   }
   if (poison_tails) tb_poison_unused(&tb);
+  if (g_strided_q && (!restride(&tb.q, 24, 8) || !restride(&tb.out, 40, 16))) {
+    tb_free(&tb);
+    return 0;
+  }
   kvattn_attention_desc d = tb_desc(&sp);
   d.causal = v.causal;
   d.window_left = v.window_left;
@@ -260,6 +282,16 @@ TEST(page_size_one_and_odd_pages) {
   all_ok &= run_case("paged p1 causal f16 g4 d128", PAGED, NHD, 0, 1, 6, 90, 300, 8, 2, 128, TDT_F16, V_CAUSAL, 4, 1);
   all_ok &= run_case("paged p5 causal HND combined", PAGED, HND, 1, 5, 6, 70, 333, 8, 2, 128, TDT_BF16, V_CAUSAL, 5, 1);
   all_ok &= run_case("paged p16 HND combined full f16", PAGED, HND, 1, 16, 4, 40, 200, 4, 4, 128, TDT_F16, V_PLAIN, 6, 1);
+  CHECK(all_ok);
+}
+
+TEST(strided_q_and_out_views) {
+  NEED_GPU();
+  int all_ok = 1;
+  g_strided_q = 1;
+  all_ok &= run_case("strided q/out paged causal", PAGED, NHD, 0, 16, 5, 100, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 40, 1);
+  all_ok &= run_case("strided q/out ragged full f16", RAGGED, HND, 0, 1, 4, 60, 150, 8, 2, 64, TDT_F16, V_PLAIN, 41, 0);
+  g_strided_q = 0;
   CHECK(all_ok);
 }
 
