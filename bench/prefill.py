@@ -195,13 +195,38 @@ def workloads(quick):
     return rows
 
 
+def markdown(res):
+    """The docs/perf.md table of a results dict: TFLOP/s per subject, kvattn's fraction of the bf16
+    ceiling and its ratio to each peer."""
+    names = ("kvattn", "fi_fa2", "fi_fa3", "sdpa_flash", "sdpa_cudnn")
+    lines = ["| workload | format | kvattn | FI fa2 | FI fa3 | SDPA flash | SDPA cuDNN | kvattn / ceiling "
+             "| vs fa2 | vs fa3 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, row in res["rows"].items():
+        wl, fmt = key.split(" | ")
+        cells = []
+        for n in names:
+            e = row.get(n, {})
+            cells.append("%.0f" % e["TFLOPs"] if "TFLOPs" in e else ("err" if "error" in e else "-"))
+        k = row.get("kvattn", {})
+        frac = "%.0f%%" % (100 * k["frac_ceiling"]) if "frac_ceiling" in k else "-"
+        r2 = "%.2f" % k["ratio_vs_fi_fa2"] if "ratio_vs_fi_fa2" in k else "-"
+        r3 = "%.2f" % k["ratio_vs_fi_fa3"] if "ratio_vs_fi_fa3" in k else "-"
+        lines.append("| %s | %s | %s | %s | %s | %s |" % (wl, fmt, " | ".join(cells), frac, r2, r3))
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time kvattn's kernel-shape variants")
+    ap.add_argument("--table", metavar="JSON", help="print the markdown table of a results file and exit")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(markdown(json.load(f)))
+        return
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     res = {"date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
