@@ -395,6 +395,38 @@ INLINE void prefetch_block(const fast_run *fr, const run_tensors *t, const work_
   }
 }
 
+/* o[x * stride] = acc[x] * inv as bf16 or f16 (round to nearest even), eight at a time where the
+ * row is contiguous; lanes outside f16's normal range go through the full scalar conversion. */
+CPU_CLONES
+static void store_row_16(const fast_run *fr, uint16_t *o, int64_t stride, const float *acc, float inv, int bf16) {
+  const int n = fr->head_dim;
+  int x = 0;
+  if (stride == 1) {
+    for (; x + VEC <= n; x += VEC) {
+      v8f f;
+      memcpy(&f, acc + x, sizeof f);
+      f = f * splat(inv);
+      const v8u b = (v8u)f, a = b & 0x7fffffffu;
+      v8u r;
+      if (bf16) {
+        const v8i nan = (v8i)(a > 0x7f800000u);
+        r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+        r = (r & ~(v8u)nan) | (((b >> 16) | 0x40u) & (v8u)nan);
+      } else {
+        r = ((b >> 16) & 0x8000u) | ((a + 0x0fffu + ((a >> 13) & 1u) - 0x38000000u) >> 13);
+      }
+      v8h h = __builtin_convertvector(r, v8h);
+      if (!bf16) { /* zero, subnormal, overflow, inf, NaN: the slow path, lane by lane */
+        const v8i normal = (v8i)(a >= 0x38800000u) & (v8i)(a < 0x477ff000u);
+        for (int k = 0; k < VEC; k++)
+          if (!normal[k]) h[k] = float_to_half(f[k]);
+      }
+      memcpy(o + x, &h, sizeof h);
+    }
+  }
+  for (; x < n; x++) o[x * stride] = bf16 ? f32_to_bf16(acc[x] * inv) : f32_to_f16(acc[x] * inv);
+}
+
 /* o = acc / l per query of the item; a query that saw nothing gets o = 0, lse = -inf. */
 static void write_outputs(const fast_run *fr, const work_item *it, int nq, const float *acc_all, const float *m,
                           const float *l_all) {
@@ -412,12 +444,8 @@ static void write_outputs(const fast_run *fr, const work_item *it, int nq, const
     if (dtype_eq(t->out.dtype, DT_F32)) {
       float *o = (float *)t->out.data + ob;
       for (int x = 0; x < head_dim; x++) o[x * os] = acc[x] * inv;
-    } else if (dtype_eq(t->out.dtype, DT_BF16)) {
-      uint16_t *o = (uint16_t *)t->out.data + ob;
-      for (int x = 0; x < head_dim; x++) o[x * os] = f32_to_bf16(acc[x] * inv);
-    } else if (dtype_eq(t->out.dtype, DT_F16)) {
-      uint16_t *o = (uint16_t *)t->out.data + ob;
-      for (int x = 0; x < head_dim; x++) o[x * os] = f32_to_f16(acc[x] * inv);
+    } else if (dtype_eq(t->out.dtype, DT_BF16) || dtype_eq(t->out.dtype, DT_F16)) {
+      store_row_16(fr, (uint16_t *)t->out.data + ob, os, acc, inv, dtype_eq(t->out.dtype, DT_BF16));
     } else {
       for (int x = 0; x < head_dim; x++) tview_set(&t->out, ob + x * os, acc[x] * inv);
     }
