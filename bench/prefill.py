@@ -166,8 +166,9 @@ def run_sdpa(w, t, backend):
     return fn, out
 
 
-# kernel shapes the sweep tries: (KV tile, warps of the 128-row query tile, cross-item prefetch)
-SWEEP = ((64, 4, 1), (64, 4, 0), (32, 4, 1), (64, 8, 1), (64, 8, 0), (32, 8, 1))
+# kernel shapes the sweep tries, one change at a time from the default (64, 4, 1, 0): (KV tile,
+# warps of the 128-row query tile, cross-item prefetch, scale folded into the exponent)
+SWEEP = ((64, 4, 0, 0), (64, 4, 1, 1), (32, 4, 1, 0), (64, 8, 1, 0), (32, 8, 1, 0))
 
 
 def with_env(env, fn):
@@ -250,11 +251,12 @@ def main():
             t = w.tensors(P)
             ref = None
             subjects = [("kvattn", lambda: run_kvattn(w, t, fmt, P))]
-            for tile, warps, pf in SWEEP if args.sweep and fmt != "paged1" else ():
-                subjects.append(("kvattn_kt%d_w%d_pf%d" % (tile, warps, pf), lambda tile=tile, warps=warps, pf=pf: with_env(
-                    {"KVATTN_PREFILL_KV_TILE": str(tile), "KVATTN_PREFILL_WARPS128": str(warps),
-                     "KVATTN_PREFILL_PREFETCH": str(pf)},
-                    lambda: run_kvattn(w, t, fmt, P))))
+            for tile, warps, pf, fold in SWEEP if args.sweep and fmt != "paged1" else ():
+                subjects.append(("kvattn_kt%d_w%d_pf%d_f%d" % (tile, warps, pf, fold),
+                                 lambda tile=tile, warps=warps, pf=pf, fold=fold: with_env(
+                                     {"KVATTN_PREFILL_KV_TILE": str(tile), "KVATTN_PREFILL_WARPS128": str(warps),
+                                      "KVATTN_PREFILL_PREFETCH": str(pf), "KVATTN_PREFILL_FOLD": str(fold)},
+                                     lambda: run_kvattn(w, t, fmt, P))))
             if not args.no_peers:
                 subjects += [("fi_fa2", lambda: run_flashinfer(w, t, fmt, P, "fa2")),
                              ("fi_fa3", lambda: run_flashinfer(w, t, fmt, P, "fa3"))]

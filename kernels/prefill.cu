@@ -26,7 +26,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), PREFETCH (0|1: cross-item prefetch), DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), PREFETCH (0|1: cross-item prefetch), FOLD_SCALE, DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -89,6 +89,16 @@
 #error "CTA_Q must be 16, 64 or 128"
 #endif
 #define NUM_THREADS (NUM_WARPS * 32)
+/* FOLD_SCALE 1: the scores stay unscaled until the exponent, where the scale and the running max
+ * fold into one FFMA (sm_scale > 0, so the max commutes with the scale). One FMUL less per score,
+ * but more registers live at the 255 cap of the 128-row tile: off unless asked for. */
+#ifndef FOLD_SCALE
+#define FOLD_SCALE 0
+#endif
+#if SOFT_CAP || ALIBI
+#undef FOLD_SCALE
+#define FOLD_SCALE 0
+#endif
 #if CTA_Q == 16
 #define WKV 4 /* warps along the KV tile; their (m, d, o) are merged through shared memory at the end */
 #else
@@ -468,7 +478,7 @@ prefill_kernel(const struct prefill_params p) {
               asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
               x = p.soft_cap * t * log2e;
             }
-#else
+#elif !FOLD_SCALE
             x *= scale_log2;
 #endif
 #if ALIBI || CAUSAL || WINDOW || CUSTOM_MASK
@@ -502,11 +512,18 @@ prefill_kernel(const struct prefill_params p) {
       for (int mf = 0; mf < MF; mf++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
+#if FOLD_SCALE
+          float mx = KV_NEG_INF;
+#else
           float mx = m[mf][h];
+#endif
 #pragma unroll
           for (int nf = 0; nf < NF; nf++) mx = fmaxf(mx, fmaxf(s[mf][nf][2 * h], s[mf][nf][2 * h + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+#if FOLD_SCALE
+          mx = fmaxf(mx * scale_log2, m[mf][h]); /* -inf stays -inf */
+#endif
           const float m_use = mx == KV_NEG_INF ? 0.f : mx; /* a row masked so far stays exactly 0 */
           const float corr = fast_exp2(m[mf][h] - m_use);
           m[mf][h] = mx;
@@ -518,7 +535,12 @@ prefill_kernel(const struct prefill_params p) {
           }
 #pragma unroll
           for (int nf = 0; nf < NF; nf++) {
+#if FOLD_SCALE
+            float p0 = fast_exp2(fmaf(s[mf][nf][2 * h], scale_log2, -m_use));
+            float p1 = fast_exp2(fmaf(s[mf][nf][2 * h + 1], scale_log2, -m_use));
+#else
             float p0 = fast_exp2(s[mf][nf][2 * h] - m_use), p1 = fast_exp2(s[mf][nf][2 * h + 1] - m_use);
+#endif
             s[mf][nf][2 * h] = p0;
             s[mf][nf][2 * h + 1] = p1;
             d[mf][h] += p0 + p1;

@@ -98,6 +98,7 @@ static int warps128_for(int head_dim) {
 /* The 16-row kind splits every KV tile over its 4 warps (16 columns each): its tile is 64. */
 static int kind_kv_tile(int kind, int head_dim) { return kind == 0 ? 64 : kv_tile_for(head_dim); }
 static int prefetch_on(void) { return env_int("KVATTN_PREFILL_PREFETCH", 1, 0, 1); }
+static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
@@ -224,10 +225,10 @@ static void *compile_thread(void *arg) {
 static void make_defines(const kvattn_attention_desc *d, int group, int kind, char *out, size_t size) {
   int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
-           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DPREFETCH=%d -DDTYPE=%d -DO_DTYPE=%d "
-           "-DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
+           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DPREFETCH=%d -DFOLD_SCALE=%d "
+           "-DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
            d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim), warps128_for(d->head_dim), prefetch_on(),
-           dtype_code(d->q_dtype),
+           fold_scale_on(), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
 }
