@@ -130,6 +130,8 @@ TEST(bad_flags_and_values_exit_2_with_a_message_naming_them) {
       {"info --threads", "--threads"},
       {"warmup --qo-heads 32", "required"},
       {"warmup --qo-heads 32 --kv-heads 5 --head-dim 128", "--kv-heads"},
+      {"warmup --qo-heads 32 --kv-heads 8 --head-dim 128 --arch sm_75", "sm_80"},
+      {"warmup --qo-heads 32 --kv-heads 8 --head-dim 128 --arch hopper", "hopper"},
   };
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     int rc = run_cli(bad[i].args, out_, sizeof out_);

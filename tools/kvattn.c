@@ -2298,6 +2298,13 @@ static int cmd_warmup(int argc, char **argv) {
   if (qo_heads % kv_heads)
     return usage_error("--qo-heads %" PRId64 " is not a multiple of --kv-heads %" PRId64, qo_heads, kv_heads);
   if (soft_cap < 0) return usage_error("--soft-cap must be >= 0");
+  if (arch) { /* "sm_" then the compute capability, maybe with a suffix ("sm_90a"); kvattn needs sm_80+ */
+    char *end = NULL;
+    long cc = strncmp(arch, "sm_", 3) == 0 ? strtol(arch + 3, &end, 10) : -1;
+    if (cc < 0 || !end || end == arch + 3 || (end[0] && (end[0] != 'a' || end[1])))
+      return usage_error("--arch '%s' is not an architecture like sm_80 or sm_90a", arch);
+    if (cc < 80) return usage_error("--arch %s: kvattn's kernels need sm_80 or newer (cp.async, bf16 MMA)", arch);
+  }
   kvattn_attention_desc desc = make_desc((int)qo_heads, (int)kv_heads, (int)head_dim, dtype_choice ? T_BF16 : T_F16, causal);
   desc.window_left = (int32_t)window_left;
   desc.logits_soft_cap = (float)soft_cap;
