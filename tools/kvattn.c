@@ -181,9 +181,9 @@ static void print_options(const opt_def *defs, int ndefs) {
                       : defs[k].kind == OPT_STRING ? "TEXT"
                                                    : "N";
     snprintf(left, sizeof left, "%s%s%s", defs[k].name, arg[0] ? " " : "", arg);
-    printf("  %-30s %s\n", left, defs[k].help);
+    printf("  %-34s %s\n", left, defs[k].help);
   }
-  printf("  %-30s %s\n", "--help", "show this text");
+  printf("  %-34s %s\n", "--help", "show this text");
 }
 
 /* ======================================================================== */
