@@ -10,6 +10,7 @@
  * launch sequence, grids and parameters never change between plans, so a captured graph replays
  * any batch within the bounds), then the merge kernel when split-KV is possible.
  */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -362,6 +363,23 @@ kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const 
   return KVATTN_SUCCESS;
 }
 
+/* Is `stream` being captured into a CUDA graph? Unknown (no entry point) counts as yes: then every
+ * launch is made, which is always correct. */
+typedef CUresult (*stream_is_capturing_fn)(CUstream, int *);
+static int stream_capturing(const cuda_api *api, CUstream stream) {
+  static stream_is_capturing_fn fn;
+  static int looked;
+  if (!__atomic_load_n(&looked, __ATOMIC_ACQUIRE)) {
+    stream_is_capturing_fn f = api->lib ? (stream_is_capturing_fn)dlsym(api->lib, "cuStreamIsCapturing") : NULL;
+    __atomic_store_n(&fn, f, __ATOMIC_RELAXED);
+    __atomic_store_n(&looked, 1, __ATOMIC_RELEASE);
+  }
+  stream_is_capturing_fn f = __atomic_load_n(&fn, __ATOMIC_RELAXED);
+  int status = 1;
+  if (!f || f(stream, &status) != 0) return 1;
+  return status != 0; /* CU_STREAM_CAPTURE_STATUS_NONE = 0 */
+}
+
 kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_stream stream) {
   struct gpu_prefill *p = a->gpu_prefill;
   RETURN_IF(!p || !p->planned, KVATTN_ERROR_INVALID_USAGE, "kvattn_run: no prefill plan: call kvattn_plan() first");
@@ -415,15 +433,18 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
   pp.kv_token_limit = bv->kv_token_limit;
 
   TRY(gpu_make_current(g));
+  /* Eagerly, launches with nothing to do are skipped (a few microseconds each); a graph being
+   * captured gets every launch the bounds allow, so any later plan within them replays correctly. */
+  const int all = stream_capturing(g->api, (CUstream)stream);
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
-    if (!p->reachable[k]) continue;
+    if (!p->reachable[k] || (!all && p->out.items[k] == 0)) continue;
     pp.cta_indptr_off = (int32_t)p->lay.cta_off[k];
     pp.items_off_word = PREFILL_META_ITEMS_OFF + k;
     void *args[] = {&pp};
     CU_TRY(g->api, cuLaunchKernel(p->fn[k], (unsigned)p->cfg.grid[k], 1, 1, (unsigned)p->threads[k], 1, 1,
                                   (unsigned)p->smem[k], (CUstream)stream, args, NULL));
   }
-  if (!p->cfg.disable_split) {
+  if (!p->cfg.disable_split && (all || p->out.merges > 0)) {
     void *args[] = {&pp};
     CU_TRY(g->api, cuLaunchKernel(p->merge_fn, (unsigned)p->merge_grid, 1, 1, 128, 1, 1, 0, (CUstream)stream, args,
                                   NULL));
