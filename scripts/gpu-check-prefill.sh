@@ -27,8 +27,8 @@ t0=$(date +%s)
 phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 
 phase build
-if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$OUT/build.log" 2>&1 &&
-   cmake --build build-gpu -j"$(nproc)" --target kvattn kvattn_static test_gpu_prefill test_plan_prefill >>"$OUT/build.log" 2>&1; then
+if cmake -S . -B build-gpu-prefill -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$OUT/build.log" 2>&1 &&
+   cmake --build build-gpu-prefill -j"$(nproc)" --target kvattn kvattn_static test_gpu_prefill test_plan_prefill >>"$OUT/build.log" 2>&1; then
   RESULT[build]=ok
 else
   RESULT[build]=FAIL; tail -30 "$OUT/build.log"
@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 
 if [ "$TESTS" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   phase "GPU tests"
-  if timeout "${TEST_TIMEOUT:-240}" ./build-gpu/test_gpu_prefill >"$OUT/gpu_test.log" 2>&1; then RESULT[gpu_tests]=ok; else RESULT[gpu_tests]=FAIL; fi
+  if timeout "${TEST_TIMEOUT:-240}" ./build-gpu-prefill/test_gpu_prefill >"$OUT/gpu_test.log" 2>&1; then RESULT[gpu_tests]=ok; else RESULT[gpu_tests]=FAIL; fi
   grep -E "rel_err|FAIL|failures|passed|skipped|gpu run" "$OUT/gpu_test.log" | tail -60
 fi
 
@@ -48,11 +48,11 @@ if [ "$SAN" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   else
     ok=1
     for t in ${MEMCHECK_TESTS:-ragged_and_block_sparse split_kv}; do
-      timeout ${SAN_TIMEOUT:-75} compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu/test_gpu_prefill "$t" >"$OUT/memcheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/memcheck_$t.log"; }
+      timeout ${SAN_TIMEOUT:-75} compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >"$OUT/memcheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/memcheck_$t.log"; }
       grep -E "ERROR SUMMARY|passed" "$OUT/memcheck_$t.log" | sed "s/^/memcheck $t: /"
     done
     for t in ${RACECHECK_TESTS:-split_kv}; do
-      timeout ${SAN_TIMEOUT:-75} compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu/test_gpu_prefill "$t" >"$OUT/racecheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/racecheck_$t.log"; }
+      timeout ${SAN_TIMEOUT:-75} compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >"$OUT/racecheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/racecheck_$t.log"; }
       grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" "$OUT/racecheck_$t.log" | sed "s/^/racecheck $t: /"
     done
     [ $ok = 1 ] && RESULT[sanitizer]=ok || RESULT[sanitizer]=FAIL
@@ -66,7 +66,7 @@ if [ "$BENCH" = 1 ] && [ "${RESULT[build]}" = ok ]; then
       >"$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
   export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache MAX_JOBS=$(nproc)
-  if PYTHONUNBUFFERED=1 KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so timeout "${BENCH_TIMEOUT:-400}" python3 bench/prefill.py --out "$OUT" "${BENCH_ARGS[@]}" \
+  if PYTHONUNBUFFERED=1 KVATTN_LIBRARY=$PWD/build-gpu-prefill/libkvattn.so timeout "${BENCH_TIMEOUT:-400}" python3 bench/prefill.py --out "$OUT" "${BENCH_ARGS[@]}" \
       2>&1 | tee "$OUT/bench.log"; then RESULT[bench]=ok; else RESULT[bench]=FAIL; fi
   cp "$OUT"/prefill-*.json bench/results/ 2>/dev/null
 fi
