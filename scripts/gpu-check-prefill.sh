@@ -51,7 +51,7 @@ if [ "$SAN" = 1 ] && [ "${RESULT[build]}" = ok ]; then
       timeout ${SAN_TIMEOUT:-75} compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >"$OUT/memcheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/memcheck_$t.log"; }
       grep -E "ERROR SUMMARY|passed" "$OUT/memcheck_$t.log" | sed "s/^/memcheck $t: /"
     done
-    for t in ${RACECHECK_TESTS:-split_kv}; do
+    for t in ${RACECHECK_TESTS:-tiny_grid}; do
       timeout ${SAN_TIMEOUT:-75} compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >"$OUT/racecheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/racecheck_$t.log"; }
       grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" "$OUT/racecheck_$t.log" | sed "s/^/racecheck $t: /"
     done
