@@ -1332,11 +1332,11 @@ static int cmd_demo(int argc, char **argv) {
            fmt_bytes(row->bytes, bb, sizeof bb), gb, eb, row->state == ROW_PASS ? "PASS" : "FAIL");
     if (row->state == ROW_FAIL) any_fail = 1;
   }
-  printf("\ntime: median of %" PRId64 " runs%s (kvattn_run only; plan is host work, see `kvattn bench`). bytes: the\n"
-         "least each op must move (q, K/V once, out, LSE, indices). max rel err: over (token, head) rows,\n"
-         "|o - ref| / |ref| against the float64 reference; pass below 1e-2 for %s (LSE within 1e-3);\n"
-         "the append must be bit-exact.\n",
-         runs, g_dev.cuda ? ", each the mean of 10 back-to-back" : "", short_dtype(dtype));
+  printf("\ntime: the median of %" PRId64 " runs of the op%s; plan is host work (see `kvattn bench`).\n"
+         "bytes: the least each op must move (q, K/V once, out, LSE, page ids).\n"
+         "max rel err: over (token, head) rows, |o - ref| / |ref| against the float64 reference; pass below\n"
+         "1e-2 for %s (LSE within 1e-3); the append must be bit-exact.\n",
+         runs, g_dev.cuda ? " (each the mean of 10 back-to-back runs)" : "", short_dtype(dtype));
   for (int i = 0; i < 3; i++)
     if (rows[i].state != ROW_PASS) fprintf(stderr, "%s: %s %s: %s\n", g_cmd, rows[i].op, rows[i].state == ROW_ERROR ? "error" : "check failed", rows[i].note);
   rc = any_error ? EXIT_LIBRARY : any_fail ? EXIT_CHECK_FAILED : EXIT_OK;
