@@ -460,6 +460,8 @@ KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const 
     total += sec;
     n++;
   }
+  /* the prefill family's tile kinds (batches with several query rows, ragged and block-sparse) */
+  TRY(gpu_prefill_warmup(&d, arch, cache_dir, &n, &total));
   if (kernels) *kernels = n;
   if (seconds) *seconds = total;
   return KVATTN_SUCCESS;
