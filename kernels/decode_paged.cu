@@ -101,8 +101,9 @@ struct decode_item {
   int tok_end;
   int q_pos;      /* position of the query (RoPE, ALiBi) */
   int page_base;  /* kv_indptr[request]: first entry of the request in `indices` */
-  int split;      /* -1: the item covers the whole unit; else index into splits/counters */
-  int piece;      /* this item's piece number inside its split */
+  int split;      /* -1: the item covers whole units; else index into splits/counters */
+  int piece;      /* split >= 0: this item's piece number inside its split; split < 0: the number of
+                     consecutive units (unit_head, unit_head+1, ...) of the row it covers whole */
 };
 
 struct decode_params {
@@ -166,8 +167,14 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
     ti->first = 0;
     return;
   }
-  ti->item++;
   ti->first = 1;
+  if (ti->it.split < 0 && ti->it.piece > 1) { /* the item's next unit: the next head block / KV head */
+    ti->it.unit_head++;
+    ti->it.piece--;
+    ti->tok = ti->it.tok_start;
+    return;
+  }
+  ti->item++;
   if (ti->item < ti->item_end) {
     ti->it = load_item(p.items, ti->item);
     ti->tok = ti->it.tok_start;

@@ -132,12 +132,29 @@ static kvattn_status emit(walker *w, int32_t row, int32_t head, int64_t a, int64
   it->q_pos = (int32_t)q_pos;
   it->page_base = page_base;
   it->split = -1;
-  it->piece = 0;
+  it->piece = 1;
   int64_t cost = (b - a) + w->c->item_cost;
   w->cap -= cost;
   w->cta_cost += cost;
   w->consumed += cost;
   return KVATTN_SUCCESS;
+}
+
+/* A whole unit [lo, hi) of head h that follows, in the same CTA, a whole-unit item of the same row
+ * ending at head h - 1 joins that item instead of taking its own: a batch of many short requests
+ * then needs an item per request and CTA rather than per head (plan time is mostly writing items). */
+static int try_extend(walker *w, int32_t row, int32_t head, int64_t lo, int64_t hi) {
+  if (w->n_items == 0 || w->n_items <= w->cta_indptr[w->b]) return 0;
+  decode_item *it = &w->items[w->n_items - 1];
+  if (it->row != row || it->split != -1 || it->unit_head + it->piece != head || it->tok_start != lo ||
+      it->tok_end != hi)
+    return 0;
+  it->piece++;
+  int64_t cost = (hi - lo) + w->c->item_cost;
+  w->cap -= cost;
+  w->cta_cost += cost;
+  w->consumed += cost;
+  return 1;
 }
 
 /* Items [first, n_items) are the pieces of one unit: give them a split when there are several. */
@@ -211,8 +228,41 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
       for (int32_t h = 0; h < heads; h++) {
         const int64_t first = w.n_items;
         int64_t pos = lo;
+        if (split_free) {
+          /* the run of this row's units that go whole into the current CTA, in O(1): the per-unit
+           * rule below ("the rest fits, overfilling by at most min_chunk/2; a full CTA closes")
+           * applied k times at once */
+          const int64_t n = hi - lo, uc = n + c->item_cost, half = c->min_chunk / 2;
+          int64_t avail0 = w.cap - c->item_cost;
+          if (w.cta_cost == 0 && avail0 < c->min_chunk) avail0 = c->min_chunk;
+          int64_t k = 0;
+          if (w.b >= c->grid - 1) {
+            k = heads - h;
+          } else if (n <= avail0 + half) {
+            int64_t k_fit = w.cap - uc + half >= 0 ? (w.cap - uc + half) / uc + 1 : 1;
+            int64_t k_open = w.cap > 0 ? (w.cap + uc - 1) / uc : 1;
+            k = min64(heads - h, min64(k_fit, k_open));
+          }
+          if (k > 0) {
+            /* one item for the run (joining the previous item when it ends at head h - 1) */
+            if (!try_extend(&w, row, h, lo, hi)) TRY(emit(&w, row, h, lo, hi, qp, page_base));
+            w.items[w.n_items - 1].piece += (int32_t)(k - 1);
+            const int64_t more = (k - 1) * uc;
+            w.cap -= more;
+            w.cta_cost += more;
+            w.consumed += more;
+            if (w.cap <= 0) close_cta(&w);
+            h += (int32_t)(k - 1); /* and the loop's h++ */
+            continue;
+          }
+        }
         if (!split_free) {
           /* whole pieces (one, or the fixed chunks), next-fit: a CTA closes once it is full */
+          const int whole = fixed_tokens == 0 || hi <= lo || (hi - 1) / fixed_tokens == lo / fixed_tokens;
+          if (whole && try_extend(&w, row, h, lo, hi)) {
+            if (w.cap <= 0) close_cta(&w);
+            continue;
+          }
           do {
             int64_t end = hi;
             if (fixed_tokens > 0 && hi > lo) end = min64(hi, (pos / fixed_tokens + 1) * fixed_tokens);
@@ -234,6 +284,11 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
             } else {
               take = avail; /* cut at the stretch boundary, leaving no sliver behind */
               if (rem - take < c->min_chunk) take = rem - c->min_chunk;
+            }
+            if (pos == lo && take == rem && try_extend(&w, row, h, lo, hi)) {
+              pos = hi;
+              if (w.cap <= 0) close_cta(&w);
+              break;
             }
             TRY(emit(&w, row, h, pos, pos + take, qp, page_base));
             pos += take;

@@ -26,8 +26,10 @@ typedef struct decode_item {
   int32_t tok_end;
   int32_t q_pos;      /* the query's position (RoPE, ALiBi) */
   int32_t page_base;  /* kv_indptr[request] */
-  int32_t split;      /* -1: the item is its unit's only piece; else the unit's split index */
-  int32_t piece;      /* piece number inside the split (partial slot = splits[split].slot_base + piece) */
+  int32_t split;      /* -1: the item covers whole units; else the unit's split index */
+  int32_t piece;      /* split >= 0: piece number inside the split (partial slot = splits[split].slot_base
+                         + piece); split < 0: how many consecutive units of the row (unit_head,
+                         unit_head + 1, ...) the item covers, each over [tok_start, tok_end) */
 } decode_item;
 
 typedef struct decode_split {
