@@ -261,7 +261,10 @@ typedef struct kvattn_kv {
 
 /* Memory the plan writes its work lists into and split-KV partial states use.
  * GPU: `device` is device memory, `host` pinned host memory (cuMemHostAlloc / cudaMallocHost).
- * CPU: `device` is ordinary host memory; `host` is unused and may be NULL. */
+ * CPU: `device` is ordinary host memory; `host` is unused and may be NULL.
+ * Both bases must be 16-byte aligned (allocators give at least that). A workspace holds one plan
+ * at a time: planning another attention into it invalidates the first one's plan (its next run
+ * returns INVALID_USAGE on the CPU; on the GPU it would read the other plan's work lists). */
 typedef struct kvattn_workspace {
   void *device;
   size_t device_bytes;
