@@ -1,20 +1,27 @@
 /*
  * fast.c - the CPU fast path: fp32 accumulation, blocked online softmax, pthreads.
  *
- * Work is dealt in items of (work row, kv_head, block of query rows). An item holds every query
- * head of its kv_head's group for its query rows, so each KV block is read and converted once and
- * then used by all of them (GQA). Per item:
+ * Work is dealt in items of (work row, block of query rows, range of kv heads, KV chunk). An item
+ * holds every query head of the groups of its kv heads, so each KV block is read and converted once
+ * and then used by the whole group (GQA). Per item:
  *   1. the queries are loaded, rotated (RoPE) and pre-scaled by sm_scale into fp32 rows;
- *   2. the row's KV tokens are walked in blocks of BK: each block is gathered through the page
- *      table, converted to fp32 (K transposed to [head_dim][BK] so the score loop runs along the
- *      tokens with no horizontal sums; V as [BK][head_dim]), rotated if RoPE is on;
- *   3. for each query: scores, soft-cap, ALiBi, masks, then the online-softmax update
- *      m' = max(m, max s), l' = l e^(m-m') + sum e^(s-m'), acc' = acc e^(m-m') + sum e^(s-m') v.
- * Items are sorted by cost (longest first) and taken from a shared counter, so one long request
- * among short ones does not leave the other threads idle at the end.
+ *   2. the KV tokens are walked in blocks of BK: each block is gathered through the page table
+ *      (the next block is prefetched), and per kv head its K and V rows are converted to fp32
+ *      scratch, K rotated if RoPE is on;
+ *   3. scores for all the head's queries (4 queries x 2 tokens register blocks), then per query
+ *      soft-cap, ALiBi, the masks (only in blocks where a token can be masked) and the online-softmax
+ *      update m' = max(m, max s), l' = l e^(m-m') + sum e^(s-m'), acc' = acc e^(m-m') + sum e^(s-m') v;
+ *      in full blocks V is applied to two queries at once.
+ * Items spanning several kv heads read whole token rows of an NHD page (all heads are adjacent) rather
+ * than 256-byte pieces 2 KiB apart. Decode-like blocks (<= SPLIT_MAX_ROWS rows) over long KV are
+ * split into chunks (split-KV) whose states are merged afterwards in KV order. Items are sorted by
+ * cost (longest first) and taken from a shared counter, so one long request among short ones does
+ * not leave the other threads idle at the end. Every query is computed by one item and chunk
+ * boundaries depend only on the request, so the bits do not depend on the thread count or the batch.
  *
  * The inner loops use GCC vector extensions on 8-float vectors; the per-item function is cloned
  * for AVX2+FMA and picked at load time (target_clones), so the library still runs on any x86-64.
+ * docs/perf.md has the measurements and the history of this file.
  */
 #include <math.h>
 #include <pthread.h>
@@ -29,8 +36,8 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=fast")
 #endif
-/* The 32-byte vector helpers are always inlined: no vector ever crosses a call boundary, so the
- * ABI note GCC prints for them does not apply. */
+/* The 32-byte vector helpers are always inlined: no vector crosses a call boundary, so GCC's
+ * warning that returning one changes the ABI without AVX does not apply. */
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #define BK 32   /* KV tokens per block: four vectors of 8 */
@@ -44,10 +51,12 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
 
+#ifndef CPU_CLONES /* (a build may pass its own list) */
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CPU_CLONES
+#endif
 #endif
 #define INLINE static inline __attribute__((always_inline))
 /* Lane permutation of an 8-float vector (GCC and clang spell it differently). */
