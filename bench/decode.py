@@ -195,15 +195,16 @@ def bench_kvattn(P, kvattn, tc=False):
 
 
 def with_env(cfg, fn):
-    """Run fn under a scheduler/kernel configuration "s<stages>c<ctas per SM>m<min chunk>" (any part
-    optional), read by kvattn when an attention is created."""
+    """Run fn under a configuration "t<0 CUDA-core|1 tensor-core>s<stages>c<ctas per SM>m<min chunk>
+    i<item cost>" (any part optional), read by kvattn when an attention is created."""
     import re
-    keys = {"s": "KVATTN_DECODE_STAGES", "c": "KVATTN_DECODE_CTAS_PER_SM", "m": "KVATTN_DECODE_MIN_CHUNK",
-            "i": "KVATTN_DECODE_ITEM_COST"}
-    saved = {k: os.environ.get(k) for k in keys.values()}
+    keys = {"s": ("KVATTN_DECODE_STAGES", "KVATTN_DECODE_TC_STAGES"), "c": ("KVATTN_DECODE_CTAS_PER_SM",),
+            "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",)}
+    saved = {k: os.environ.get(k) for ks in keys.values() for k in ks}
     try:
-        for letter, value in re.findall(r"([scmi])(\d+)", cfg):
-            os.environ[keys[letter]] = value
+        for letter, value in re.findall(r"([scmit])(\d+)", cfg):
+            for k in keys[letter]:
+                os.environ[k] = ({"0": "cc", "1": "tc"}[value] if letter == "t" else value)
         return fn()
     finally:
         for k, v in saved.items():

@@ -99,12 +99,17 @@ static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages) 
   return ring + red;
 }
 
-/* The tensor-core path on request (desc.kernel), where it applies: head_dim <= 128, no RoPE (the
- * rotation of K would have to happen between shared memory and the MMA). Elsewhere the hint is
- * refined to the CUDA-core path. AUTO is the CUDA-core path (docs/perf.md compares the two). */
+/* The tensor-core path where it applies: head_dim <= 128, no RoPE (K would have to be rotated between
+ * shared memory and the MMA), q and KV of one dtype (both MMA operands). AUTO takes it there: it
+ * measured faster than the CUDA-core path on every decode workload of docs/perf.md (the FMA path's
+ * shuffles and exps stall its few warps). desc.kernel = CUDA_CORE, or KVATTN_DECODE_PATH=cc|tc,
+ * forces a path; a TENSOR_CORE hint where it does not apply is refined to the CUDA-core path. */
 static int decode_use_tc(const kvattn_attention_desc *d) {
-  return d->kernel == KVATTN_KERNEL_TENSOR_CORE && d->head_dim <= 128 && !d->rope &&
-         dtype_eq(d->q_dtype, d->kv_dtype); /* both MMA operands of one type */
+  const int applies = d->head_dim <= 128 && !d->rope && dtype_eq(d->q_dtype, d->kv_dtype);
+  const char *env = getenv("KVATTN_DECODE_PATH");
+  if (env && !strcmp(env, "cc")) return 0;
+  if (env && !strcmp(env, "tc")) return applies;
+  return applies && d->kernel != KVATTN_KERNEL_CUDA_CORE;
 }
 
 /* The planner's view of the attention, for the path it runs on. */

@@ -534,7 +534,9 @@ static void print_case(const dcase *c, double rel, double lse) {
           c->name, c->batch, c->kv_heads, c->group, c->head_dim, c->page_size, c->layout ? "HND" : "NHD",
           c->bf16 ? "bf16" : "fp16", c->noncontig ? " strided" : "", c->combined_kv ? " kv5" : "",
           c->window >= 0 ? " window" : "", c->soft_cap > 0 ? " softcap" : "", c->alibi ? " alibi" : "",
-          c->rope ? " rope" : "", c->kernel == KVATTN_KERNEL_TENSOR_CORE ? " tensor-core" : "", (long long)total, (long long)mx, rel, lse);
+          c->rope ? " rope" : "",
+          c->kernel == KVATTN_KERNEL_CUDA_CORE || c->rope || c->head_dim > 128 ? " cuda-core" : " tensor-core",
+          (long long)total, (long long)mx, rel, lse);
 }
 
 TEST(decode_matches_the_reference_on_random_cases) {
@@ -614,6 +616,7 @@ TEST(decode_edge_shapes) {
     c.bf16 = shapes[si].bf16;
     c.want_lse = 1;
     c.window = -1;
+    c.kernel = si % 2 ? KVATTN_KERNEL_CUDA_CORE : KVATTN_KERNEL_AUTO; /* both paths */
     c.kv_len = len;
     double rel = 0, lse = 0;
     int bad = run_case(&c, &rel, &lse);
@@ -643,7 +646,7 @@ TEST(decode_options_and_split_modes) {
     c.rope = k >= 4;
     c.disable_split = k == 3;
     c.fixed_split = k == 5 ? 4 : 0;
-    c.kernel = k >= 8 ? KVATTN_KERNEL_TENSOR_CORE : KVATTN_KERNEL_AUTO; /* the mma.sync path */
+    c.kernel = k >= 8 ? KVATTN_KERNEL_TENSOR_CORE : k % 2 ? KVATTN_KERNEL_CUDA_CORE : KVATTN_KERNEL_AUTO;
     if (k >= 8) c.rope = c.alibi = 0, c.soft_cap = k == 9 ? 20.0f : 0.0f, c.window = -1, c.group = 4 * (k - 7);
     c.noncontig = 1;
     random_lengths(len, c.batch, 3000, 30000);
@@ -677,6 +680,7 @@ TEST(decode_small_cases_for_the_sanitizers) {
     c.alibi = k == 4;
     c.rope = k == 5;
     c.noncontig = k % 2;
+    c.kernel = k % 2 ? KVATTN_KERNEL_CUDA_CORE : KVATTN_KERNEL_AUTO;
     c.kv_len = len;
     double rel = 0, lse = 0;
     int bad = run_case(&c, &rel, &lse);
@@ -1023,8 +1027,10 @@ TEST(a_cache_over_4_gib_with_page_ids_near_the_top_reads_the_right_pages) {
   download(got, S.dout, (size_t)S.B * 8 * 128 * 2);
   int32_t *ids = malloc(used * 4);
   for (int64_t e = 0; e < used; e++) ids[e] = (int32_t)e;
-  CHECK_OK(kvattn_attention_create(ref_ctx, &S.desc, &S.bounds, &ra));
-  CHECK_OK(kvattn_workspace_size(ref_ctx, &S.desc, &S.bounds, &db, &hb));
+  kvattn_attention_desc rd = S.desc;
+  rd.o_dtype = (DLDataType){kDLFloat, 32, 1};
+  CHECK_OK(kvattn_attention_create(ref_ctx, &rd, &S.bounds, &ra));
+  CHECK_OK(kvattn_workspace_size(ref_ctx, &rd, &S.bounds, &db, &hb));
   CHECK_OK(kvattn_workspace_alloc(ref_ctx, db, hb, &rws));
   CHECK_OK(kvattn_plan(ra, &S.batch, &rws, NULL));
   const DLDataType bf = {kDLBfloat, 16, 1}, f32 = {kDLFloat, 32, 1}, i32 = {kDLInt, 32, 1};
