@@ -6,7 +6,7 @@
 # The JSON goes to $OUT (or /tmp/gpu-check), the logs to $OUT/logs.tgz.
 #
 #   scripts/gpu-check.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--bench-args "..."] [--profile]
-# --profile: one Nsight Compute report of the decode kernel (b64 x 4096, page 16) after the bench.
+# --profile: Nsight Compute reports of one decode launch (b1 and b64 x 4096, page 16) after the bench.
 # FlashInfer travels as wheels in .whl/ (see the device README); without them the bench runs without it.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -101,11 +101,16 @@ if [ "$PROFILE" = 1 ] && [ "${R[build]}" = ok ]; then
   phase "profile (ncu, one decode launch)"
   export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
   if command -v ncu >/dev/null; then
-    ncu --target-processes all -k regex:decode_paged --launch-skip 3 --launch-count 1 \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-      --section LaunchStats python3 bench/decode.py --only b64_L4096 --quick --no-flashinfer --no-triton \
-      >"$L/ncu.log" 2>&1 && result profile ok || result profile FAIL
-    grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|Warp Cycles|Issued Ipc|Block Limit|L2 Hit|Mem Busy|Max Bandwidth" "$L/ncu.log" | head -40
+    ok=1
+    for w in b1_L4096 b64_L4096; do
+      ncu --target-processes all -k regex:decode_paged --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section LaunchStats python3 bench/decode.py --only $w --quick --no-flashinfer \
+        --no-triton >"$L/ncu_$w.log" 2>&1 || ok=0
+      echo "--- ncu $w"
+      grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Stall|Warp Cycles Per Issued|Issued Ipc|Block Limit|L2 Hit|Mem Busy|Max Bandwidth|Eligible|No Eligible|One or More|Dynamic Shared|Grid Size|Waves" "$L/ncu_$w.log" | head -40
+    done
+    [ $ok = 1 ] && result profile ok || result profile FAIL
   else
     result profile "FAIL (ncu missing)"
   fi
