@@ -8,7 +8,6 @@ import ctypes
 import ctypes.util
 import enum
 import os
-import sys
 from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_int32, c_int64,
                     c_size_t, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _lib, _tensor
 from ._lib import Status, raise_error
-from .context import Context, context_for, default_context
+from .context import context_for
 
 _LAYOUTS = {"NHD": _lib.LAYOUT_NHD, "HND": _lib.LAYOUT_HND}
 _POS_ENCODINGS = ("NONE", "ROPE_LLAMA", "ALIBI")
@@ -349,7 +349,7 @@ class BatchDecodeWithPagedKVCacheWrapper(_AttentionWrapper):
         last_page_len [batch] (1..page_size). Host copies of indptr/last_page_len are read here (a
         device tensor is copied to the host, which waits for it); `non_blocking` is accepted for
         FlashInfer compatibility and changes nothing."""
-        ctx = self._resolve_context(indices, indptr)
+        self._resolve_context(indices, indptr)
         q_data_type, kv_data_type = _legacy_dtype(q_data_type, kv_data_type, data_type)
         kv_indptr = _tensor.host_int32(indptr, "indptr")
         lpl = _tensor.host_int32(last_page_len, "last_page_len")
@@ -402,7 +402,7 @@ class BatchPrefillWithPagedKVCacheWrapper(_AttentionWrapper):
         (True = keep); packed_custom_mask: the same, bit-packed per request (little bit order, each
         request byte-aligned)."""
         _check_fa_compat(head_dim_qk, head_dim_vo, use_fp16_qk_reduction)
-        ctx = self._resolve_context(paged_kv_indices, paged_kv_indptr, qo_indptr)
+        self._resolve_context(paged_kv_indices, paged_kv_indptr, qo_indptr)
         qo = _tensor.host_int32(qo_indptr, "qo_indptr")
         kv_indptr = _tensor.host_int32(paged_kv_indptr, "paged_kv_indptr")
         lpl = _tensor.host_int32(paged_kv_last_page_len, "paged_kv_last_page_len")
@@ -458,7 +458,7 @@ class BatchPrefillWithRaggedKVCacheWrapper(_AttentionWrapper):
              non_blocking=True, *, o_data_type=None, alibi_slopes=None, rope_llama31=None,
              disable_split_kv=False, fixed_split_size=None, stream=None):
         _check_fa_compat(head_dim_qk, head_dim_vo, use_fp16_qk_reduction)
-        ctx = self._resolve_context(kv_indptr, qo_indptr)
+        self._resolve_context(kv_indptr, qo_indptr)
         qo = _tensor.host_int32(qo_indptr, "qo_indptr")
         kvp = _tensor.host_int32(kv_indptr, "kv_indptr")
         batch_size = max(len(kvp) - 1, 0)
@@ -510,7 +510,7 @@ class BlockSparseAttentionWrapper(_AttentionWrapper):
         (True = keep); packed_mask: as FlashInfer packs it, the [nnz_blocks, R, C] masks flattened and
         bit-packed little-endian (uint8). Both become kvattn's one M x N bit matrix."""
         _check_fa_compat(head_dim, None, use_fp16_qk_reduction)
-        ctx = self._resolve_context(indices, indptr)
+        self._resolve_context(indices, indptr)
         bptr = _tensor.host_int32(indptr, "indptr")
         dev_indices = self._device_indices(indices, "indices", bptr)
         host_indices = dev_indices if isinstance(dev_indices, np.ndarray) else \
