@@ -114,17 +114,18 @@ class Workload:
                     page_indices=torch.arange(npages, **i32), last=torch.tensor(last, **i32))
 
 
-def run_kvattn(w, t, fmt, P):
+def run_kvattn(w, t, fmt, P, **plan_args):
     import kvattn
     if fmt == "ragged":
         wr = kvattn.BatchPrefillWithRaggedKVCacheWrapper("cuda", "NHD")
-        wr.plan(t["qo_indptr"], t["kv_indptr"], HQ, HK, D, causal=w.causal, q_data_type=DT, kv_data_type=DT)
+        wr.plan(t["qo_indptr"], t["kv_indptr"], HQ, HK, D, causal=w.causal, q_data_type=DT, kv_data_type=DT,
+                **plan_args)
         out = torch.empty_like(t["q"])
         fn = lambda: wr.run(t["q"], t["k"], t["v"], out=out)
     else:
         wr = kvattn.BatchPrefillWithPagedKVCacheWrapper("cuda", "NHD")
         wr.plan(t["qo_indptr"], t["page_indptr"], t["page_indices"], t["last"], HQ, HK, D, P, causal=w.causal,
-                q_data_type=DT, kv_data_type=DT)
+                q_data_type=DT, kv_data_type=DT, **plan_args)
         out = torch.empty_like(t["q"])
         fn = lambda: wr.run(t["q"], (t["kc"], t["vc"]), out=out)
     fn()
@@ -279,6 +280,12 @@ def main():
                                      {"KVATTN_PREFILL_KV_TILE": str(tile), "KVATTN_PREFILL_WARPS128": str(warps),
                                       "KVATTN_PREFILL_PREFETCH": str(pf), "KVATTN_PREFILL_FOLD": str(fold)},
                                      lambda: run_kvattn(w, t, fmt, P))))
+            if args.sweep and w.name.startswith("append") and fmt == "paged16":
+                # split-KV: off, and coarser chunks than the default 256 tokens
+                subjects.append(("kvattn_nosplit", lambda: run_kvattn(w, t, fmt, P, disable_split_kv=True)))
+                for mc in (1024, 4096):
+                    subjects.append(("kvattn_minchunk%d" % mc, lambda mc=mc: with_env(
+                        {"KVATTN_PREFILL_MIN_CHUNK": str(mc)}, lambda: run_kvattn(w, t, fmt, P))))
             if not args.no_peers:
                 subjects += [("fi_fa2", lambda: run_flashinfer(w, t, fmt, P, "fa2")),
                              ("fi_fa3", lambda: run_flashinfer(w, t, fmt, P, "fa3"))]
