@@ -154,7 +154,7 @@ def run_sdpa(w, t, backend):
     """Dense SDPA over equal-length batches (qo == kv), KV heads repeated to 32."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     b, L = len(w.qo_lens), w.qo_lens[0]
-    q = t["q"].view(b, L, HQ, D).transpose(1, 2)
+    q = t["q"].view(b, L, HQ, D).transpose(1, 2).contiguous()
     k = t["k"].view(b, L, HK, D).repeat_interleave(HQ // HK, dim=2).transpose(1, 2).contiguous()
     v = t["v"].view(b, L, HK, D).repeat_interleave(HQ // HK, dim=2).transpose(1, 2).contiguous()
     be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
