@@ -127,6 +127,8 @@ TEST(bad_flags_and_values_exit_2_with_a_message_naming_them) {
       {"bench append --json /nonexistent-dir/x/y.json --batch 1 --kv-len 8", "/nonexistent-dir/x/y.json"},
       {"check --cases 0", "--cases"},
       {"check --cases 5x", "5x"},
+      {"check --op merge --decode", "--op attention"},
+      {"check --op gemm", "gemm"},
       {"info --threads", "--threads"},
       {"warmup --qo-heads 32", "required"},
       {"warmup --qo-heads 32 --kv-heads 5 --head-dim 128", "--kv-heads"},
@@ -174,6 +176,21 @@ TEST(check_sweep_of_20_cases_passes_on_the_cpu) {
   int rc = run_cli("check --cases 20 --backend cpu", out_, sizeof out_);
   CHECK_MSG(rc == 0, "exit %d:\n%s", rc, out_);
   CHECK_MSG(strstr(out_, "check: 20 cases") && strstr(out_, "20 passed, 0 failed"), "%s", out_);
+}
+
+TEST(check_sweeps_merge_and_append_too) {
+  NEED_CLI();
+  const char *ops[] = {"merge", "append"};
+  for (int i = 0; i < 2; i++) {
+    char args[128];
+    snprintf(args, sizeof args, "check --cases 30 --backend cpu --op %s --seed 4", ops[i]);
+    int rc = run_cli(args, out_, sizeof out_);
+    CHECK_MSG(rc == 0 && strstr(out_, "30 passed, 0 failed"), "kvattn %s exited %d:\n%s", args, rc, out_);
+    /* and spoiled results are caught */
+    snprintf(args, sizeof args, "check --cases 10 --backend cpu --op %s --seed 4 --perturb", ops[i]);
+    rc = run_cli(args, out_, sizeof out_);
+    CHECK_MSG(rc == 1 && count_of(out_, "FAILED") >= 5, "kvattn %s exited %d:\n%s", args, rc, out_);
+  }
 }
 
 TEST(check_fails_with_exit_1_when_outputs_are_spoiled) {
