@@ -1910,6 +1910,7 @@ static int cmd_check(int argc, char **argv) {
   int64_t first = only >= 0 ? only : 0, last = only >= 0 ? only + 1 : cases;
   int64_t passed = 0, failed = 0, skipped = 0;
   skip_reason reasons[8];
+  memset(reasons, 0, sizeof reasons);
   int nreasons = 0;
   double worst_half = 0, worst_wide = 0, t_start = now_us();
   case_filter filter = {format - 1, decode_only};
