@@ -37,7 +37,7 @@ if [ "$BENCH" = 1 ] && [ "$PEERS" = 1 ]; then
   phase "peers: wheels + FlashInfer JIT (background)"
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      >"$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$OUT/pip.log"
+      >/tmp/pip.log 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 /tmp/pip.log
   fi
   PYTHONUNBUFFERED=1 KVATTN_LIBRARY=/nonexistent timeout "${PEER_WARMUP_TIMEOUT:-300}" python3 bench/prefill.py --warmup-peers >"$OUT/peer_warmup.log" 2>&1 &
   WARM_PID=$!
@@ -50,7 +50,7 @@ if cmake -S . -B build-gpu-prefill -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOO
 else
   RESULT[build]=FAIL; tail -30 "$OUT/build.log"
 fi
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null
 
 if [ "$TESTS" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   phase "GPU tests"
@@ -65,12 +65,14 @@ if [ "$SAN" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   else
     ok=1
     for t in ${MEMCHECK_TESTS:-ragged_and_block_sparse}; do
-      timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >"$OUT/memcheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/memcheck_$t.log"; }
-      grep -E "ERROR SUMMARY|passed" "$OUT/memcheck_$t.log" | sed "s/^/memcheck $t: /"
+      timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >/tmp/san.log 2>&1 || { ok=0; tail -20 /tmp/san.log; }
+      sed "s/^/memcheck $t: /" /tmp/san.log >>"$OUT/sanitizer.log"
+      grep -E "ERROR SUMMARY|passed" /tmp/san.log | sed "s/^/memcheck $t: /"
     done
     for t in ${RACECHECK_TESTS:-empty_requests}; do
-      timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >"$OUT/racecheck_$t.log" 2>&1 || { ok=0; tail -20 "$OUT/racecheck_$t.log"; }
-      grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" "$OUT/racecheck_$t.log" | sed "s/^/racecheck $t: /"
+      timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >/tmp/san.log 2>&1 || { ok=0; tail -20 /tmp/san.log; }
+      sed "s/^/racecheck $t: /" /tmp/san.log >>"$OUT/sanitizer.log"
+      grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" /tmp/san.log | sed "s/^/racecheck $t: /"
     done
     [ $ok = 1 ] && RESULT[sanitizer]=ok || RESULT[sanitizer]=FAIL
   fi
