@@ -829,7 +829,10 @@ static kvattn_status paged_cache_build(paged_cache *pc, rng *r, int spare_pages,
   pc->num_pages = used + spare_pages;
   int32_t *pool = malloc(sizeof(int32_t) * (pc->num_pages ? pc->num_pages : 1));
   pc->kv_indices = malloc(sizeof(int32_t) * (used ? used : 1));
-  RETURN_IF(!pool || !pc->kv_indices, KVATTN_ERROR_OUT_OF_MEMORY, "page table");
+  if (!pool || !pc->kv_indices) {
+    free(pool);
+    return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "page table");
+  }
   for (int64_t i = 0; i < pc->num_pages; i++) pool[i] = (int32_t)i;
   for (int64_t i = pc->num_pages - 1; i > 0; i--) { /* shuffle: pages of a request are scattered */
     int64_t j = rng_int(r, 0, i);
