@@ -21,36 +21,6 @@
 
 enum { CU_FUNC_ATTR_NUM_REGS_ = 4 };
 
-/* Host mirror of kernels/prefill.cu's struct prefill_params (same order, natural alignment). */
-typedef struct prefill_params {
-  const void *q;
-  int64_t q_stride_tok, q_stride_head;
-  const void *k, *v;
-  int64_t k_stride_page, k_stride_slot, k_stride_head;
-  int64_t v_stride_page, v_stride_slot, v_stride_head;
-  const int32_t *indices;
-  const uint8_t *mask;
-  void *out;
-  int64_t o_stride_tok, o_stride_head;
-  float *lse;
-  int64_t lse_stride_tok, lse_stride_head;
-  const int32_t *lists;
-  int32_t cta_indptr_off;
-  int32_t items_off_word;
-  int32_t merge_off;
-  int32_t merge_count_word;
-  const float *rope_freq;
-  const float *alibi_slopes;
-  float *part_o;
-  float *part_lse;
-  float sm_scale;
-  float soft_cap;
-  int32_t window_left;
-  int32_t page_size;
-  int32_t page_shift;
-  int32_t bsr;
-  long long kv_token_limit;
-} prefill_params;
 
 struct gpu_prefill {
   prefill_config cfg;

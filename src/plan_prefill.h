@@ -108,4 +108,36 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
 /* The tile kind (0, 1, 2) of a request with `packed` = qo_len * group rows. */
 static inline int prefill_tile_kind(int64_t packed) { return packed <= 16 ? 0 : packed <= 64 ? 1 : 2; }
 
+/* The kernels' launch parameters: host mirror of kernels/prefill_common.cuh's struct prefill_params
+ * (same order, natural alignment). Filled by gpu_prefill_run. */
+typedef struct prefill_params {
+  const void *q;
+  int64_t q_stride_tok, q_stride_head;
+  const void *k, *v;
+  int64_t k_stride_page, k_stride_slot, k_stride_head;
+  int64_t v_stride_page, v_stride_slot, v_stride_head;
+  const int32_t *indices;
+  const uint8_t *mask;
+  void *out;
+  int64_t o_stride_tok, o_stride_head;
+  float *lse;
+  int64_t lse_stride_tok, lse_stride_head;
+  const int32_t *lists;
+  int32_t cta_indptr_off;
+  int32_t items_off_word;
+  int32_t merge_off;
+  int32_t merge_count_word;
+  const float *rope_freq;
+  const float *alibi_slopes;
+  float *part_o;
+  float *part_lse;
+  float sm_scale;
+  float soft_cap;
+  int32_t window_left;
+  int32_t page_size;
+  int32_t page_shift;
+  int32_t bsr;
+  long long kv_token_limit;
+} prefill_params;
+
 #endif /* KVATTN_PLAN_PREFILL_H */

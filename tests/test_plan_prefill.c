@@ -17,6 +17,7 @@
 #include "plan_prefill.h"
 #include "test.h"
 #include "util.h"
+#include <pthread.h>
 
 static double now_s(void) {
   struct timespec t;
@@ -454,6 +455,335 @@ TEST(warmup_compiles_the_three_tile_kinds_then_hits_the_cache) {
   n = 0;
   CHECK_OK(gpu_prefill_warmup(&d, "sm_90a", dir, &n, &sec));
   CHECK(n == 0);
+}
+
+/* ---------------------------------------------------------------- the host path end to end, emulated
+ *
+ * gpu_prefill_init/plan/run under a recording driver: device memory is host memory, a launch is
+ * recorded with its parameters, and an interpreter executes each recorded launch the way
+ * kernels/prefill.cu defines it (items of each CTA, masks, RoPE/ALiBi tables from the list region,
+ * partial states and the merge) in float64. Its output must match the reference. This pins down
+ * everything but the kernel's inner math (fragment layouts were checked separately): the plan, the
+ * list region and its copy, the parameters and strides, positions, masks and split-KV merging. */
+
+enum { FAKE_FN_PREFILL = 1, FAKE_FN_MERGE = 2, FAKE_FN_OTHER = 3 };
+typedef struct fake_launch {
+  uintptr_t fn;
+  unsigned grid, block, smem;
+  prefill_params p;
+} fake_launch;
+static fake_launch g_launch[64];
+static int g_launches;
+
+static CUresult f_ok_ctx(CUcontext c) { return 0; }
+static CUresult f_get_ctx(CUcontext *c) { *c = NULL; return 0; }
+static CUresult f_load(CUmodule *m, const void *img) { *m = (CUmodule)(uintptr_t)0x1000; return 0; }
+static CUresult f_unload(CUmodule m) { return 0; }
+static CUresult f_getfn(CUfunction *f, CUmodule m, const char *name) {
+  *f = (CUfunction)(uintptr_t)(!strcmp(name, "prefill_kernel") ? FAKE_FN_PREFILL
+                               : !strcmp(name, "prefill_merge") ? FAKE_FN_MERGE : FAKE_FN_OTHER);
+  return 0;
+}
+static CUresult f_fattr(int *v, int a, CUfunction f) { *v = 0; return 0; }
+static CUresult f_fsetattr(CUfunction f, int a, int v) { return 0; }
+static CUresult f_launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                         unsigned smem, CUstream s, void **params, void **extra) {
+  if (g_launches >= 64) return 1;
+  fake_launch *l = &g_launch[g_launches++];
+  l->fn = (uintptr_t)f, l->grid = gx, l->block = bx, l->smem = smem;
+  if ((uintptr_t)f != FAKE_FN_OTHER) memcpy(&l->p, params[0], sizeof l->p);
+  return 0;
+}
+static CUresult f_alloc(CUdeviceptr *p, size_t n) { *p = (CUdeviceptr)(uintptr_t)calloc(1, n ? n : 1); return *p ? 0 : 2; }
+static CUresult f_free(CUdeviceptr p) { free((void *)(uintptr_t)p); return 0; }
+static CUresult f_halloc(void **p, size_t n) { *p = calloc(1, n ? n : 1); return *p ? 0 : 2; }
+static CUresult f_hfree(void *p) { free(p); return 0; }
+static CUresult f_h2d(CUdeviceptr d, const void *s, size_t n, CUstream st) { memcpy((void *)(uintptr_t)d, s, n); return 0; }
+static CUresult f_d2h(void *d, CUdeviceptr s, size_t n, CUstream st) { memcpy(d, (void *)(uintptr_t)s, n); return 0; }
+static CUresult f_memset_async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) { memset((void *)(uintptr_t)d, v, n); return 0; }
+static CUresult f_memset(CUdeviceptr d, unsigned char v, size_t n) { memset((void *)(uintptr_t)d, v, n); return 0; }
+static CUresult f_sync(CUstream s) { return 0; }
+static CUresult f_ctxsync(void) { return 0; }
+static CUresult f_errname(CUresult e, const char **s) { *s = "FAKE_ERROR"; return 0; }
+
+static cuda_api g_fake_api;
+static struct gpu_context g_fake_gpu;
+static pthread_mutex_t g_fake_lock = PTHREAD_MUTEX_INITIALIZER;
+static kvattn_context g_fake_ctx;
+
+static kvattn_context *fake_gpu_context(const char *cache_dir) {
+  memset(&g_fake_api, 0, sizeof g_fake_api);
+  g_fake_api.cuCtxSetCurrent = f_ok_ctx;
+  g_fake_api.cuCtxGetCurrent = f_get_ctx;
+  g_fake_api.cuCtxSynchronize = f_ctxsync;
+  g_fake_api.cuModuleLoadData = f_load;
+  g_fake_api.cuModuleUnload = f_unload;
+  g_fake_api.cuModuleGetFunction = f_getfn;
+  g_fake_api.cuFuncGetAttribute = f_fattr;
+  g_fake_api.cuFuncSetAttribute = f_fsetattr;
+  g_fake_api.cuLaunchKernel = f_launch;
+  g_fake_api.cuMemAlloc = f_alloc;
+  g_fake_api.cuMemFree = f_free;
+  g_fake_api.cuMemAllocHost = f_halloc;
+  g_fake_api.cuMemFreeHost = f_hfree;
+  g_fake_api.cuMemcpyHtoDAsync = f_h2d;
+  g_fake_api.cuMemcpyDtoHAsync = f_d2h;
+  g_fake_api.cuMemsetD8Async = f_memset_async;
+  g_fake_api.cuMemsetD8 = f_memset;
+  g_fake_api.cuStreamSynchronize = f_sync;
+  g_fake_api.cuGetErrorName = f_errname;
+  g_fake_api.cuGetErrorString = f_errname;
+  memset(&g_fake_gpu, 0, sizeof g_fake_gpu);
+  g_fake_gpu.api = &g_fake_api;
+  snprintf(g_fake_gpu.name, sizeof g_fake_gpu.name, "recording fake of an H100");
+  snprintf(g_fake_gpu.arch, sizeof g_fake_gpu.arch, "sm_90a");
+  g_fake_gpu.cc_major = 9;
+  g_fake_gpu.sm_count = 3; /* a small grid: long CTA lists, and split-KV for few rows */
+  g_fake_gpu.max_smem_per_block_optin = 227 * 1024;
+  snprintf(g_fake_gpu.cache_dir, sizeof g_fake_gpu.cache_dir, "%s", cache_dir);
+  g_fake_gpu.lock = &g_fake_lock;
+  memset(&g_fake_ctx, 0, sizeof g_fake_ctx);
+  g_fake_ctx.backend = KVATTN_BACKEND_CUDA;
+  g_fake_ctx.gpu = &g_fake_gpu;
+  snprintf(g_fake_ctx.cache_dir, sizeof g_fake_ctx.cache_dir, "%s", cache_dir);
+  return &g_fake_ctx;
+}
+
+/* A host tensor re-labelled as device memory of the fake (its bytes are where the "GPU" reads). */
+static DLTensor as_device(const host_tensor *h) {
+  DLTensor t = h->t;
+  t.device.device_type = kDLCUDA;
+  t.device.device_id = 0;
+  return t;
+}
+
+static double rd16(const void *base, int64_t off, int bf16) {
+  uint16_t v = ((const uint16_t *)base)[off];
+  return bf16 ? t_bf16_to_float(v) : t_half_to_float(v);
+}
+
+static void rope_vec(double *x, int D, double pos, const float *freq) {
+  for (int i = 0; i < D / 2; i++) {
+    double a = x[i], b = x[i + D / 2], ang = pos * (double)freq[i];
+    x[i] = a * cos(ang) - b * sin(ang);
+    x[i + D / 2] = b * cos(ang) + a * sin(ang);
+  }
+}
+
+/* Execute one recorded prefill_kernel launch as kernels/prefill.cu defines it. */
+static void emulate_tiles(const fake_launch *l, const kvattn_attention_desc *d, int T, int bf16, int o_bf16) {
+  const prefill_params *p = &l->p;
+  const int G = d->num_qo_heads / d->num_kv_heads, D = d->head_dim;
+  const int32_t *cta = p->lists + p->cta_indptr_off;
+  const prefill_item *items = (const prefill_item *)(p->lists + p->lists[p->items_off_word]);
+  double *q = malloc(sizeof(double) * D), *k = malloc(sizeof(double) * D), *o = malloc(sizeof(double) * D);
+  for (unsigned b = 0; b < l->grid; b++)
+    for (int x = cta[b]; x < cta[b + 1]; x++) {
+      const prefill_item *it = &items[x];
+      const int64_t mask_first = ((int64_t)(uint32_t)it->mask_lo) | ((int64_t)it->mask_hi << 32);
+      for (int local = 0; local < T; local++) {
+        const int pr = it->row_start + local, tok = pr / G, g = pr % G;
+        if (tok >= it->qo_len) continue;
+        const int head = it->kv_head * G + g;
+        const int64_t qpos = (int64_t)it->q_pos_base + tok;
+        for (int e = 0; e < D; e++)
+          q[e] = rd16(p->q, (int64_t)(it->q_start + tok) * p->q_stride_tok + (int64_t)head * p->q_stride_head + e, bf16);
+        if (d->rope) rope_vec(q, D, (double)qpos, p->rope_freq);
+        double m = -INFINITY, sum = 0;
+        for (int e = 0; e < D; e++) o[e] = 0;
+        for (int j = it->kv_begin; j < it->kv_end; j++) {
+          const int64_t ent = it->kv_entry + j / p->page_size, slot = j % p->page_size;
+          const int64_t page = p->indices ? p->indices[ent] : ent;
+          const int64_t kp = p->bsr ? page * p->page_size + slot : j;
+          if (p->bsr && kp >= p->kv_token_limit) continue;
+          if (d->causal && kp > qpos) continue;
+          if (d->window_left >= 0 && kp < qpos - p->window_left) continue;
+          if (d->custom_mask) {
+            int64_t bit = p->bsr ? (int64_t)(it->q_start + tok) * p->kv_token_limit + kp : mask_first + (int64_t)tok * it->kv_len + j;
+            if (!((p->mask[bit >> 3] >> (bit & 7)) & 1)) continue;
+          }
+          const int64_t kb = page * p->k_stride_page + slot * p->k_stride_slot + (int64_t)it->kv_head * p->k_stride_head;
+          for (int e = 0; e < D; e++) k[e] = rd16(p->k, kb + e, bf16);
+          if (d->rope) rope_vec(k, D, (double)kp, p->rope_freq);
+          double sc = 0;
+          for (int e = 0; e < D; e++) sc += q[e] * k[e];
+          sc *= p->sm_scale;
+          if (d->logits_soft_cap > 0) sc = p->soft_cap * tanh(sc / p->soft_cap);
+          if (d->alibi) sc += (double)p->alibi_slopes[head] * (double)(kp - qpos);
+          const double mn = sc > m ? sc : m, corr = exp(m - mn), w = exp(sc - mn);
+          const int64_t vb = page * p->v_stride_page + slot * p->v_stride_slot + (int64_t)it->kv_head * p->v_stride_head;
+          for (int e = 0; e < D; e++) o[e] = o[e] * corr + w * rd16(p->v, vb + e, bf16);
+          sum = sum * corr + w;
+          m = mn;
+        }
+        const double lse = sum > 0 ? m + log(sum) : -INFINITY;
+        if (it->part >= 0) {
+          for (int e = 0; e < D; e++) p->part_o[(int64_t)(it->part + local) * D + e] = (float)(sum > 0 ? o[e] / sum : 0);
+          p->part_lse[it->part + local] = (float)lse;
+        } else {
+          uint16_t *dst = (uint16_t *)p->out + (int64_t)(it->q_start + tok) * p->o_stride_tok + (int64_t)head * p->o_stride_head;
+          for (int e = 0; e < D; e++) {
+            float v = (float)(sum > 0 ? o[e] / sum : 0);
+            dst[e] = o_bf16 ? t_float_to_bf16(v) : t_float_to_half(v);
+          }
+          if (p->lse) p->lse[(int64_t)(it->q_start + tok) * p->lse_stride_tok + (int64_t)head * p->lse_stride_head] = (float)lse;
+        }
+      }
+    }
+  free(q), free(k), free(o);
+}
+
+static void emulate_merge(const fake_launch *l, const kvattn_attention_desc *d, int o_bf16) {
+  const prefill_params *p = &l->p;
+  const int G = d->num_qo_heads / d->num_kv_heads, D = d->head_dim;
+  const int count = p->lists[p->merge_count_word];
+  const prefill_merge_entry *en = (const prefill_merge_entry *)(p->lists + p->merge_off);
+  for (int e = 0; e < count; e++)
+    for (int local = 0; local < en[e].rows; local++) {
+      const int pr = en[e].row_start + local, tok = pr / G, g = pr % G;
+      if (tok >= en[e].qo_len) continue;
+      double mx = -INFINITY, sum = 0;
+      for (int c = 0; c < en[e].chunks; c++) {
+        double v = p->part_lse[en[e].part + c * en[e].rows + local];
+        if (v > mx) mx = v;
+      }
+      const int head = en[e].kv_head * G + g;
+      uint16_t *dst = (uint16_t *)p->out + (int64_t)(en[e].q_start + tok) * p->o_stride_tok + (int64_t)head * p->o_stride_head;
+      for (int x = 0; x < D; x++) {
+        double acc = 0;
+        sum = 0;
+        if (mx > -INFINITY)
+          for (int c = 0; c < en[e].chunks; c++) {
+            int64_t row = en[e].part + c * en[e].rows + local;
+            double w = exp(p->part_lse[row] - mx);
+            sum += w;
+            acc += w * p->part_o[row * D + x];
+          }
+        float v = (float)(sum > 0 ? acc / sum : 0);
+        dst[x] = o_bf16 ? t_float_to_bf16(v) : t_float_to_half(v);
+      }
+      if (p->lse)
+        p->lse[(int64_t)(en[e].q_start + tok) * p->lse_stride_tok + (int64_t)head * p->lse_stride_head] =
+            (float)(sum > 0 ? mx + log(sum) : -INFINITY);
+    }
+}
+
+/* Plan and run `tb` through the public API on the fake GPU, emulate the launches, compare. */
+static int emulated_case(const char *name, kvattn_context *fake, kvattn_context *ref, kvattn_attention_desc d,
+                         test_batch *tb, int *launched_kinds) {
+  double err = INFINITY, lerr = INFINITY;
+  if (tb_run(ref, &d, tb, &tb->ref, &tb->ref_lse) != KVATTN_SUCCESS) return 0;
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = tb->rows > 0 ? tb->rows : 1;
+  bounds.max_qo_tokens = tb->qo_tokens;
+  bounds.max_kv_entries = tb->kv_entries;
+  kvattn_attention *attn = NULL;
+  kvattn_workspace ws;
+  memset(&ws, 0, sizeof ws);
+  size_t dev = 0, host = 0;
+  int ok = 0;
+  kvattn_status s = kvattn_attention_create(fake, &d, &bounds, &attn);
+  if (!s) s = kvattn_workspace_size(fake, &d, &bounds, &dev, &host);
+  if (!s) s = kvattn_workspace_alloc(fake, dev, host, &ws);
+  if (!s) s = kvattn_plan(attn, &tb->batch, &ws, NULL);
+  ht_poison(&tb->out);
+  ht_poison(&tb->out_lse);
+  DLTensor q = as_device(&tb->q), o = as_device(&tb->out), l = as_device(&tb->out_lse);
+  DLTensor k = as_device(&tb->k), v = as_device(&tb->v), kvc = as_device(&tb->kvc), ix = as_device(&tb->indices),
+           mk = as_device(&tb->mask);
+  kvattn_kv kv = tb->kv;
+  if (kv.k) kv.k = &k, kv.v = &v;
+  if (kv.kv) kv.kv = &kvc;
+  if (kv.indices) kv.indices = &ix;
+  g_launches = 0;
+  if (!s) s = kvattn_run(attn, &q, &kv, d.custom_mask ? &mk : NULL, &o, &l, NULL);
+  if (s) {
+    fprintf(stderr, "  %s: %s: %s\n", name, kvattn_status_string(s), kvattn_last_error());
+  } else {
+    const int bf16 = tdt_eq(d.q_dtype, TDT_BF16), o_bf16 = tdt_eq(d.o_dtype, TDT_BF16);
+    int nth_prefill = 0;
+    for (int x = 0; x < g_launches; x++) {
+      const fake_launch *fl = &g_launch[x];
+      if (fl->fn == FAKE_FN_PREFILL) {
+        /* with no way to ask whether the stream is captured, run launches every kind the bounds
+         * allow, in order: 16-, 64-, then 128-row tiles */
+        const int T = prefill_tile_rows[nth_prefill++];
+        *launched_kinds |= T == 16 ? 1 : T == 64 ? 2 : 4;
+        emulate_tiles(fl, &d, T, bf16, o_bf16);
+      }
+    }
+    for (int x = 0; x < g_launches; x++)
+      if (g_launch[x].fn == FAKE_FN_MERGE) emulate_merge(&g_launch[x], &d, o_bf16);
+    err = rel_error(&tb->out, &tb->ref);
+    lerr = lse_error(&tb->out_lse, &tb->ref_lse);
+    ok = err < 1e-2 && lerr < 1e-3;
+  }
+  for (int x = 0; !ok && x < g_launches; x++) fprintf(stderr, "    launch fn %d grid %u block %u smem %u merges %d\n", (int)g_launch[x].fn, g_launch[x].grid, g_launch[x].block, g_launch[x].smem, g_launch[x].fn == FAKE_FN_OTHER ? -1 : g_launch[x].p.lists[0]);
+  fprintf(stderr, "  %-40s %d launches, rel_err %.2e lse_err %.2e %s\n", name, g_launches, err, lerr, ok ? "ok" : "FAIL");
+  kvattn_workspace_free(fake, &ws);
+  kvattn_attention_destroy(attn);
+  return ok;
+}
+
+static int emulated_random(const char *name, kvattn_context *fake, kvattn_context *ref, int format, int layout,
+                           int combined, int P, int batch, int qo_max, int kv_max, int Hq, int Hk, int D, DLDataType dt,
+                           int causal, int window, float cap, int alibi, int rope, int mask, uint64_t seed,
+                           int *kinds) {
+  test_rng r = rng_seed(seed);
+  int32_t qo[32], kv[32];
+  for (int i = 0; i < batch; i++) {
+    qo[i] = (int32_t)rng_int(&r, 0, qo_max);
+    kv[i] = (int32_t)rng_int(&r, 0, kv_max);
+    if (i == 0) qo[i] = qo_max, kv[i] = kv_max;
+  }
+  test_spec sp = test_spec_default();
+  sp.format = format, sp.layout = layout, sp.combined_kv = combined, sp.page_size = P, sp.extra_pages = 2;
+  sp.batch_size = batch, sp.qo_lens = qo, sp.kv_lens = kv;
+  sp.num_qo_heads = Hq, sp.num_kv_heads = Hk, sp.head_dim = D;
+  sp.q_dtype = sp.kv_dtype = sp.o_dtype = dt;
+  sp.custom_mask = mask;
+  if (format == KVATTN_FORMAT_BLOCK_SPARSE) {
+    sp.block_rows = P, sp.block_cols = P + 3, sp.num_rows = qo_max, sp.num_cols = kv_max, sp.block_density = 0.6;
+  }
+  test_batch tb;
+  if (!tb_build(&tb, &sp, &r)) return 0;
+  tb_poison_unused(&tb);
+  kvattn_attention_desc d = tb_desc(&sp);
+  d.causal = causal, d.window_left = window, d.logits_soft_cap = cap, d.alibi = alibi, d.rope = rope;
+  int ok = emulated_case(name, fake, ref, d, &tb, kinds);
+  tb_free(&tb);
+  return ok;
+}
+
+TEST(host_path_emulated_end_to_end_matches_the_reference) {
+  if (jit_nvrtc_load(NULL, 0) != KVATTN_SUCCESS) SKIP("no NVRTC: %s", kvattn_last_error());
+  char dir[64];
+  CHECK(fresh_cache(dir, sizeof dir));
+  kvattn_context *fake = fake_gpu_context(dir);
+  kvattn_context *ref = test_context(KVATTN_BACKEND_REFERENCE, 1);
+  CHECK(ref);
+  const DLDataType bf = TDT_BF16, hf = TDT_F16;
+  const int PAGED = KVATTN_FORMAT_PAGED, RAGGED = KVATTN_FORMAT_RAGGED, BSR = KVATTN_FORMAT_BLOCK_SPARSE;
+  int ok = 1, kinds = 0;
+  ok &= emulated_random("paged p16 causal g4 (all tile kinds)", fake, ref, PAGED, KVATTN_LAYOUT_NHD, 0, 16, 6, 70, 300,
+                        8, 2, 64, bf, 1, -1, 0, 0, 0, 0, 1, &kinds);
+  ok &= emulated_random("paged p1 causal, qo > kv", fake, ref, PAGED, KVATTN_LAYOUT_NHD, 0, 1, 5, 90, 60, 8, 2, 64, bf,
+                        1, -1, 0, 0, 0, 0, 2, &kinds);
+  ok &= emulated_random("paged p5 HND combined full", fake, ref, PAGED, KVATTN_LAYOUT_HND, 1, 5, 5, 40, 200, 8, 2, 64,
+                        bf, 0, -1, 0, 0, 0, 0, 3, &kinds);
+  ok &= emulated_random("ragged causal", fake, ref, RAGGED, KVATTN_LAYOUT_NHD, 0, 1, 6, 60, 150, 8, 2, 64, bf, 1, -1, 0,
+                        0, 0, 0, 4, &kinds);
+  ok &= emulated_random("bsr Br7 Bc10 causal", fake, ref, BSR, KVATTN_LAYOUT_NHD, 0, 7, 1, 45, 93, 8, 2, 64, bf, 1, -1, 0,
+                        0, 0, 0, 5, &kinds);
+  ok &= emulated_random("split-KV: 3 rows onto 2000", fake, ref, PAGED, KVATTN_LAYOUT_NHD, 0, 16, 2, 3, 2000, 8, 2, 64,
+                        bf, 1, -1, 0, 0, 0, 0, 6, &kinds);
+  ok &= emulated_random("every option f16 (mask, window, cap, alibi, rope)", fake, ref, RAGGED, KVATTN_LAYOUT_NHD, 0, 1,
+                        4, 50, 120, 4, 2, 64, hf, 1, 30, 20.f, 1, 1, 1, 7, &kinds);
+  ok &= emulated_random("bsr custom mask", fake, ref, BSR, KVATTN_LAYOUT_NHD, 0, 8, 1, 40, 70, 4, 2, 64, hf, 0, -1, 0.f,
+                        0, 0, 1, 8, &kinds);
+  CHECK(ok);
+  CHECK(kinds == 7); /* 16-, 64- and 128-row tiles all ran */
+  kvattn_context_destroy(ref);
 }
 
 TEST_MAIN()
