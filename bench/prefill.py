@@ -169,7 +169,7 @@ def run_sdpa(w, t, backend):
 
 # kernel shapes the sweep tries, one change at a time from the default (64, 4, 1, 0): (KV tile,
 # warps of the 128-row query tile, cross-item prefetch, scale folded into the exponent)
-SWEEP = ((64, 4, 0, 0), (64, 4, 1, 1), (32, 4, 1, 0), (64, 8, 1, 0), (32, 8, 1, 0))
+SWEEP = ((64, 4, 0, 0), (64, 4, 1, 1), (32, 4, 1, 0), (64, 8, 1, 0), (128, 8, 1, 0))
 
 
 def with_env(env, fn):

@@ -60,14 +60,20 @@ static int env_int(const char *name, int def, int lo, int hi) {
  * knobs, read when an attention is created (benchmark sweeps): KVATTN_PREFILL_KV_TILE (16, 32,
  * 64) and KVATTN_PREFILL_WARPS128 (4: two 16-row fragments per warp; 8: one). */
 static int kv_tile_for(int head_dim) {
-  int t = env_int("KVATTN_PREFILL_KV_TILE", head_dim > 128 ? 32 : 64, 16, 64);
-  return t == 16 || t == 32 || t == 64 ? t : 64;
+  int t = env_int("KVATTN_PREFILL_KV_TILE", head_dim > 128 ? 32 : 64, 16, 128);
+  return t == 16 || t == 32 || t == 64 || t == 128 ? t : 64;
 }
 static int warps128_for(int head_dim) {
   return env_int("KVATTN_PREFILL_WARPS128", head_dim > 128 ? 8 : 4, 4, 8) == 8 || head_dim > 128 ? 8 : 4;
 }
 /* The 16-row kind splits every KV tile over its 4 warps (16 columns each): its tile is 64. */
-static int kind_kv_tile(int kind, int head_dim) { return kind == 0 ? 64 : kv_tile_for(head_dim); }
+static int kind_kv_tile(int kind, int head_dim) {
+  if (kind == 0) return 64;
+  int t = kv_tile_for(head_dim);
+  /* two row fragments per warp hold 2 x (head_dim + KV tile) / 2 accumulators: 64 at most */
+  if (kind == 2 && warps128_for(head_dim) == 4 && t > 64) t = 64;
+  return t;
+}
 static int prefetch_on(void) { return env_int("KVATTN_PREFILL_PREFETCH", 1, 0, 1); }
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
