@@ -64,12 +64,12 @@ if [ "$SAN" = 1 ] && [ "${RESULT[build]}" = ok ]; then
     RESULT[sanitizer]="FAIL (compute-sanitizer missing)"
   else
     ok=1
-    for t in ${MEMCHECK_TESTS:-ragged_and_block_sparse}; do
+    for t in ${MEMCHECK_TESTS:-ragged_and_block_sparse split_kv}; do
       timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >/tmp/san.log 2>&1 || { ok=0; tail -20 /tmp/san.log; }
       sed "s/^/memcheck $t: /" /tmp/san.log >>"$OUT/sanitizer.log"
       grep -E "ERROR SUMMARY|passed" /tmp/san.log | sed "s/^/memcheck $t: /"
     done
-    for t in ${RACECHECK_TESTS:-empty_requests}; do
+    for t in ${RACECHECK_TESTS:-tiny_grid}; do
       timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >/tmp/san.log 2>&1 || { ok=0; tail -20 /tmp/san.log; }
       sed "s/^/racecheck $t: /" /tmp/san.log >>"$OUT/sanitizer.log"
       grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" /tmp/san.log | sed "s/^/racecheck $t: /"
