@@ -7,8 +7,14 @@
  *   test_batch      a random batch in one of the three formats, with its tensors (q, K/V or combined
  *                   KV, indices, custom mask) and outputs, built from a test_spec
  *   tb_run          attention_create + workspace + plan + run on a context, as a user calls it
+ *   tb_compare      tb_run on a reference and a subject context, then the two errors below
+ *   tb_tolerance    the rel_error bound for a spec's dtypes (fp32 1e-5, fp16/bf16 1e-2)
+ *   tb_poison_unused  NaN into the page slots no request owns (page tails, unreferenced pages)
+ *   tb_paged_elem   where (page, slot, kv_head, dim) of K or V lives, whatever the layout/storage
+ *   test_context    a context of a given backend and thread count
  *   rel_error       ||out - ref|| / ||ref|| over two tensors of the same shape (NaN in out -> inf)
  *   lse_error       max |lse - ref| with equal infinities counted as 0
+ *   ht_bitwise_equal  the logical elements of two tensors compare equal byte for byte
  *
  * Typical use (the fast path against the reference):
  *   test_spec sp = test_spec_default();  sp.format = KVATTN_FORMAT_PAGED;  ...
