@@ -103,6 +103,11 @@ static __device__ __forceinline__ void cp_async_wait() {
 
 static __device__ __forceinline__ uint4 lds128(const void *p) { return *(const uint4 *)p; }
 
+/* Bring a global line into L2 ahead of its use (no register, no wait). */
+static __device__ __forceinline__ void prefetch_l2(const void *p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 /* Loads that skip L1: data another CTA wrote during this launch. */
 static __device__ __forceinline__ float ld_cg_f32(const float *p) {
   float v;
