@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "gpu_internal.h"
+#include "gpu_decode.h"
 #include "plan_decode.h"
 
 #define DECODE_WARPS 4
@@ -431,9 +432,8 @@ kvattn_status gpu_append_paged_kv(kvattn_context *ctx, const tview *k_new, const
 
 /* ---------------------------------------------------------------- warmup */
 
-KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const char *arch, const char *cache_dir,
-                                       int *kernels, double *seconds) {
-  clear_error();
+kvattn_status gpu_decode_warmup(const kvattn_attention_desc *desc, const char *arch, const char *cache_dir,
+                                int *kernels, double *seconds) {
   RETURN_IF(!desc, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_warmup: desc is NULL");
   RETURN_IF(!arch, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_warmup: arch is NULL (e.g. \"sm_90a\")");
   kvattn_attention_desc d;
@@ -465,6 +465,19 @@ KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const 
     total += sec;
     n++;
   }
+  if (kernels) *kernels = n;
+  if (seconds) *seconds = total;
+  return KVATTN_SUCCESS;
+}
+
+KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const char *arch, const char *cache_dir,
+                                       int *kernels, double *seconds) {
+  clear_error();
+  int n = 0;
+  double total = 0;
+  TRY(gpu_decode_warmup(desc, arch, cache_dir, &n, &total));
+  kvattn_attention_desc d;
+  TRY(desc_resolve(desc, &d));
   /* the prefill family's tile kinds (batches with several query rows, ragged and block-sparse) */
   TRY(gpu_prefill_warmup(&d, arch, cache_dir, &n, &total));
   if (kernels) *kernels = n;

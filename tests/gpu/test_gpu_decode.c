@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "gpu_decode.h"
 #include "gpu_internal.h"
 #include "internal.h"
 #include "test.h"
@@ -112,7 +113,7 @@ static void *prewarm_worker(void *arg) {
     d.logits_soft_cap = i & 1 ? 30.0f : 0.0f;
     d.alibi = (i & 2) != 0;
     d.rope = (i & 4) != 0;
-    kvattn_warmup(&d, arch, NULL, NULL, NULL);
+    gpu_decode_warmup(&d, arch, NULL, NULL, NULL); /* the decode family only */
   }
 }
 static void prewarm(void) {
