@@ -16,9 +16,10 @@ def main(path):
     print("%s, %s, copy bandwidth %.2f TB/s (read + write), FlashInfer %s" % (
         r["date"], r["device"], bw, r.get("flashinfer", "not run: " + r.get("flashinfer_error", "?")[:120])))
     print()
-    print("| workload | floor us | kvattn us | TB/s | of copy | FlashInfer best us (path) | FI / kvattn | "
-          "kvattn tensor-core us | Triton us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    has_tc = any("us" in e.get("kvattn_tc", {}) for e in r["workloads"].values())
+    print("| workload | floor us | kvattn us | TB/s | of copy | FlashInfer best us (path) | FI / kvattn | " +
+          ("kvattn tensor-core us | " if has_tc else "") + "Triton us |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if has_tc else "") + "---|")
     for key, e in r["workloads"].items():
         k = e.get("kvattn", {})
         floor = e["bytes"] / (bw * 1e12) * 1e6
@@ -29,9 +30,10 @@ def main(path):
         if "us" not in k:
             print("| %s | %.1f | error: %s |" % (key, floor, k.get("error", "?")[:60]))
             continue
-        print("| %s | %.1f | %.1f | %.2f | %.0f%% | %s | %s | %s | %s |" % (
+        print("| %s | %.1f | %.1f | %.2f | %.0f%% | %s | %s | %s%s |" % (
             key, floor, k["us"], k["TBps"], 100 * k["frac_copy"],
-            "%.1f (%s)" % fi if fi else "-", "%.2fx" % (fi[0] / k["us"]) if fi else "-", fmt(tc), fmt(tr)))
+            "%.1f (%s)" % fi if fi else "-", "%.2fx" % (fi[0] / k["us"]) if fi else "-",
+            fmt(tc) + " | " if has_tc else "", fmt(tr)))
     sweeps = sorted({c for e in r["workloads"].values() for c in e if c.startswith("kvattn[")})
     if sweeps:
         print()
