@@ -110,7 +110,7 @@ typedef struct walker {
   int64_t consumed; /* cost laid on the line so far */
 } walker;
 
-static void close_cta(walker *w) {
+static inline __attribute__((always_inline)) void close_cta(walker *w) {
   if (w->b >= w->c->grid - 1) return; /* the last CTA takes whatever is left */
   w->max_cta_cost = max64(w->max_cta_cost, w->cta_cost);
   w->cta_indptr[++w->b] = (int32_t)w->n_items;
@@ -120,7 +120,7 @@ static void close_cta(walker *w) {
   w->cta_cost = 0;
 }
 
-static kvattn_status emit(walker *w, int32_t row, int32_t head, int64_t a, int64_t b, int64_t q_pos, int32_t page_base) {
+static inline __attribute__((always_inline)) kvattn_status emit(walker *w, int32_t row, int32_t head, int64_t a, int64_t b, int64_t q_pos, int32_t page_base) {
   if (w->n_items >= w->l->max_items)
     return set_error(KVATTN_ERROR_INTERNAL, "plan_decode: %lld items exceed the workspace's %lld (please report)",
                      (long long)w->n_items + 1, (long long)w->l->max_items);
@@ -143,7 +143,7 @@ static kvattn_status emit(walker *w, int32_t row, int32_t head, int64_t a, int64
 /* A whole unit [lo, hi) of head h that follows, in the same CTA, a whole-unit item of the same row
  * ending at head h - 1 joins that item instead of taking its own: a batch of many short requests
  * then needs an item per request and CTA rather than per head (plan time is mostly writing items). */
-static int try_extend(walker *w, int32_t row, int32_t head, int64_t lo, int64_t hi) {
+static inline __attribute__((always_inline)) int try_extend(walker *w, int32_t row, int32_t head, int64_t lo, int64_t hi) {
   if (w->n_items == 0 || w->n_items <= w->cta_indptr[w->b]) return 0;
   decode_item *it = &w->items[w->n_items - 1];
   if (it->row != row || it->split != -1 || it->unit_head + it->piece != head || it->tok_start != lo ||
@@ -158,7 +158,7 @@ static int try_extend(walker *w, int32_t row, int32_t head, int64_t lo, int64_t 
 }
 
 /* Items [first, n_items) are the pieces of one unit: give them a split when there are several. */
-static kvattn_status finish_unit(walker *w, int64_t first) {
+static inline __attribute__((always_inline)) kvattn_status finish_unit(walker *w, int64_t first) {
   int64_t pieces = w->n_items - first;
   if (pieces <= 1) return KVATTN_SUCCESS;
   if (w->n_splits >= w->l->max_splits || w->n_slots + pieces > w->l->max_slots)
@@ -239,9 +239,13 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
           if (w.b >= c->grid - 1) {
             k = heads - h;
           } else if (n <= avail0 + half) {
-            int64_t k_fit = w.cap - uc + half >= 0 ? (w.cap - uc + half) / uc + 1 : 1;
-            int64_t k_open = w.cap > 0 ? (w.cap + uc - 1) / uc : 1;
-            k = min64(heads - h, min64(k_fit, k_open));
+            /* a few compares per unit beat two 64-bit divisions (a row has at most `heads` units) */
+            int64_t cap = w.cap - uc;
+            k = 1;
+            while (k < heads - h && cap > 0 && n <= cap - c->item_cost + half) {
+              cap -= uc;
+              k++;
+            }
           }
           if (k > 0) {
             /* one item for the run (joining the previous item when it ends at head h - 1) */
