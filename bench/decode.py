@@ -243,6 +243,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="page 16 only, fewer workloads")
     ap.add_argument("--only", default=None, help="substring of workload names")
+    ap.add_argument("--pages", default=None, help="page sizes to run, e.g. 1 or 1,16 (default: each workload's)")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--tc", action="store_true", help="also kvattn's tensor-core path (the prefill kernel)")
@@ -282,6 +283,8 @@ def main():
         if args.quick and name not in ("b1_L4096", "b16_L4096", "b64_L4096", "b64_Lskewed", "b256_L2048"):
             continue
         for page in (pages[:1] if args.quick else pages):
+            if args.pages and str(page) not in args.pages.split(","):
+                continue
             key = "%s_p%d" % (name, page)
             t0 = time.time()
             P = Problem(name, batch, lens, qo, kv, page, rng)
