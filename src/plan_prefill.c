@@ -141,10 +141,11 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
   sp += (size_t)l->max_items * sizeof(sort_key);
   sort_key *keys_tmp = (sort_key *)sp;
   sp += (size_t)l->max_items * sizeof(sort_key);
-  int32_t *owner = (int32_t *)sp;
-  sp += (size_t)l->max_items * sizeof(int32_t);
+  /* the 8-byte heap goes before the 4-byte arrays, so an odd item count cannot misalign it */
   uint64_t *heap = (uint64_t *)sp;
   sp += (size_t)(grid_max(c) + 1) * sizeof(uint64_t);
+  int32_t *owner = (int32_t *)sp;
+  sp += (size_t)l->max_items * sizeof(int32_t);
   sp += (size_t)(grid_max(c) + 1) * sizeof(int32_t); /* (spare) */
   int32_t *fill = (int32_t *)sp;
 
