@@ -5,7 +5,9 @@
 # (bench/decode.py: kvattn vs FlashInfer vs Triton vs the copy bandwidth), and a summary table last.
 # The JSON goes to $OUT (or /tmp/gpu-check), the logs to $OUT/logs.tgz.
 #
-#   scripts/gpu-check.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--bench-args "..."] [--profile]
+#   scripts/gpu-check.sh [--no-tests] [--no-other-tests] [--no-sanitizer] [--no-bench] [--quick-bench]
+#                        [--bench-args "..."] [--profile]
+# DEADLINE=<seconds> (env): the benchmark gets what is left of it (at least 60 s) and stops there.
 # --profile: Nsight Compute reports of one decode launch (b1 and b64 x 4096, page 16) after the bench.
 # FlashInfer travels as wheels in .whl/ (see the device README); without them the bench runs without it.
 set -u -o pipefail
@@ -15,10 +17,11 @@ L="$OUT/logs"  # packed into $OUT/logs.tgz at the end (the device tool returns a
 mkdir -p "$L"
 exec > >(tee -a "$OUT/console.log") 2>&1  # what is printed survives a run cut short
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
-TESTS=1 SAN=1 BENCH=1 PROFILE=0 BENCH_ARGS=""
+TESTS=1 OTHER_TESTS=1 SAN=1 BENCH=1 PROFILE=0 BENCH_ARGS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --no-tests) TESTS=0 ;;
+    --no-other-tests) OTHER_TESTS=0 ;;
     --no-sanitizer) SAN=0 ;;
     --no-bench) BENCH=0 ;;
     --profile) PROFILE=1 ;;
@@ -39,6 +42,16 @@ phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 phase "device"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>&1 | tee "$L/gpu.txt"
 
+# FlashInfer's wheels, and its decode modules compiled in the background while we build and test
+WARM_PID=""
+if [ "$BENCH" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$L/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$L/pip.log"
+  export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
+  (python3 bench/decode.py --warmup-peers >"$L/peer_warmup.log" 2>&1) &
+  WARM_PID=$!
+fi
+
 phase "build"
 if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$L/build.log" 2>&1 &&
    cmake --build build-gpu -j"$(nproc)" >>"$L/build.log" 2>&1; then
@@ -54,6 +67,8 @@ if [ "$TESTS" = 1 ] && [ "${R[build]}" = ok ]; then
   "$DEC" >"$L/decode_test.log" 2>&1 && result decode_tests ok || result decode_tests "FAIL (see decode_test.log)"
   grep -E "prewarm|^  (random|small|options|batch|all_|short|exact|last|group|mha|page|odd|heavy)|passed|FAIL|CHECK|returned|graph replay|kvattn_plan|verify|error" "$L/decode_test.log" | tail -150
   ./build-gpu/test_plan_decode 2>&1 | grep -E "plan_decode|heavy|passed" | tee -a "$L/decode_test.log"
+fi
+if [ "$TESTS" = 1 ] && [ "$OTHER_TESTS" = 1 ] && [ "${R[build]}" = ok ]; then
   phase "the other GPU tests (ctest -L gpu)"
   (cd build-gpu && ctest -L gpu -E 'test_gpu_decode$' --output-on-failure --timeout 300) >"$L/gpu_tests.log" 2>&1
   rc=$?
@@ -84,16 +99,17 @@ fi
 
 if [ "$BENCH" = 1 ] && [ "${R[build]}" = ok ]; then
   phase "benchmark"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      >"$L/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$L/pip.log"
-  fi
   export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
-  export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
+  if [ -n "${DEADLINE:-}" ]; then
+    left=$(( DEADLINE - ($(date +%s) - t0) - 10 ))
+    [ $left -lt 60 ] && left=60
+    BENCH_TIMEOUT=$left
+  fi
+  [ -n "$WARM_PID" ] && { wait "$WARM_PID" 2>/dev/null; tail -3 "$L/peer_warmup.log"; }
   if timeout "$BENCH_TIMEOUT" python3 bench/decode.py --json "$OUT/decode.json" $BENCH_ARGS 2>&1 | tee "$L/bench.log"; then
     result bench ok
   else
-    result bench FAIL
+    result bench "FAIL or cut at ${BENCH_TIMEOUT}s (rows so far are in decode.json)"
   fi
 fi
 

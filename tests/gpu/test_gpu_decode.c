@@ -105,6 +105,8 @@ static void *prewarm_worker(void *arg) {
     int i = prewarm_next++;
     pthread_mutex_unlock(&prewarm_lock);
     if (i >= 2 * 3 * 6 * 8) return NULL;
+    const int group = groups[(i / 8) % 6];
+    if (group != 1 && group != 4 && group != 8 && (i & 7)) continue; /* the cases use hooks only there */
     kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
     d.num_kv_heads = 2;
     d.num_qo_heads = 2 * groups[(i / 8) % 6];
@@ -128,7 +130,7 @@ static void prewarm(void) {
   for (int i = 0; i < n; i++) pthread_create(&th[i], NULL, prewarm_worker, arch);
   for (int i = 0; i < n; i++) pthread_join(th[i], NULL);
   clock_gettime(CLOCK_MONOTONIC, &t1);
-  fprintf(stderr, "  prewarm: 288 decode specializations for %s on %d threads in %.1f s\n", arch, n,
+  fprintf(stderr, "  prewarm: 162 decode specializations for %s on %d threads in %.1f s\n", arch, n,
           (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec));
 }
 
