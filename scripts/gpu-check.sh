@@ -48,7 +48,7 @@ if [ "$BENCH" = 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     >"$L/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 "$L/pip.log"
   export FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
-  (python3 bench/decode.py --warmup-peers >"$L/peer_warmup.log" 2>&1) &
+  (timeout 180 python3 bench/decode.py --warmup-peers >"$L/peer_warmup.log" 2>&1) &
   WARM_PID=$!
 fi
 
