@@ -3,8 +3,8 @@
  *
  *   s = log(sum_k e^s_k),  v = sum_k v_k e^(s_k - s)      (natural log; s_k = -inf: empty state)
  *
- * One thread per output element, grid-stride; the states of a row are re-read per element from
- * L1/L2 (N and the per-row lse are small next to v). All offsets in int64; any strides.
+ * One warp per (token, head) row, grid-stride over rows; lanes over head_dim. All offsets in int64;
+ * any strides.
  *
  * Specialization (-D): V_DTYPE, O_DTYPE (1 f16, 2 bf16, 3 f32).
  */

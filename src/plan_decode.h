@@ -81,9 +81,10 @@ typedef struct decode_plan_stats {
   int64_t max_cta_cost, total_cost; /* balance: the heaviest CTA's cost and the sum */
 } decode_plan_stats;
 
-/* Write the work lists of `bv` (paged, every work row with <= 1 query row... or more: rows are
- * planned one by one with their causal/window ranges) into `host` (layout `l`), leaving the
- * rope/alibi tables alone. Fails with INTERNAL if a bound the layout promised is exceeded. */
+/* Write the work lists of the paged batch `bv` into `host` (layout `l`), leaving the rope/alibi
+ * tables alone. Each query row is planned with its own causal/window range (the GPU backend sends
+ * only single-row requests here; several rows work too, except with fixed_split_pages). Fails with
+ * INTERNAL if a bound the layout promised is exceeded, UNSUPPORTED for a request over 2^31-1 tokens. */
 kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const batch_view *bv, void *host,
                           decode_plan_stats *stats);
 
