@@ -369,6 +369,182 @@ TEST(fixed_split_size_gives_request_pieces_independent_of_the_batch) {
   free_batch(&b5);
 }
 
+/* Execute a plan the way the kernel does, in float64 on the host: every item's units over their token
+ * ranges, split pieces into their slots, the last piece of a split merging all slots (in slot order),
+ * then compare each row and head with attention computed directly. Checks the work list's meaning
+ * (ranges, multi-unit items, split/slot numbering, the merge), not just its coverage. */
+static int interpret_and_compare(const planned *p, const batch *b, uint64_t seed) {
+  const decode_config *c = &p->c;
+  const int D = 4;
+  const int64_t rows = b->bv.qo_tokens;
+  int64_t total_tok = 0;
+  for (int i = 0; i < b->bv.batch; i++) total_tok += bv_kv_len(&b->bv, i);
+  /* q per (row, qo head), K/V per (request token, kv head); token t of request i is global
+   * tok_base[i] + t */
+  uint64_t st = seed;
+#define R01() (st = st * 6364136223846793005ull + 1442695040888963407ull, (double)(st >> 11) / 9007199254740992.0 - 0.5)
+  const int qo_heads = c->num_qo_heads;
+  double *q = malloc(sizeof(double) * (rows ? rows : 1) * qo_heads * D);
+  double *k = malloc(sizeof(double) * (total_tok ? total_tok : 1) * c->num_kv_heads * D);
+  double *v = malloc(sizeof(double) * (total_tok ? total_tok : 1) * c->num_kv_heads * D);
+  for (int64_t i = 0; i < rows * qo_heads * D; i++) q[i] = 4 * R01();
+  for (int64_t i = 0; i < total_tok * c->num_kv_heads * D; i++) { k[i] = R01(); v[i] = R01(); }
+  int64_t *tok_base = malloc(sizeof(int64_t) * (b->bv.batch + 1)), *row_req = malloc(sizeof(int64_t) * (rows ? rows : 1));
+  tok_base[0] = 0;
+  for (int i = 0; i < b->bv.batch; i++) {
+    tok_base[i + 1] = tok_base[i] + bv_kv_len(&b->bv, i);
+    for (int32_t r = b->qo_indptr[i]; r < b->qo_indptr[i + 1]; r++) row_req[r] = i;
+  }
+  /* a state (o[D], lse) of one qo head over tokens [a, e) */
+#define STATE(row, h, a, e, o, lse)                                                           \
+  do {                                                                                        \
+    const int64_t req_ = row_req[row], kvh_ = (h) / c->group_size;                            \
+    double mx_ = -INFINITY, sum_ = 0;                                                         \
+    for (int d_ = 0; d_ < D; d_++) (o)[d_] = 0;                                               \
+    for (int64_t t_ = (a); t_ < (e); t_++) {                                                  \
+      double s_ = 0;                                                                          \
+      for (int d_ = 0; d_ < D; d_++)                                                          \
+        s_ += q[((row) * qo_heads + (h)) * D + d_] * k[((tok_base[req_] + t_) * c->num_kv_heads + kvh_) * D + d_]; \
+      if (s_ > mx_) mx_ = s_;                                                                 \
+    }                                                                                         \
+    for (int64_t t_ = (a); t_ < (e); t_++) {                                                  \
+      double s_ = 0;                                                                          \
+      for (int d_ = 0; d_ < D; d_++)                                                          \
+        s_ += q[((row) * qo_heads + (h)) * D + d_] * k[((tok_base[req_] + t_) * c->num_kv_heads + kvh_) * D + d_]; \
+      double w_ = exp(s_ - mx_);                                                              \
+      sum_ += w_;                                                                             \
+      for (int d_ = 0; d_ < D; d_++) (o)[d_] += w_ * v[((tok_base[req_] + t_) * c->num_kv_heads + kvh_) * D + d_]; \
+    }                                                                                         \
+    for (int d_ = 0; d_ < D; d_++) (o)[d_] = sum_ > 0 ? (o)[d_] / sum_ : 0;                    \
+    (lse) = sum_ > 0 ? mx_ + log(sum_) : -INFINITY;                                           \
+  } while (0)
+  double *out = malloc(sizeof(double) * (rows ? rows : 1) * qo_heads * D);
+  uint8_t *written = calloc((rows ? rows : 1) * qo_heads, 1);
+  const int64_t slots = p->l.max_slots ? p->l.max_slots : 1;
+  double *po = malloc(sizeof(double) * slots * c->group_heads * D), *pl = malloc(sizeof(double) * slots * c->group_heads);
+  int32_t *arrived = calloc(p->l.max_splits ? p->l.max_splits : 1, sizeof(int32_t));
+  const char *base = p->host;
+  const int32_t *cta = (const int32_t *)(base + p->l.cta_indptr);
+  const decode_item *items = (const decode_item *)(base + p->l.items);
+  const decode_split *sp = (const decode_split *)(base + p->l.splits);
+  int rc = 0;
+  for (int bi = 0; bi < c->grid; bi++)
+    for (int64_t x = cta[bi]; x < cta[bi + 1]; x++) {
+      const decode_item *it = &items[x];
+      const int nunits = it->split < 0 ? it->piece : 1;
+      for (int uu = 0; uu < nunits; uu++) {
+        const int uh = it->unit_head + uu, kvh = uh / c->head_blocks, hb = uh % c->head_blocks;
+        for (int g = 0; g < c->group_heads; g++) {
+          const int gi = hb * c->group_heads + g;
+          if (gi >= c->group_size) continue;
+          const int h = kvh * c->group_size + gi;
+          double o[4], lse;
+          STATE(it->row, h, it->tok_start, it->tok_end, o, lse);
+          if (it->split < 0) {
+            memcpy(out + ((int64_t)it->row * qo_heads + h) * D, o, sizeof o);
+            written[(int64_t)it->row * qo_heads + h]++;
+          } else {
+            const int64_t slot = sp[it->split].slot_base + it->piece;
+            memcpy(po + (slot * c->group_heads + g) * D, o, sizeof o);
+            pl[slot * c->group_heads + g] = lse;
+          }
+        }
+        if (it->split >= 0 && ++arrived[it->split] == sp[it->split].pieces) {
+          /* the last piece merges the split's slots */
+          for (int g = 0; g < c->group_heads; g++) {
+            const int gi = hb * c->group_heads + g;
+            if (gi >= c->group_size) continue;
+            const int h = kvh * c->group_size + gi;
+            double mx = -INFINITY, sum = 0, o[4] = {0, 0, 0, 0};
+            for (int kk = 0; kk < sp[it->split].pieces; kk++) {
+              double l = pl[(int64_t)(sp[it->split].slot_base + kk) * c->group_heads + g];
+              if (l > mx) mx = l;
+            }
+            for (int kk = 0; kk < sp[it->split].pieces && mx > -INFINITY; kk++) {
+              const int64_t slot = sp[it->split].slot_base + kk;
+              double w = exp(pl[slot * c->group_heads + g] - mx);
+              sum += w;
+              for (int d = 0; d < D; d++) o[d] += w * po[(slot * c->group_heads + g) * D + d];
+            }
+            for (int d = 0; d < D; d++) out[((int64_t)it->row * qo_heads + h) * D + d] = sum > 0 ? o[d] / sum : 0;
+            written[(int64_t)it->row * qo_heads + h]++;
+          }
+        }
+      }
+    }
+  for (int64_t r = 0; r < rows && !rc; r++) {
+    const int64_t i = row_req[r], kv = bv_kv_len(&b->bv, i), qo = bv_qo_len(&b->bv, i);
+    const int64_t qp = kv - qo + (r - b->qo_indptr[i]);
+    int64_t lo = 0, hi = kv;
+    if (c->causal && hi > qp + 1) hi = qp + 1;
+    if (c->window_left >= 0 && lo < qp - c->window_left) lo = qp - c->window_left;
+    if (hi < 0) hi = 0;
+    if (lo > hi) lo = hi;
+    for (int h = 0; h < qo_heads; h++) {
+      double o[4], lse;
+      STATE(r, h, lo, hi, o, lse);
+      (void)lse;
+      if (written[r * qo_heads + h] != 1) {
+        fprintf(stderr, "  interpret: row %lld head %d written %d times\n", (long long)r, h, written[r * qo_heads + h]);
+        rc = 1;
+        break;
+      }
+      for (int d = 0; d < D; d++)
+        if (fabs(out[(r * qo_heads + h) * D + d] - o[d]) > 1e-9) {
+          fprintf(stderr, "  interpret: row %lld head %d dim %d: %g vs %g\n", (long long)r, h, d,
+                  out[(r * qo_heads + h) * D + d], o[d]);
+          rc = 1;
+          break;
+        }
+    }
+  }
+#undef STATE
+#undef R01
+  free(q);
+  free(k);
+  free(v);
+  free(tok_base);
+  free(row_req);
+  free(out);
+  free(written);
+  free(po);
+  free(pl);
+  free(arrived);
+  return rc;
+}
+
+TEST(executing_the_work_list_gives_the_attention_of_every_row) {
+  int64_t splits = 0, multi_unit_items = 0;
+  for (int iter = 0; iter < 300; iter++) {
+    int n = (int)rnd_range(0, 24);
+    int page_size = (int)rnd_range(1, 32), kv_heads = (int)rnd_range(1, 3), group = (int)rnd_range(1, 12);
+    int grid = (int)rnd_range(1, 40), mode = (int)(rnd() % 6), multi = mode != 5 && rnd() % 4 == 0;
+    int64_t kv[24];
+    int qo[24];
+    for (int i = 0; i < n; i++) {
+      kv[i] = rnd() % 8 == 0 ? 0 : rnd() % 3 == 0 ? pareto_len(1.2, 20, 3000) : rnd_range(1, 400);
+      qo[i] = multi ? (int)rnd_range(0, 3) : 1;
+    }
+    batch b;
+    make_batch(&b, n, kv, qo, page_size);
+    planned p;
+    int causal = multi && rnd() % 2, window = rnd() % 4 == 0 ? (int)rnd_range(0, 200) : -1;
+    kvattn_status s = plan_it(&p, &b, kv_heads, group, 128, grid, causal, window, mode == 4,
+                              mode == 5 ? (int)rnd_range(1, 8) : 0, 0);
+    CHECK_MSG(s == KVATTN_SUCCESS, "iter %d: %s", iter, kvattn_last_error());
+    splits += p.st.splits;
+    const decode_item *its = (const decode_item *)((char *)p.host + p.l.items);
+    for (int64_t x = 0; x < p.st.items; x++) multi_unit_items += its[x].split < 0 && its[x].piece > 1;
+    CHECK_MSG(interpret_and_compare(&p, &b, 1000 + iter) == 0, "iter %d (n %d, page %d, heads %d x %d, grid %d, mode %d)",
+              iter, n, page_size, kv_heads, group, grid, mode);
+    free(p.host);
+    free_batch(&b);
+  }
+  printf("work-list execution: 300 batches, %lld splits merged, %lld multi-unit items\n", (long long)splits,
+         (long long)multi_unit_items);
+  CHECK(splits > 100 && multi_unit_items > 100); /* both paths were exercised */
+}
+
 static double now_us(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
