@@ -130,6 +130,7 @@ struct decode_params {
   float soft_cap;
   int page_size;
   int page_shift;           /* log2(page_size) when a power of two, else -1 */
+  int kv_same_strides;      /* 1: V's (page, token, head) strides equal K's: one offset serves both */
 };
 
 /* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
@@ -234,14 +235,18 @@ static __device__ __forceinline__ void issue_tile(const struct decode_params &p,
   u16 *sv = sk + TILE * ROW_ELEMS;
   u16 *sq = sv + TILE * ROW_ELEMS;
   const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
+  /* the loader's address math is most of the tile loop's instructions: hoist the head's offset and
+   * share one offset between K and V when their strides agree (the usual case) */
+  const i64 k_head = (i64)kv_head * p.k_stride_head + tx * VEC, v_head = (i64)kv_head * p.v_stride_head + tx * VEC;
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
     const int t = tg + TG * j;
     const int valid = ti->tok + t < ti->it.tok_end;
     const u16 *ksrc = p.k, *vsrc = p.v;
     if (valid) {
-      ksrc = p.k + page[j] * p.k_stride_page + (i64)off[j] * p.k_stride_tok + (i64)kv_head * p.k_stride_head + tx * VEC;
-      vsrc = p.v + page[j] * p.v_stride_page + (i64)off[j] * p.v_stride_tok + (i64)kv_head * p.v_stride_head + tx * VEC;
+      const i64 ko = page[j] * p.k_stride_page + (i64)off[j] * p.k_stride_tok;
+      ksrc = p.k + ko + k_head;
+      vsrc = p.v + (p.kv_same_strides ? ko : page[j] * p.v_stride_page + (i64)off[j] * p.v_stride_tok) + v_head;
     }
     cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
     cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);

@@ -46,6 +46,7 @@ typedef struct decode_params {
   float soft_cap;
   int32_t page_size;
   int32_t page_shift;
+  int32_t kv_same_strides;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -286,6 +287,8 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
   p.sm_scale = a->desc.sm_scale;
   p.soft_cap = a->desc.logits_soft_cap;
   p.page_size = ga->page_size;
+  p.kv_same_strides = p.k_stride_page == p.v_stride_page && p.k_stride_tok == p.v_stride_tok &&
+                      p.k_stride_head == p.v_stride_head;
   p.page_shift = -1;
   if ((ga->page_size & (ga->page_size - 1)) == 0) {
     int s = 0;

@@ -282,11 +282,13 @@ static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
   /* combined [pages, 2, ...]: K at +0, V at +half of the page stride */
   int64_t half = s_page;
   if (c->combined_kv) s_page = 2 * half;
-  const int64_t cache_elems = num_pages * s_page;
-  uint16_t *kh = malloc(cache_elems * 2), *vh = c->combined_kv ? kh : malloc(cache_elems * 2);
+  /* a separate, strided V gets its own page stride: K and V strides then differ */
+  const int64_t s_page_v = !c->combined_kv && c->noncontig ? s_page + 8 : s_page;
+  const int64_t cache_elems = num_pages * s_page, cache_elems_v = num_pages * s_page_v;
+  uint16_t *kh = malloc(cache_elems * 2), *vh = c->combined_kv ? kh : malloc(cache_elems_v * 2);
   for (int64_t i = 0; i < cache_elems; i++) kh[i] = NAN16(c->bf16);
   if (!c->combined_kv)
-    for (int64_t i = 0; i < cache_elems; i++) vh[i] = NAN16(c->bf16);
+    for (int64_t i = 0; i < cache_elems_v; i++) vh[i] = NAN16(c->bf16);
   const int64_t v_off = c->combined_kv ? half : 0;
   for (int i = 0; i < B; i++)
     for (int64_t t = 0; t < c->kv_len[i]; t++) {
@@ -295,7 +297,7 @@ static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
         for (int d = 0; d < hd; d++) {
           int64_t off = page * s_page + slot * s_tok + h * s_head + d;
           kh[off] = to16(rnd_sym(), c->bf16);
-          vh[off + v_off] = to16(rnd_sym(), c->bf16);
+          vh[page * s_page_v + slot * s_tok + h * s_head + d + v_off] = to16(rnd_sym(), c->bf16);
         }
     }
 
@@ -337,11 +339,11 @@ static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
 
   /* GPU buffers */
   const size_t o_elems = (size_t)(B ? B : 1) * qo_heads * hd;
-  CUdptr dk = dalloc(cache_elems * 2), dv = c->combined_kv ? dk : dalloc(cache_elems * 2);
+  CUdptr dk = dalloc(cache_elems * 2), dv = c->combined_kv ? dk : dalloc(cache_elems_v * 2);
   CUdptr dq = dalloc(q_elems * 2), dix = dalloc(num_pages * 4), dout = dalloc(o_elems * 2);
   CUdptr dlse = dalloc((size_t)(B ? B : 1) * qo_heads * 4);
   upload(dk, kh, cache_elems * 2);
-  if (!c->combined_kv) upload(dv, vh, cache_elems * 2);
+  if (!c->combined_kv) upload(dv, vh, cache_elems_v * 2);
   upload(dq, qh, q_elems * 2);
   upload(dix, indices, num_pages * 4);
   cu.cuMemsetD8(dout, 0xFF, o_elems * 2); /* NaN in fp16 and bf16 */
@@ -359,6 +361,9 @@ static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
     memcpy(kv_shape, sh, sizeof sh);
     memcpy(kv_str, st, sizeof st);
   }
+  int64_t kv_str_v[4];
+  memcpy(kv_str_v, kv_str, sizeof kv_str);
+  kv_str_v[0] = s_page_v;
   kv5_shape[0] = num_pages;
   kv5_shape[1] = 2;
   kv5_str[0] = s_page;
@@ -394,7 +399,7 @@ static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
   {
     DLTensor q = make_tensor((void *)(uintptr_t)dq, 1, 3, q_shape, q_str, dt16);
     DLTensor k = make_tensor((void *)(uintptr_t)dk, 1, 4, kv_shape, kv_str, dt16);
-    DLTensor v = make_tensor((void *)(uintptr_t)dv, 1, 4, kv_shape, kv_str, dt16);
+    DLTensor v = make_tensor((void *)(uintptr_t)dv, 1, 4, kv_shape, kv_str_v, dt16);
     DLTensor kv5 = make_tensor((void *)(uintptr_t)dk, 1, 5, kv5_shape, kv5_str, dt16);
     DLTensor ix = make_tensor((void *)(uintptr_t)dix, 1, 1, ix_shape, NULL, i32);
     DLTensor o = make_tensor((void *)(uintptr_t)dout, 1, 3, o_shape, NULL, dt16);
@@ -427,7 +432,7 @@ static int run_case(const dcase *c, double *rel_out, double *lse_err_out) {
     STEP(kvattn_plan(ra, &batch, &rws, NULL));
     DLTensor q = make_tensor(qh, 0, 3, q_shape, q_str, dt16);
     DLTensor k = make_tensor(kh, 0, 4, kv_shape, kv_str, dt16);
-    DLTensor v = make_tensor(vh + v_off, 0, 4, kv_shape, kv_str, dt16);
+    DLTensor v = make_tensor(vh + v_off, 0, 4, kv_shape, kv_str_v, dt16);
     DLTensor ix = make_tensor(indices, 0, 1, ix_shape, NULL, i32);
     DLTensor o = make_tensor(ref_o, 0, 3, o_shape, NULL, f32);
     DLTensor l = make_tensor(ref_lse, 0, 2, lse_shape, NULL, f32);
