@@ -182,4 +182,6 @@ def test_warmup_fills_the_cache_then_hits_it(tmp_path):
 def test_warmup_unknown_arch_is_an_error(tmp_path):
     with pytest.raises(kvattn.Error) as ei:
         kvattn.warmup(8, 2, 64, arch="sm_12", cache_dir=tmp_path)
+    if ei.value.status == kvattn.Status.BACKEND_UNAVAILABLE:  # no NVRTC here: warmup stops before the arch
+        pytest.skip(ei.value.detail)
     assert "sm_12" in ei.value.detail
