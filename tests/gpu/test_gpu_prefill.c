@@ -34,6 +34,13 @@ static int setup(void) {
     return 0;
   }
   g_ref = test_context(KVATTN_BACKEND_REFERENCE, 1);
+  /* the test's own driver calls (allocations, copies, streams) need the device's context current on
+   * this thread; kvattn makes the same (primary) context current in its calls */
+  if (gpu_make_current(g_gpu->gpu) != KVATTN_SUCCESS) {
+    g_skip = "cannot make the GPU context current";
+    g_gpu = NULL;
+    return 0;
+  }
   return g_ref != NULL;
 }
 #define NEED_GPU()                                         \
@@ -111,6 +118,7 @@ static kvattn_status gpu_compare(const kvattn_attention_desc *desc, test_batch *
   dev_batch db;
   if (!dev_batch_make(&db, tb)) {
     dev_batch_free(&db);
+    fprintf(stderr, "  test: device copies of the inputs failed\n");
     return set_error(KVATTN_ERROR_CUDA, "test: device copies failed");
   }
   kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
