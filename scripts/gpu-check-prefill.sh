@@ -7,12 +7,16 @@
 # /tmp/gpu-check-prefill); a summary is printed last.
 #
 #   scripts/gpu-check-prefill.sh [--no-tests] [--no-sanitizer] [--no-bench] [--quick-bench] [--no-peers] [--sweep]
+# Results: $OUT/prefill-<date>.json (bench) and $OUT/logs.tgz (build, tests, sanitizer, bench logs).
+# Exit status 0 only when every phase that ran passed.
 # Time limits (seconds) from the environment: DEADLINE for the whole script (420: the benchmark gets
 # what is left, at least 60), TEST_TIMEOUT (200), SAN_TIMEOUT (45 per run), PEER_WARMUP_TIMEOUT (300).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-check-prefill}
-mkdir -p "$OUT"
+# logs go to $LOGS and end up in one $OUT/logs.tgz (the device returns at most 8 files)
+LOGS=$OUT/logs
+mkdir -p "$OUT" "$LOGS"
 TESTS=1 SAN=1 BENCH=1 PEERS=1 BENCH_ARGS=()
 for a in "$@"; do
   case "$a" in
@@ -39,23 +43,23 @@ if [ "$BENCH" = 1 ] && [ "$PEERS" = 1 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       >/tmp/pip.log 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || tail -5 /tmp/pip.log
   fi
-  PYTHONUNBUFFERED=1 KVATTN_LIBRARY=/nonexistent timeout "${PEER_WARMUP_TIMEOUT:-300}" python3 bench/prefill.py --warmup-peers >"$OUT/peer_warmup.log" 2>&1 &
+  PYTHONUNBUFFERED=1 KVATTN_LIBRARY=/nonexistent timeout "${PEER_WARMUP_TIMEOUT:-300}" python3 bench/prefill.py --warmup-peers >"$LOGS/peer_warmup.log" 2>&1 &
   WARM_PID=$!
 fi
 
 phase build
-if cmake -S . -B build-gpu-prefill -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$OUT/build.log" 2>&1 &&
-   cmake --build build-gpu-prefill -j"$(nproc)" --target kvattn kvattn_static test_gpu_prefill test_plan_prefill >>"$OUT/build.log" 2>&1; then
+if cmake -S . -B build-gpu-prefill -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$LOGS/build.log" 2>&1 &&
+   cmake --build build-gpu-prefill -j"$(nproc)" --target kvattn kvattn_static test_gpu_prefill test_plan_prefill >>"$LOGS/build.log" 2>&1; then
   RESULT[build]=ok
 else
-  RESULT[build]=FAIL; tail -30 "$OUT/build.log"
+  RESULT[build]=FAIL; tail -30 "$LOGS/build.log"
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader 2>/dev/null
 
 if [ "$TESTS" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   phase "GPU tests"
-  if timeout "${TEST_TIMEOUT:-200}" ./build-gpu-prefill/test_gpu_prefill >"$OUT/gpu_test.log" 2>&1; then RESULT[gpu_tests]=ok; else RESULT[gpu_tests]=FAIL; fi
-  grep -E "rel_err|FAIL|failures|passed|gpu run|token|OK" "$OUT/gpu_test.log" | tail -70
+  if timeout "${TEST_TIMEOUT:-200}" ./build-gpu-prefill/test_gpu_prefill >"$LOGS/gpu_test.log" 2>&1; then RESULT[gpu_tests]=ok; else RESULT[gpu_tests]=FAIL; fi
+  grep -E "rel_err|FAIL|failures|passed|gpu run|token|OK" "$LOGS/gpu_test.log" | tail -70
 fi
 
 if [ "$SAN" = 1 ] && [ "${RESULT[build]}" = ok ]; then
@@ -66,12 +70,12 @@ if [ "$SAN" = 1 ] && [ "${RESULT[build]}" = ok ]; then
     ok=1
     for t in ${MEMCHECK_TESTS:-ragged_and_block_sparse split_kv}; do
       timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool memcheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >/tmp/san.log 2>&1 || { ok=0; tail -20 /tmp/san.log; }
-      sed "s/^/memcheck $t: /" /tmp/san.log >>"$OUT/sanitizer.log"
+      sed "s/^/memcheck $t: /" /tmp/san.log >>"$LOGS/sanitizer.log"
       grep -E "ERROR SUMMARY|passed" /tmp/san.log | sed "s/^/memcheck $t: /"
     done
     for t in ${RACECHECK_TESTS:-tiny_grid}; do
       timeout "${SAN_TIMEOUT:-45}" compute-sanitizer --tool racecheck --error-exitcode 9 ./build-gpu-prefill/test_gpu_prefill "$t" >/tmp/san.log 2>&1 || { ok=0; tail -20 /tmp/san.log; }
-      sed "s/^/racecheck $t: /" /tmp/san.log >>"$OUT/sanitizer.log"
+      sed "s/^/racecheck $t: /" /tmp/san.log >>"$LOGS/sanitizer.log"
       grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed" /tmp/san.log | sed "s/^/racecheck $t: /"
     done
     [ $ok = 1 ] && RESULT[sanitizer]=ok || RESULT[sanitizer]=FAIL
@@ -82,13 +86,13 @@ if [ "$BENCH" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   if [ -n "$WARM_PID" ]; then
     phase "waiting for FlashInfer's compile"
     wait "$WARM_PID"
-    cat "$OUT/peer_warmup.log" | tail -12
+    cat "$LOGS/peer_warmup.log" | tail -12
   fi
   if [ -n "$WARM_PID" ]; then
     # time only the FlashInfer backends whose paged and ragged modules compiled
     fi=""
     for be in fa2 fa3; do
-      [ "$(grep -c "^flashinfer $be .* ready" "$OUT/peer_warmup.log")" -ge 4 ] && fi="$fi${fi:+,}$be"
+      [ "$(grep -c "^flashinfer $be .* ready" "$LOGS/peer_warmup.log")" -ge 4 ] && fi="$fi${fi:+,}$be"
     done
     BENCH_ARGS+=(--fi-backends "$fi")
     echo "FlashInfer backends ready: ${fi:-none}"
@@ -97,8 +101,11 @@ if [ "$BENCH" = 1 ] && [ "${RESULT[build]}" = ok ]; then
   [ $left -lt 60 ] && left=60
   phase "bench (limit $left s)"
   if PYTHONUNBUFFERED=1 KVATTN_LIBRARY=$PWD/build-gpu-prefill/libkvattn.so timeout "$left" python3 bench/prefill.py --out "$OUT" "${BENCH_ARGS[@]}" \
-      2>&1 | tee "$OUT/bench.log"; then RESULT[bench]=ok; else RESULT[bench]=FAIL; fi
+      2>&1 | tee "$LOGS/bench.log"; then RESULT[bench]=ok; else RESULT[bench]=FAIL; fi
 fi
 
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
 phase summary
 for k in build gpu_tests sanitizer bench; do printf "%-10s %s\n" "$k" "${RESULT[$k]:-skipped}"; done
+[ "${RESULT[build]:-}" = ok ] && [ "${RESULT[gpu_tests]:-ok}" = ok ] && [ "${RESULT[sanitizer]:-ok}" = ok ] &&
+  [ "${RESULT[bench]:-ok}" = ok ]
