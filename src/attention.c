@@ -248,6 +248,7 @@ KVATTN_API kvattn_status kvattn_plan(kvattn_attention *a, const kvattn_batch *ba
   }
   a->ws = *ws;
   a->planned = 1;
+  a->plan_id = ctx_ws_claim(a->ctx, ws->device ? ws->device : ws->host);
   return KVATTN_SUCCESS;
 }
 
@@ -483,6 +484,9 @@ KVATTN_API kvattn_status kvattn_run(kvattn_attention *a, const DLTensor *q, cons
   clear_error();
   RETURN_IF(!a, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_run: attn is NULL");
   RETURN_IF(!a->planned, KVATTN_ERROR_INVALID_USAGE, "kvattn_run: no plan: call kvattn_plan() first");
+  RETURN_IF(!ctx_ws_holds(a->ctx, a->ws.device ? a->ws.device : a->ws.host, a->plan_id), KVATTN_ERROR_INVALID_USAGE,
+            "kvattn_run: another attention has planned into this workspace since this one's plan: plan again "
+            "(a workspace holds one plan at a time)");
   RETURN_IF(a->ctx->backend != KVATTN_BACKEND_CUDA && cpu_plan_fingerprint(a) != a->plan_fingerprint,
             KVATTN_ERROR_INVALID_USAGE,
             "kvattn_run: the workspace no longer holds this attention's plan (another kvattn_plan into the same "

@@ -1,4 +1,5 @@
 /* context.c - contexts: the backend choice, threads, the JIT cache location. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +40,13 @@ KVATTN_API kvattn_status kvattn_context_create(const kvattn_options *opt_in, kva
 
   kvattn_context *ctx = calloc(1, sizeof *ctx);
   RETURN_IF(!ctx, KVATTN_ERROR_OUT_OF_MEMORY, FN ": out of host memory");
+  pthread_mutex_t *lock = malloc(sizeof *lock);
+  if (!lock || pthread_mutex_init(lock, NULL) != 0) {
+    free(lock);
+    free(ctx);
+    return set_error(KVATTN_ERROR_OUT_OF_MEMORY, FN ": out of host memory");
+  }
+  ctx->ws_lock = lock;
   ctx->device_id = opt.device_id;
   ctx->skip_validation = opt.skip_validation;
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -58,6 +66,8 @@ KVATTN_API kvattn_status kvattn_context_create(const kvattn_options *opt_in, kva
       return KVATTN_SUCCESS;
     }
     if (opt.backend == KVATTN_BACKEND_CUDA) {
+      pthread_mutex_destroy(lock);
+      free(lock);
       free(ctx);
       char why[900]; /* the error text says why; name the function in front of it */
       snprintf(why, sizeof why, "%s", kvattn_last_error());
@@ -81,6 +91,8 @@ KVATTN_API kvattn_status kvattn_context_destroy(kvattn_context *ctx) {
   clear_error();
   if (!ctx) return KVATTN_SUCCESS;
   if (ctx->gpu) gpu_context_release(ctx);
+  pthread_mutex_destroy((pthread_mutex_t *)ctx->ws_lock);
+  free(ctx->ws_lock);
   free(ctx);
   return KVATTN_SUCCESS;
 }
@@ -99,4 +111,31 @@ KVATTN_API kvattn_status kvattn_context_info(const kvattn_context *ctx, char *bu
   RETURN_IF(!buf || size == 0, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_context_info: buf is NULL or size is 0");
   snprintf(buf, size, "%s; jit cache: %s", ctx->info, ctx->cache_dir);
   return KVATTN_SUCCESS;
+}
+
+uint64_t ctx_ws_claim(kvattn_context *ctx, const void *ws) {
+  if (!ws) return 0; /* an empty workspace holds nothing to overwrite */
+  pthread_mutex_lock((pthread_mutex_t *)ctx->ws_lock);
+  uint64_t id = ++ctx->plan_serial;
+  int slot = -1;
+  for (int i = 0; i < 64; i++)
+    if (ctx->ws_owner[i].ws == ws) slot = i;
+  if (slot < 0) {
+    slot = ctx->ws_owner_next;
+    ctx->ws_owner_next = (ctx->ws_owner_next + 1) % 64;
+  }
+  ctx->ws_owner[slot].ws = ws;
+  ctx->ws_owner[slot].plan_id = id;
+  pthread_mutex_unlock((pthread_mutex_t *)ctx->ws_lock);
+  return id;
+}
+
+int ctx_ws_holds(kvattn_context *ctx, const void *ws, uint64_t plan_id) {
+  int holds = 1; /* unknown (evicted): not checked */
+  if (!ws) return 1;
+  pthread_mutex_lock((pthread_mutex_t *)ctx->ws_lock);
+  for (int i = 0; i < 64; i++)
+    if (ctx->ws_owner[i].ws == ws) holds = ctx->ws_owner[i].plan_id == plan_id;
+  pthread_mutex_unlock((pthread_mutex_t *)ctx->ws_lock);
+  return holds;
 }

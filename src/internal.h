@@ -155,7 +155,18 @@ struct kvattn_context {
   char cache_dir[1024];
   char info[2048];             /* what kvattn_context_info() prints */
   struct gpu_context *gpu;     /* NULL on the CPU */
+  /* A workspace holds one plan: which plan was written last into each workspace (by its base
+   * address), so that a run whose plan was overwritten by another attention's is refused rather
+   * than reading foreign work lists. A small table; an evicted entry is simply not checked. */
+  void *ws_lock;               /* pthread_mutex_t* */
+  uint64_t plan_serial;        /* the last plan id handed out */
+  struct { const void *ws; uint64_t plan_id; } ws_owner[64];
+  int ws_owner_next;           /* round-robin eviction */
 };
+
+/* Record that plan `plan_id` now occupies the workspace at `ws`; and whether it still does. */
+uint64_t ctx_ws_claim(kvattn_context *ctx, const void *ws);
+int ctx_ws_holds(kvattn_context *ctx, const void *ws, uint64_t plan_id);
 
 struct kvattn_attention {
   kvattn_context *ctx;
@@ -172,6 +183,7 @@ struct kvattn_attention {
   int64_t mask_bits;           /* total bits the custom mask must hold */
   struct gpu_attention *gpu;   /* NULL on the CPU */
   struct gpu_prefill *gpu_prefill; /* the prefill family's state (GPU), or NULL */
+  uint64_t plan_id;            /* from ctx_ws_claim() at the last successful plan */
   uint64_t plan_fingerprint;   /* CPU: hash of the plan's arrays in the workspace, checked by run */
 };
 

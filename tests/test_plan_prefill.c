@@ -546,6 +546,8 @@ static kvattn_context *fake_gpu_context(const char *cache_dir) {
   memset(&g_fake_ctx, 0, sizeof g_fake_ctx);
   g_fake_ctx.backend = KVATTN_BACKEND_CUDA;
   g_fake_ctx.gpu = &g_fake_gpu;
+  static pthread_mutex_t ws_lock = PTHREAD_MUTEX_INITIALIZER; /* kvattn_plan records the workspace's plan */
+  g_fake_ctx.ws_lock = &ws_lock;
   snprintf(g_fake_ctx.cache_dir, sizeof g_fake_ctx.cache_dir, "%s", cache_dir);
   return &g_fake_ctx;
 }
