@@ -482,6 +482,15 @@ kvattn_status gpu_decode_warmup(const kvattn_attention_desc *desc, const char *a
 KVATTN_API kvattn_status kvattn_warmup(const kvattn_attention_desc *desc, const char *arch, const char *cache_dir,
                                        int *kernels, double *seconds) {
   clear_error();
+  RETURN_IF(!arch, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_warmup: arch is NULL (e.g. \"sm_90a\")");
+  /* the architecture is judged before NVRTC is loaded, so a bad name gets its own status */
+  int major = 0, minor = 0, used = 0;
+  RETURN_IF(sscanf(arch, "sm_%1d%1d%n", &major, &minor, &used) != 2 ||
+                (arch[used] != 0 && !(arch[used] == 'a' && arch[used + 1] == 0)),
+            KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_warmup: arch=\"%s\": expected sm_NN or sm_NNa (e.g. sm_80, sm_90a)",
+            arch);
+  RETURN_IF(major < 8, KVATTN_ERROR_UNSUPPORTED, "kvattn_warmup: arch=%s: kvattn's GPU kernels need sm_80 or newer",
+            arch);
   int n = 0;
   double total = 0;
   TRY(gpu_decode_warmup(desc, arch, cache_dir, &n, &total));

@@ -333,4 +333,18 @@ TEST(last_error_is_thread_local) {
   CHECK_MSG(strstr(b.seen, "num_threads=-22") != NULL, "thread b sees \"%s\"", b.seen);
 }
 
+TEST(warmup_judges_the_architecture_before_loading_nvrtc) {
+  /* the same statuses with or without NVRTC on the machine */
+  kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
+  d.num_qo_heads = 8;
+  d.num_kv_heads = 2;
+  d.head_dim = 64;
+  CHECK_STATUS(kvattn_warmup(&d, "sm_75", "/nonexistent/kvattn-cache", NULL, NULL), KVATTN_ERROR_UNSUPPORTED);
+  CHECK(strstr(kvattn_last_error(), "sm_75") != NULL);
+  CHECK_STATUS(kvattn_warmup(&d, "compute_90", NULL, NULL, NULL), KVATTN_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(kvattn_warmup(&d, "sm_90b", NULL, NULL, NULL), KVATTN_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(kvattn_warmup(&d, "sm_9", NULL, NULL, NULL), KVATTN_ERROR_INVALID_ARGUMENT);
+  CHECK_STATUS(kvattn_warmup(&d, NULL, NULL, NULL, NULL), KVATTN_ERROR_INVALID_ARGUMENT);
+}
+
 TEST_MAIN()
