@@ -13,7 +13,9 @@
  * Per item: the Q tile goes to shared memory once; K and V tiles of KV_TILE tokens are gathered
  * through the page index with cp.async (16 bytes per thread per copy; rows past the chunk are
  * zero-filled, never read, so NaN garbage in unused page slots cannot reach an accumulator).
- * K(t+1) is in flight while softmax and P*V of tile t run, V(t+1) while S of tile t+1 runs.
+ * K and V are double-buffered: tile t+1 is issued right after the one barrier of iteration t and
+ * lands while all of tile t computes (one block barrier per KV tile). Row addresses come from a
+ * per-tile table built two tiles ahead (see the loader below), so the copies are cheap.
  * Each warp owns 16*MF packed rows: S = Q K^T with mma.sync m16n8k16 (fp32 accumulation,
  * fragments from ldmatrix), the online softmax in registers (log2 domain: one ex2 per score),
  * then O += P V with P re-packed from the S accumulators as the A operand (no shared memory trip).
@@ -26,7 +28,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), PREFETCH (0|1: cross-item prefetch), FOLD_SCALE, DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -140,32 +142,6 @@ static __device__ __forceinline__ u16 from_f32(float f) {
 #endif
 }
 
-/* Gather KV_TILE rows [t0, t0 + KV_TILE) of K or V into a swizzled tile through the page index
- * (token j of the item: entry kv_entry + j / page_size, slot j % page_size); rows at or past `end`
- * become zeros (src_bytes 0: nothing is read). Offsets in int64. */
-static __device__ __forceinline__ void load_kv_tile(u16 *dst, const u16 *base, const struct prefill_params &p,
-                                                    const struct prefill_item &it, int t0, int end, i64 s_page,
-                                                    i64 s_slot, i64 s_head) {
-  for (int idx = threadIdx.x; idx < KV_TILE * CH; idx += NUM_THREADS) {
-    int row = idx / CH, c = idx % CH;
-    int j = t0 + row;
-    const u16 *src = base;
-    int bytes = 0;
-    if (j < end) {
-      int e, slot;
-      page_split(p, j, &e, &slot);
-      e += it.kv_entry;
-      const i64 page = p.indices ? (i64)__ldg(p.indices + e) : (i64)e;
-      /* block-sparse: the partial last block column holds no data past the limit (never read) */
-      if (!p.bsr || page * p.page_size + slot < p.kv_token_limit) {
-        src = base + page * s_page + (i64)slot * s_slot + (i64)it.kv_head * s_head + c * 8;
-        bytes = 16;
-      }
-    }
-    cp_async16(dst + swz(row, c), src, bytes);
-  }
-}
-
 #if ROPE
 /* Rotate-half RoPE of the rows of a swizzled tile in place: pair (d, d + HEAD_DIM/2) of row r is
  * rotated by pos(r) * freq[d]. Each thread takes whole 8-element chunks of the low half. */
@@ -186,6 +162,74 @@ static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const int 
 }
 #endif
 
+/* ---- The K/V loader.
+ * Every KV tile has a row table in shared memory, written one tile ahead of its copies by the
+ * threads tid < KV_TILE (one row each): the element offsets of the row's K and V (-1: a row past
+ * the data, zero-filled and never read) and the row's position (BSR, RoPE, masks). The copies then
+ * cost a table read and a 64-bit add per 16 bytes: each thread owns chunk tid % CH of the rows
+ * tid / CH + k * LD_RSTEP, so its swizzled destinations are constants. The page id of the row two
+ * tiles ahead is loaded into a register one iteration before its table entry is written, so the
+ * index walk (page_size 1: one id per row) stays off the critical path. Tables rotate over three
+ * slots: tile t's is read by its copies (iteration t-1) and its masks (iteration t) while tile
+ * t+2's is written (iteration t). */
+#define LD_RSTEP (NUM_THREADS / CH)
+#define LD_ROWS (KV_TILE / LD_RSTEP)
+#if KV_TILE % LD_RSTEP || KV_TILE > NUM_THREADS
+#error "the loader needs KV_TILE a multiple of NUM_THREADS / CH and at most NUM_THREADS"
+#endif
+#define TAB_SLOT_WORDS (2 * KV_TILE) /* long long: K offsets then V offsets */
+
+/* The page (or, unpaged, the entry) of row `row` of tile `tile` of the item; -1 past the chunk. */
+static __device__ __forceinline__ int row_page(const struct prefill_params &p, const struct prefill_item &it, int tile,
+                                               int row) {
+  const int j = it.kv_begin + tile * KV_TILE + row;
+  if (j >= it.kv_end) return -1;
+  int e, slot;
+  page_split(p, j, &e, &slot);
+  e += it.kv_entry;
+  return p.indices ? __ldg(p.indices + e) : e;
+}
+
+static __device__ __forceinline__ void write_row_table(const struct prefill_params &p, const struct prefill_item &it,
+                                                       long long *tab, int *tpos, int tile, int row, int page) {
+  const int j = it.kv_begin + tile * KV_TILE + row;
+  long long ko = -1, vo = -1;
+  int pos = 0x7fffffff;
+  if (page >= 0) {
+    int e, slot;
+    page_split(p, j, &e, &slot);
+    const long long gpos = p.bsr ? (long long)page * p.page_size + slot : (long long)j;
+    /* block-sparse: the partial last block column holds no data past the limit (never read) */
+    if (!p.bsr || gpos < p.kv_token_limit) {
+      ko = (long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot + (long long)it.kv_head * p.k_stride_head;
+      vo = (long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot + (long long)it.kv_head * p.v_stride_head;
+      pos = (int)gpos;
+    }
+  }
+  tab[row] = ko;
+  tab[KV_TILE + row] = vo;
+  tpos[row] = pos;
+}
+
+/* Issue the copies of one KV tile (K and V) from its row table into buffer `kt` / `vt`. */
+static __device__ __forceinline__ void load_kv_tile(u16 *kt, u16 *vt, const struct prefill_params &p,
+                                                    const long long *tab, int ld_r0, int ld_c) {
+#pragma unroll
+  for (int k = 0; k < LD_ROWS; k++) {
+    const int row = ld_r0 + k * LD_RSTEP;
+    const long long o = tab[row];
+    cp_async16(kt + swz(row, ld_c), o >= 0 ? p.k + o + ld_c * 8 : p.k, o >= 0 ? 16 : 0);
+  }
+#pragma unroll
+  for (int k = 0; k < LD_ROWS; k++) {
+    const int row = ld_r0 + k * LD_RSTEP;
+    const long long o = tab[KV_TILE + row];
+    cp_async16(vt + swz(row, ld_c), o >= 0 ? p.v + o + ld_c * 8 : p.v, o >= 0 ? 16 : 0);
+  }
+}
+
+/* Shared memory: Q | two (K, V) tile buffers | three row-table slots | positions | (RoPE) q positions.
+ * gpu_prefill.c's smem_for mirrors this. */
 #define SMEM_Q (CTA_Q * HEAD_DIM)
 #define SMEM_KV (KV_TILE * HEAD_DIM)
 
@@ -206,60 +250,51 @@ static __device__ __forceinline__ void load_q_tile(u16 *sq, const struct prefill
   }
 }
 
-/* Cross-item prefetch: the next item's Q and first K tile are issued right after the current
- * item's last S (Q and K are free then), its first V tile after the last P*V, so a CTA's items
- * flow without a pipeline drain. Not with WKV > 1: its final merge reuses the K/V tiles. */
-#ifndef PREFETCH
-#define PREFETCH 1
-#endif
-#if WKV > 1
-#undef PREFETCH
-#define PREFETCH 0
-#endif
-
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 prefill_kernel(const struct prefill_params p) {
   extern __shared__ __align__(16) u16 smem[];
-  u16 *sq = smem, *sk = smem + SMEM_Q, *sv = sk + SMEM_KV;
-  int *skpos = (int *)(sv + SMEM_KV); /* [2][KV_TILE] BSR/RoPE positions */
+  u16 *sq = smem, *skv = smem + SMEM_Q; /* buffer b: K at skv + 2b * SMEM_KV, V after it */
+  long long *tabs = (long long *)(skv + 4 * SMEM_KV); /* [3][2][KV_TILE] */
+  int *tposs = (int *)(tabs + 3 * TAB_SLOT_WORDS);    /* [3][KV_TILE] */
 #if ROPE
-  int *sqpos = skpos + 2 * KV_TILE;   /* [CTA_Q] */
+  int *sqpos = tposs + 3 * KV_TILE;                    /* [CTA_Q] */
 #endif
-  const int lane = threadIdx.x & 31;
-  const int warp = (threadIdx.x >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
-  const int warp_kv = (threadIdx.x >> 5) % WKV; /* the warp's columns of each KV tile */
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = (tid >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
+  const int warp_kv = (tid >> 5) % WKV; /* the warp's columns of each KV tile */
+  const int ld_c = tid % CH, ld_r0 = tid / CH;
   const int *cta = p.lists + p.cta_indptr_off;
   const int item_begin = cta[blockIdx.x], item_end = cta[blockIdx.x + 1];
   const int items_off = p.lists[p.items_off_word];
   const float log2e = KV_LOG2E;
   const float scale_log2 = p.sm_scale * log2e;
 
-  /* the next item, in shared memory rather than registers (the 128-row kernel has none to spare) */
-  __shared__ struct prefill_item s_next;
-  int prefetched = 0; /* the current item's Q and first K/V tiles were issued by the previous one */
+  /* The item lives in shared memory and is read where used: the 128-row tile has no registers to
+   * hold its twelve fields through the loop. */
+  __shared__ struct prefill_item s_item;
+  const struct prefill_item &it = s_item;
   for (int item_i = item_begin; item_i < item_end; item_i++) {
-    const struct prefill_item it = load_item(p.lists, items_off, item_i);
+    __syncthreads(); /* the previous item is done with every shared buffer */
+    if (tid == 0) s_item = load_item(p.lists, items_off, item_i);
+    __syncthreads();
     const int qo_heads_base = it.kv_head * GROUP_SIZE;
-    const int has_next = item_i + 1 < item_end;
-    __syncthreads(); /* the previous item is done with the shared tiles (and s_next) */
-    if (PREFETCH && has_next && threadIdx.x == 0) s_next = load_item(p.lists, items_off, item_i + 1);
-
-    /* ---- Q tile and the first K/V tiles (already in flight when prefetched) */
     const int kv_end = it.kv_end;
-    int t0 = it.kv_begin;
-    if (!prefetched) {
-      cp_async_wait<0>(); /* an empty previous item may still have its (unused) Q copy in flight */
-      load_q_tile(sq, p, it);
-      if (t0 < kv_end) load_kv_tile(sk, p.k, p, it, t0, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
-      cp_async_commit();
-      if (t0 < kv_end) load_kv_tile(sv, p.v, p, it, t0, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
-      cp_async_commit();
+    const int n_tiles = kv_end > it.kv_begin ? (kv_end - it.kv_begin + KV_TILE - 1) / KV_TILE : 0;
+
+    /* ---- row tables of tiles 0 and 1, the page of tile 2's row in a register; then Q and tile 0 */
+    int pf_page = -1;
+    if (tid < KV_TILE) {
+      for (int x = 0; x < 2 && x < n_tiles; x++)
+        write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, x, tid, row_page(p, it, x, tid));
+      if (n_tiles > 2) pf_page = row_page(p, it, 2, tid);
     }
-    prefetched = 0;
 #if ROPE
-    for (int row = threadIdx.x; row < CTA_Q; row += NUM_THREADS)
-      sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
+    for (int row = tid; row < CTA_Q; row += NUM_THREADS) sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
 #endif
+    __syncthreads();
+    load_q_tile(sq, p, it);
+    if (n_tiles > 0) load_kv_tile(skv, skv + SMEM_KV, p, tabs, ld_r0, ld_c);
+    cp_async_commit();
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
     /* the token of packed row `local` and its position: recomputed where needed (cheap integer
@@ -307,22 +342,28 @@ prefill_kernel(const struct prefill_params p) {
       d[mf][0] = d[mf][1] = 0.f;
     }
 
-#if ROPE
-    cp_async_wait<0>();
-    __syncthreads();
-    rope_tile(sq, CTA_Q, sqpos, p.rope_freq);
-#endif
-    int buf = 0;
-    for (; t0 < kv_end; t0 += KV_TILE, buf ^= 1) {
-      const int t1 = t0 + KV_TILE;
-      int *kpos = skpos + buf * KV_TILE;
-      if (p.bsr || ROPE) {
-        for (int c = threadIdx.x; c < KV_TILE; c += NUM_THREADS) kpos[c] = t0 + c < kv_end ? kv_position(p, it, t0 + c) : 0;
-      }
-      cp_async_wait<1>(); /* K(t) (and Q) landed; V(t) may still be in flight */
+    int slot = 0; /* tile t's table slot: t % 3 */
+    for (int t = 0; t < n_tiles; t++) {
+      const int t0 = it.kv_begin + t * KV_TILE, t1 = t0 + KV_TILE;
+      const u16 *sk = skv + (t & 1) * 2 * SMEM_KV, *sv = sk + SMEM_KV;
+      const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
+      const int *kpos = tposs + slot * KV_TILE;
+      /* tile t (and, at t = 0, Q) landed for every thread's copies; every warp is done with tile t-1,
+       * whose buffer tile t+1 now fills, and with the table slot tile t+2 now takes */
+      cp_async_wait<0>();
       __syncthreads();
+      if (t + 1 < n_tiles) {
+        u16 *nk = skv + ((t + 1) & 1) * 2 * SMEM_KV;
+        load_kv_tile(nk, nk + SMEM_KV, p, tabs + slot1 * TAB_SLOT_WORDS, ld_r0, ld_c);
+        cp_async_commit();
+      }
+      if (t + 2 < n_tiles && tid < KV_TILE) {
+        write_row_table(p, it, tabs + slot2 * TAB_SLOT_WORDS, tposs + slot2 * KV_TILE, t + 2, tid, pf_page);
+        if (t + 3 < n_tiles) pf_page = row_page(p, it, t + 3, tid);
+      }
 #if ROPE
-      rope_tile(sk, KV_TILE, kpos, p.rope_freq);
+      if (t == 0) rope_tile(sq, CTA_Q, sqpos, p.rope_freq);
+      rope_tile((u16 *)sk, KV_TILE, kpos, p.rope_freq);
       __syncthreads();
 #endif
 
@@ -349,19 +390,9 @@ prefill_kernel(const struct prefill_params p) {
           }
         }
       }
-      __syncthreads(); /* every warp is done with K(t) (and, on the last tile, with Q) */
-      if (t1 < kv_end) {
-        load_kv_tile(sk, p.k, p, it, t1, kv_end, p.k_stride_page, p.k_stride_slot, p.k_stride_head);
-      } else if (PREFETCH && has_next) { /* s_next was written before this item's first barrier */
-        load_q_tile(sq, p, s_next);
-        if (s_next.kv_begin < s_next.kv_end)
-          load_kv_tile(sk, p.k, p, s_next, s_next.kv_begin, s_next.kv_end, p.k_stride_page, p.k_stride_slot,
-                       p.k_stride_head);
-        prefetched = 1;
-      }
-      cp_async_commit();
 
-      /* ---- scores: scale, variants, masks (log2 domain) */
+      /* ---- scores: scale and variants (log2 domain); masks only on tiles that need them (the
+       * chunk's last tile, the causal diagonal, the window edge, block-sparse, custom masks) */
       int need_mask = t1 > kv_end || p.bsr;
 #if CAUSAL
       need_mask |= t1 - 1 > tile_qpos_lo;
@@ -378,27 +409,38 @@ prefill_kernel(const struct prefill_params p) {
         for (int nf = 0; nf < NF; nf++)
 #pragma unroll
           for (int e = 0; e < 4; e++) {
-            const int h = e >> 1;
-            const int col = warp_kv * KVW + nf * 8 + 2 * (lane & 3) + (e & 1);
             float x = s[mf][nf][e];
 #if SOFT_CAP
             {
-              float y = x * (p.sm_scale / p.soft_cap), t;
-              asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
-              x = p.soft_cap * t * log2e;
+              float y = x * (p.sm_scale / p.soft_cap), th;
+              asm("tanh.approx.f32 %0, %1;" : "=f"(th) : "f"(y));
+              x = p.soft_cap * th * log2e;
             }
 #elif !FOLD_SCALE
             x *= scale_log2;
 #endif
-#if ALIBI || CAUSAL || WINDOW || CUSTOM_MASK
-            const int kp = p.bsr ? kpos[col] : t0 + col;
-#endif
 #if ALIBI
-            x += slope[mf][h] * (float)(kp - ROW_QPOS(mf, h));
+            {
+              const int col = warp_kv * KVW + nf * 8 + 2 * (lane & 3) + (e & 1);
+              x += slope[mf][e >> 1] * (float)((p.bsr ? kpos[col] : t0 + col) - ROW_QPOS(mf, e >> 1));
+            }
 #endif
-            if (need_mask) {
+            s[mf][nf][e] = x;
+          }
+      if (need_mask) {
+#pragma unroll
+        for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+          for (int nf = 0; nf < NF; nf++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+              const int h = e >> 1;
+              const int col = warp_kv * KVW + nf * 8 + 2 * (lane & 3) + (e & 1);
               bool keep = t0 + col < kv_end;
               if (p.bsr) keep = keep && kpos[col] != 0x7fffffff;
+#if CAUSAL || WINDOW || CUSTOM_MASK
+              const int kp = p.bsr ? kpos[col] : t0 + col;
+#endif
 #if CAUSAL
               keep = keep && kp <= ROW_QPOS(mf, h);
 #endif
@@ -411,10 +453,9 @@ prefill_kernel(const struct prefill_params p) {
                 keep = (__ldg(p.mask + (bit >> 3)) >> (bit & 7)) & 1;
               }
 #endif
-              if (!keep) x = KV_NEG_INF;
+              if (!keep) s[mf][nf][e] = KV_NEG_INF;
             }
-            s[mf][nf][e] = x;
-          }
+      }
 
       /* ---- online softmax: rows are shared by the 4 lanes of a quad */
 #pragma unroll
@@ -456,9 +497,6 @@ prefill_kernel(const struct prefill_params p) {
           }
         }
 
-      cp_async_wait<1>(); /* V(t) landed; K(t+1) may still be in flight */
-      __syncthreads();
-
       /* ---- O += P V */
 #pragma unroll
       for (int kb = 0; kb < KVW / 16; kb++) {
@@ -481,13 +519,7 @@ prefill_kernel(const struct prefill_params p) {
           }
         }
       }
-      __syncthreads(); /* every warp is done with V(t) */
-      if (t1 < kv_end)
-        load_kv_tile(sv, p.v, p, it, t1, kv_end, p.v_stride_page, p.v_stride_slot, p.v_stride_head);
-      else if (prefetched && s_next.kv_begin < s_next.kv_end)
-        load_kv_tile(sv, p.v, p, s_next, s_next.kv_begin, s_next.kv_end, p.v_stride_page, p.v_stride_slot,
-                     p.v_stride_head);
-      cp_async_commit();
+      slot = slot1;
     }
 
 #if WKV > 1

@@ -74,7 +74,6 @@ static int kind_kv_tile(int kind, int head_dim) {
   if (kind == 2 && warps128_for(head_dim) == 4 && t > 64) t = 64;
   return t;
 }
-static int prefetch_on(void) { return env_int("KVATTN_PREFILL_PREFETCH", 1, 0, 1); }
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
@@ -82,7 +81,8 @@ static int threads_for(int kind, int head_dim) {
 }
 static int smem_for(int kind, int head_dim, int rope) {
   int q = prefill_tile_rows[kind], kt = kind_kv_tile(kind, head_dim);
-  int bytes = (q + 2 * kt) * head_dim * 2 + 2 * kt * 4 + (rope ? q * 4 : 0);
+  /* Q, two (K, V) buffers, three row-table slots of (K offset, V offset, position) */
+  int bytes = (q + 4 * kt) * head_dim * 2 + 3 * kt * (8 + 8 + 4) + (rope ? q * 4 : 0);
   if (kind == 0) { /* the cross-warp merge reuses K/V: 4 warps x (o, m, d) of 16 rows */
     int merge = q * head_dim * 2 + 4 * q * (head_dim + 2) * 4;
     if (merge > bytes) bytes = merge;
@@ -203,9 +203,9 @@ static void *compile_thread(void *arg) {
 static void make_defines(const kvattn_attention_desc *d, int group, int kind, char *out, size_t size) {
   int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
-           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DPREFETCH=%d -DFOLD_SCALE=%d "
+           "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DFOLD_SCALE=%d "
            "-DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
-           d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim), warps128_for(d->head_dim), prefetch_on(),
+           d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim), warps128_for(d->head_dim),
            fold_scale_on(), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);

@@ -338,22 +338,24 @@ TEST(masks_and_options) {
   CHECK(all_ok);
 }
 
-TEST(tiny_grid_many_items_per_cta_with_and_without_prefetch) {
+TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
   NEED_GPU();
   int all_ok = 1;
-  /* 5 CTAs per tile kind: every CTA runs a long list (the next item's loads overlap the current one) */
+  /* 5 CTAs per tile kind: every CTA runs a long list of items through one double-buffered pipeline
+   * and one rotation of row tables; KV tiles of 64 and 32 rows (the loader's rows per thread and
+   * the table slots differ) */
   setenv("KVATTN_PREFILL_GRID", "5", 1);
-  for (int pf = 1; pf >= 0; pf--) {
-    setenv("KVATTN_PREFILL_PREFETCH", pf ? "1" : "0", 1);
-    all_ok &= run_case(pf ? "grid 5, prefetch: paged causal" : "grid 5, no prefetch: paged causal", PAGED, NHD, 0, 16, 9,
-                       120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 30 + pf, 1);
-    all_ok &= run_case(pf ? "grid 5, prefetch: ragged rope window" : "grid 5, no prefetch: ragged rope window", RAGGED,
-                       NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16, (variant){1, 70, 0, 1, 0, 0.f}, 32 + pf, 0);
-    all_ok &= run_case(pf ? "grid 5, prefetch: empty kv mix" : "grid 5, no prefetch: empty kv mix", PAGED, NHD, 0, 16,
-                       12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 34 + pf, 1);
+  for (int kt = 64; kt >= 32; kt /= 2) {
+    setenv("KVATTN_PREFILL_KV_TILE", kt == 64 ? "64" : "32", 1);
+    all_ok &= run_case(kt == 64 ? "grid 5, kv tile 64: paged causal" : "grid 5, kv tile 32: paged causal", PAGED, NHD,
+                       0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 30 + kt, 1);
+    all_ok &= run_case(kt == 64 ? "grid 5, kv tile 64: ragged rope window" : "grid 5, kv tile 32: ragged rope window",
+                       RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16, (variant){1, 70, 0, 1, 0, 0.f}, 32 + kt, 0);
+    all_ok &= run_case(kt == 64 ? "grid 5, kv tile 64: empty kv mix" : "grid 5, kv tile 32: empty kv mix", PAGED, NHD,
+                       0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 34 + kt, 1);
   }
   unsetenv("KVATTN_PREFILL_GRID");
-  unsetenv("KVATTN_PREFILL_PREFETCH");
+  unsetenv("KVATTN_PREFILL_KV_TILE");
   CHECK(all_ok);
 }
 
