@@ -28,6 +28,11 @@ case "$WHAT" in *prefill*)
   phase "prefill timings"
   for f in ragged paged16 paged1; do python3 bench/prefill_one.py --batch 4 --len 4096 --format $f --reps 9; done
   python3 bench/prefill_one.py --batch 16 --len 1024 --format ragged --reps 9
+  # kernel-shape knobs, one at a time (KV tile, warps of the 128-row tile, scale folded into exp2)
+  for e in KVATTN_PREFILL_KV_TILE=32 KVATTN_PREFILL_FOLD=1 KVATTN_PREFILL_WARPS128=8 "KVATTN_PREFILL_WARPS128=8 KVATTN_PREFILL_KV_TILE=128"; do
+    echo "[$e] $(env $e python3 bench/prefill_one.py --batch 4 --len 4096 --format ragged --reps 9 | tail -1)"
+    echo "[$e] $(env $e python3 bench/prefill_one.py --batch 16 --len 1024 --format ragged --reps 9 | tail -1)"
+  done
   phase "prefill ncu"
   prof prefill_ragged prefill_kernel python3 bench/prefill_one.py --batch 4 --len 4096 --format ragged --reps 1
   prof prefill_paged1 prefill_kernel python3 bench/prefill_one.py --batch 4 --len 4096 --format paged1 --reps 1
