@@ -197,13 +197,16 @@ def bench_kvattn(P, kvattn, tc=False):
 
 def with_env(cfg, fn):
     """Run fn under a configuration "t<0 CUDA-core|1 tensor-core>s<stages>c<ctas per SM>m<min chunk>
-    i<item cost>" (any part optional), read by kvattn when an attention is created."""
+    i<item cost>p<0|1 tensor-core loader: 0 earlier, 1 ids staged in shared memory>n<min chunk when
+    the batch is too small for min_chunk per CTA; 0 = min_chunk>" (any part optional), read by kvattn
+    when an attention is created."""
     import re
     keys = {"s": ("KVATTN_DECODE_STAGES", "KVATTN_DECODE_TC_STAGES"), "c": ("KVATTN_DECODE_CTAS_PER_SM",),
-            "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",)}
+            "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",),
+            "p": ("KVATTN_DECODE_PIPE",), "n": ("KVATTN_DECODE_MIN_CHUNK_SMALL",)}
     saved = {k: os.environ.get(k) for ks in keys.values() for k in ks}
     try:
-        for letter, value in re.findall(r"([scmit])(\d+)", cfg):
+        for letter, value in re.findall(r"([scmitpn])(\d+)", cfg):
             for k in keys[letter]:
                 os.environ[k] = ({"0": "cc", "1": "tc"}[value] if letter == "t" else value)
         return fn()
@@ -266,7 +269,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--quick", action="store_true", help="page 16 only, fewer workloads")
-    ap.add_argument("--only", default=None, help="substring of workload names")
+    ap.add_argument("--only", default=None, help="workloads, comma-separated: a full name, or a substring of names")
     ap.add_argument("--pages", default=None, help="page sizes to run, e.g. 1 or 1,16 (default: each workload's)")
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--no-triton", action="store_true")
@@ -301,8 +304,10 @@ def main():
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda") if fi else None  # FlashInfer wants zeros
 
     rows = []
+    names = [w[0] for w in WORKLOADS]
     for name, batch, lens, qo, kv, pages in WORKLOADS:
-        if args.only and args.only not in name:
+        # a full workload name selects that one; any other text, the names containing it
+        if args.only and not any(o == name or (o not in names and o in name) for o in args.only.split(",")):
             continue
         if args.quick and name not in ("b1_L4096", "b16_L4096", "b64_L4096", "b64_Lskewed", "b256_L2048"):
             continue

@@ -95,6 +95,11 @@ static __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gm
                "l"(gmem_src), "r"(src_bytes)
                : "memory");
 }
+/* 4-byte global -> shared copy (through L1: 4 bytes is below .cg's 16). For gathers of int32 page
+ * ids whose alignment is only 4 bytes. */
+static __device__ __forceinline__ void cp_async4(void *smem_dst, const void *gmem_src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src) : "memory");
+}
 static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 static __device__ __forceinline__ void cp_async_wait() {

@@ -91,6 +91,21 @@
 #endif
 #define TILE (TG * TPG)              /* tokens per pipeline stage */
 #define GH GROUP_HEADS
+/* DECODE_PIPE=1 (tensor-core path): the page ids of a tile are staged in shared memory by cp.async,
+ * STAGES tiles ahead of that tile's K/V copies, and a stage is refilled right after its tile is
+ * consumed, so STAGES tiles (not STAGES-1) are in flight while the CTA waits. 0: the loader of the
+ * CUDA-core path (ids in registers, one tile ahead), kept for A/B runs. */
+#ifndef DECODE_PIPE
+#define DECODE_PIPE 1
+#endif
+#define PIPE_IDS (DECODE_TC && DECODE_PIPE)
+#define ID_SLOTS (2 * STAGES)        /* id ring: a slot is rewritten only after every thread read it */
+#define ID_SLOT TILE                 /* ids one tile spans: TILE for page_size 1, <= TILE/2 + 1 above */
+/* split pieces whose partial states the merging CTA loads at once (registers: 5 per piece); the
+ * tensor-core path has the registers for 16 (b1 x 4096 cuts each head into 32 pieces: 2 round trips) */
+#ifndef MERGE_BATCH
+#define MERGE_BATCH (DECODE_TC ? 16 : 8)
+#endif
 
 /* One work item: 8 int32 (32 bytes), written by the host planner. Keep in sync with
  * src/plan_decode.h (decode_item). */
@@ -131,6 +146,7 @@ struct decode_params {
   int page_size;
   int page_shift;           /* log2(page_size) when a power of two, else -1 */
   int kv_same_strides;      /* 1: V's (page, token, head) strides equal K's: one offset serves both */
+  const struct decode_item *cta_first; /* [grid] a copy of each CTA's first item */
 };
 
 /* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
@@ -151,14 +167,15 @@ static __device__ __forceinline__ struct decode_item load_item(const struct deco
   return r;
 }
 
+/* The CTA's range of items and its first item: three independent loads (the first item is copied
+ * per CTA by the planner), so the page ids, then K/V, are the only dependent loads before the
+ * first tile. */
 static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p) {
   ti->item = p.cta_indptr[blockIdx.x];
   ti->item_end = p.cta_indptr[blockIdx.x + 1];
+  ti->it = load_item(p.cta_first, blockIdx.x);
+  ti->tok = ti->it.tok_start;
   ti->first = 1;
-  if (ti->item < ti->item_end) {
-    ti->it = load_item(p.items, ti->item);
-    ti->tok = ti->it.tok_start;
-  }
 }
 static __device__ __forceinline__ int iter_valid(const struct tile_iter *ti) { return ti->item < ti->item_end; }
 static __device__ __forceinline__ int iter_last(const struct tile_iter *ti) { return ti->tok + TILE >= ti->it.tok_end; }
@@ -189,7 +206,12 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 #define QSLOT_ELEMS (QROWS * ROW_ELEMS)
 #define SMEM_RING_BYTES (STAGES * (STAGE_ELEMS + QSLOT_ELEMS) * 2)
 #define SMEM_RED_BYTES ((NGROUPS * GH * HEAD_DIM + 2 * NGROUPS * GH) * 4)
-#define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES)
+#if PIPE_IDS
+#define SMEM_ID_BYTES (ID_SLOTS * ID_SLOT * 4)
+#else
+#define SMEM_ID_BYTES 0
+#endif
+#define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES + SMEM_ID_BYTES)
 
 /* The page ids of this thread's rows (tg + TG * j) of a tile. Loaded one tile ahead of their use
  * (the kernel calls this right after issuing a tile, for the next one), so the dependent id -> data
@@ -265,6 +287,75 @@ static __device__ __forceinline__ void issue_tile(const struct decode_params &p,
   }
 }
 
+#if PIPE_IDS
+static __device__ __forceinline__ int page_of(const struct decode_params &p, int pos) {
+  return p.page_shift >= 0 ? pos >> p.page_shift : pos / p.page_size;
+}
+
+/* Stage the page ids one tile spans into an id slot: one 4-byte cp.async per id, consecutive lanes
+ * on consecutive entries (one coalesced request per 32 ids), in the commit group of a tile STAGES
+ * tiles before it, so no copy ever waits on a dependent id load. */
+static __device__ __forceinline__ void issue_ids(const struct decode_params &p, const struct tile_iter *ti, int *slot) {
+  if (!p.indices) return; /* identity: the loader computes the entry */
+  const int end = min(ti->tok + TILE, ti->it.tok_end);
+  const int first = page_of(p, ti->tok);
+  const int n = end > ti->tok ? page_of(p, end - 1) - first + 1 : 0; /* <= ID_SLOT */
+  const int i = threadIdx.x;
+  if (i < n) cp_async4(slot + i, p.indices + ((i64)ti->it.page_base + first + i) * p.indices_stride);
+}
+
+/* issue_tile with the tile's page ids read from its id slot (shared memory, landed and made visible
+ * by the barrier that follows the wait for an earlier tile). Each row's byte offset is computed once
+ * and serves K and V when their strides agree. */
+static __device__ __forceinline__ void issue_tile_ids(const struct decode_params &p, const struct tile_iter *ti,
+                                                      const int *slot, u16 *ring, int stage) {
+  const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+  u16 *sk = ring + stage * (STAGE_ELEMS + QSLOT_ELEMS);
+  u16 *sv = sk + TILE * ROW_ELEMS;
+  u16 *sq = sv + TILE * ROW_ELEMS;
+  const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
+  const char *kb = (const char *)(p.k + (i64)kv_head * p.k_stride_head + tx * VEC);
+  const char *vb = (const char *)(p.v + (i64)kv_head * p.v_stride_head + tx * VEC);
+  const i64 ksp = 2 * p.k_stride_page, kst = 2 * p.k_stride_tok, vsp = 2 * p.v_stride_page, vst = 2 * p.v_stride_tok;
+  const int first = page_of(p, ti->tok);
+#pragma unroll
+  for (int j = 0; j < TPG; j++) {
+    const int t = tg + TG * j;
+    const int pos = ti->tok + t;
+    const int valid = pos < ti->it.tok_end;
+    int page_idx, off;
+    if (p.page_shift >= 0) {
+      page_idx = pos >> p.page_shift;
+      off = pos & (p.page_size - 1);
+    } else {
+      page_idx = pos / p.page_size;
+      off = pos - page_idx * p.page_size;
+    }
+    const void *ksrc = p.k, *vsrc = p.v;
+    if (valid) {
+      const int page = p.indices ? slot[page_idx - first] : ti->it.page_base + page_idx;
+      const i64 ko = (i64)page * ksp + (i64)off * kst;
+      ksrc = kb + ko;
+      vsrc = vb + (p.kv_same_strides ? ko : (i64)page * vsp + (i64)off * vst);
+    }
+    cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
+    cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
+  }
+  if (ti->first) {
+    const int hb = ti->it.unit_head % HEAD_BLOCKS;
+    for (int i = tid; i < QROWS * TX; i += NUM_THREADS) {
+      const int g = i / TX, c = i % TX;
+      const int gi = hb * GH + g;
+      const int valid = g < GH && gi < GROUP_SIZE;
+      const u16 *src = p.q;
+      if (valid)
+        src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
+      cp_async16(sq + g * ROW_ELEMS + c * VEC, src, valid ? 16 : 0);
+    }
+  }
+}
+#endif
+
 #if ROPE
 /* Rotate-half RoPE on this thread's 8 dims; the partner dims (d +- head_dim/2) live in lane
  * tx ^ (TX/2) of the same token group. */
@@ -280,6 +371,22 @@ static __device__ __forceinline__ void rope8(float *x, int tx, float pos, const 
 }
 #endif
 
+/* Four outputs of dtype O_DTYPE (dims d..d+3; the output's last dimension is contiguous, but a view's
+ * alignment is not known: four 2-byte stores). */
+static __device__ __forceinline__ void store4(u16 *dst, float4 o) {
+  if (O_DTYPE == KV_BF16) {
+    dst[0] = f32_to_bf16(o.x);
+    dst[1] = f32_to_bf16(o.y);
+    dst[2] = f32_to_bf16(o.z);
+    dst[3] = f32_to_bf16(o.w);
+  } else {
+    dst[0] = f32_to_f16(o.x);
+    dst[1] = f32_to_f16(o.y);
+    dst[2] = f32_to_f16(o.z);
+    dst[3] = f32_to_f16(o.w);
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 decode_paged_kernel(const struct decode_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -291,11 +398,42 @@ decode_paged_kernel(const struct decode_params p) {
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
 
-  struct tile_iter ld, cs; /* the loader runs STAGES-1 tiles ahead of the consumer */
+  struct tile_iter ld, cs; /* the loader runs STAGES-1 (PIPE_IDS: STAGES) tiles ahead of the consumer */
   iter_begin(&ld, p);
   cs = ld;
   if (!iter_valid(&cs)) return;
 
+#if PIPE_IDS
+  /* the id loader runs STAGES tiles ahead of the K/V loader; tile m's ids live in slot m % ID_SLOTS */
+  int *ids = (int *)(smem + SMEM_RING_BYTES + SMEM_RED_BYTES);
+  struct tile_iter idl = ld;
+  int ld_slot = 0, id_slot = 0;
+#pragma unroll
+  for (int s = 0; s < STAGES; s++) {
+    if (iter_valid(&idl)) {
+      issue_ids(p, &idl, ids + id_slot * ID_SLOT);
+      iter_next(&idl, p);
+    }
+    id_slot++;
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads(); /* the first tiles' ids, from every thread's copies */
+#pragma unroll
+  for (int s = 0; s < STAGES; s++) {
+    if (iter_valid(&ld)) {
+      issue_tile_ids(p, &ld, ids + ld_slot * ID_SLOT, ring, s);
+      iter_next(&ld, p);
+    }
+    ld_slot = ld_slot + 1 == ID_SLOTS ? 0 : ld_slot + 1;
+    if (iter_valid(&idl)) {
+      issue_ids(p, &idl, ids + id_slot * ID_SLOT);
+      iter_next(&idl, p);
+    }
+    id_slot = id_slot + 1 == ID_SLOTS ? 0 : id_slot + 1;
+    cp_async_commit();
+  }
+#else
   i64 page[TPG]; /* the ids of the loader's next tile */
   int off[TPG];
   load_ids(p, &ld, page, off);
@@ -308,6 +446,7 @@ decode_paged_kernel(const struct decode_params p) {
     }
     cp_async_commit();
   }
+#endif
 
 #if ROPE
   float freq_reg[VEC];
@@ -329,10 +468,17 @@ decode_paged_kernel(const struct decode_params p) {
   float slope[GH];
 #endif
 #endif
-  int stage = 0, ld_stage = STAGES - 1;
+  int stage = 0;
+#if !PIPE_IDS
+  int ld_stage = STAGES - 1;
+#endif
 
   while (iter_valid(&cs)) {
+#if PIPE_IDS
+    cp_async_wait<STAGES - 1>();
+#else
     cp_async_wait<STAGES - 2>();
+#endif
     const u16 *sk = ring + stage * (STAGE_ELEMS + QSLOT_ELEMS);
     const u16 *sv = sk + TILE * ROW_ELEMS;
     const u16 *sq = sv + TILE * ROW_ELEMS;
@@ -386,6 +532,7 @@ decode_paged_kernel(const struct decode_params p) {
     }
 #endif
 
+#if !PIPE_IDS
     /* refill the stage consumed last iteration (each thread rewrites only its own K/V chunks) */
     if (iter_valid(&ld)) {
       issue_tile(p, &ld, page, off, ring, ld_stage);
@@ -393,6 +540,7 @@ decode_paged_kernel(const struct decode_params p) {
       if (iter_valid(&ld)) load_ids(p, &ld, page, off);
     }
     cp_async_commit();
+#endif
 
 #if DECODE_TC
     {
@@ -583,30 +731,40 @@ decode_paged_kernel(const struct decode_params p) {
       const int split = it.split;
       int2 sp = make_int2(1, 0);
       if (split >= 0) sp = __ldg(p.splits + split);
-      for (int i = tid; i < GH * HEAD_DIM; i += NUM_THREADS) {
-        const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+      /* one thread per (head, 4 dims): float4 traffic, the head's weights computed once per 4 dims */
+      for (int i = tid; i < GH * (HEAD_DIM / 4); i += NUM_THREADS) {
+        const int g = i / (HEAD_DIM / 4), d = (i % (HEAD_DIM / 4)) * 4;
         float mm = KV_NEG_INF;
         for (int k = 0; k < NGROUPS; k++) mm = fmaxf(mm, red_m[k * GH + g]);
         const float base = mm == KV_NEG_INF ? 0.0f : mm;
-        float ll = 0.0f, oo = 0.0f;
+        float ll = 0.0f;
+        float4 oo = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         for (int k = 0; k < NGROUPS; k++) {
           const float w = fast_exp2(red_m[k * GH + g] - base);
+          const float4 a = *(const float4 *)(red_acc + (k * GH + g) * HEAD_DIM + d);
           ll += red_l[k * GH + g] * w;
-          oo += red_acc[(k * GH + g) * HEAD_DIM + d] * w;
+          oo.x += a.x * w;
+          oo.y += a.y * w;
+          oo.z += a.z * w;
+          oo.w += a.w * w;
         }
-        const float o = ll > 0.0f ? oo / ll : 0.0f;
+        const float inv = ll > 0.0f ? 1.0f / ll : 0.0f;
+        oo.x *= inv;
+        oo.y *= inv;
+        oo.z *= inv;
+        oo.w *= inv;
         const float lse = ll > 0.0f ? (mm + __log2f(ll)) * KV_LN2 : KV_NEG_INF;
         const int gi = hb * GH + g;
         if (split < 0) {
           if (gi < GROUP_SIZE) {
             const int head = kv_head * GROUP_SIZE + gi;
             u16 *dst = p.out + (i64)it.row * p.o_stride_tok + (i64)head * p.o_stride_head + d;
-            *dst = O_DTYPE == KV_BF16 ? f32_to_bf16(o) : f32_to_f16(o);
+            store4(dst, oo);
             if (d == 0 && p.lse) p.lse[(i64)it.row * p.lse_stride_tok + (i64)head * p.lse_stride_head] = lse;
           }
         } else {
           const i64 slot = (i64)sp.y + it.piece;
-          p.partial_o[(slot * GH + g) * HEAD_DIM + d] = o;
+          *(float4 *)(p.partial_o + (slot * GH + g) * HEAD_DIM + d) = oo;
           if (d == 0) p.partial_lse[slot * GH + g] = lse;
         }
       }
@@ -618,42 +776,55 @@ decode_paged_kernel(const struct decode_params p) {
         __syncthreads();
         if (sh_last) {
           __threadfence();
-          for (int i = tid; i < GH * HEAD_DIM; i += NUM_THREADS) {
-            const int g = i / HEAD_DIM, d = i % HEAD_DIM;
+          for (int i = tid; i < GH * (HEAD_DIM / 4); i += NUM_THREADS) {
+            const int g = i / (HEAD_DIM / 4), d = (i % (HEAD_DIM / 4)) * 4;
             const int gi = hb * GH + g;
             if (gi >= GROUP_SIZE) continue;
-            /* one pass, online over the pieces, 8 pieces' loads in flight at a time (the merge
-             * is on the critical path of a long request: its latency is the launch's tail) */
-            float mm = KV_NEG_INF, ww = 0.0f, oo = 0.0f;
-            for (int k0 = 0; k0 < sp.x; k0 += 8) {
-              float lk[8], ok[8];
+            /* one pass, online over the pieces, MERGE_BATCH pieces' (lse, 4 dims) in flight at a time:
+             * the merge is on the critical path of a long request (its latency is the launch's tail),
+             * so each thread takes a single (head, 4 dims) and waits one round trip per batch */
+            float mm = KV_NEG_INF, ww = 0.0f;
+            float4 oo = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            for (int k0 = 0; k0 < sp.x; k0 += MERGE_BATCH) {
+              float lk[MERGE_BATCH];
+              float4 ok[MERGE_BATCH];
 #pragma unroll
-              for (int u = 0; u < 8; u++) {
+              for (int u = 0; u < MERGE_BATCH; u++) {
                 const i64 slot = (i64)sp.y + k0 + u;
                 const int in = k0 + u < sp.x;
                 lk[u] = in ? ld_cg_f32(p.partial_lse + slot * GH + g) : KV_NEG_INF;
-                ok[u] = in ? ld_cg_f32(p.partial_o + (slot * GH + g) * HEAD_DIM + d) : 0.0f;
+                ok[u] = in ? ld_cg_f32x4(p.partial_o + (slot * GH + g) * HEAD_DIM + d) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
               }
               float mx = mm;
 #pragma unroll
-              for (int u = 0; u < 8; u++) mx = fmaxf(mx, lk[u]);
+              for (int u = 0; u < MERGE_BATCH; u++) mx = fmaxf(mx, lk[u]);
               if (mx == KV_NEG_INF) continue; /* every piece so far empty */
               const float r = __expf(mm - mx);
               ww *= r;
-              oo *= r;
+              oo.x *= r;
+              oo.y *= r;
+              oo.z *= r;
+              oo.w *= r;
 #pragma unroll
-              for (int u = 0; u < 8; u++) {
-                const float w = __expf(lk[u] - mx);
+              for (int u = 0; u < MERGE_BATCH; u++) {
+                const float w = __expf(lk[u] - mx); /* an empty piece has o = 0 and w = 0 */
                 ww += w;
-                oo += w * ok[u]; /* an empty piece has o = 0 and w = 0 */
+                oo.x += w * ok[u].x;
+                oo.y += w * ok[u].y;
+                oo.z += w * ok[u].z;
+                oo.w += w * ok[u].w;
               }
               mm = mx;
             }
-            const float o = ww > 0.0f ? oo / ww : 0.0f;
+            const float inv = ww > 0.0f ? 1.0f / ww : 0.0f;
+            oo.x *= inv;
+            oo.y *= inv;
+            oo.z *= inv;
+            oo.w *= inv;
             const float lse = ww > 0.0f ? mm + __logf(ww) : KV_NEG_INF;
             const int head = kv_head * GROUP_SIZE + gi;
             u16 *dst = p.out + (i64)it.row * p.o_stride_tok + (i64)head * p.o_stride_head + d;
-            *dst = O_DTYPE == KV_BF16 ? f32_to_bf16(o) : f32_to_f16(o);
+            store4(dst, oo);
             if (d == 0 && p.lse) p.lse[(i64)it.row * p.lse_stride_tok + (i64)head * p.lse_stride_head] = lse;
           }
           if (tid == 0) p.counters[split] = 0; /* ready for the next launch (graph replay) */
@@ -662,9 +833,27 @@ decode_paged_kernel(const struct decode_params p) {
       __syncthreads(); /* the reduction area is reused by the next item */
     }
 
+#if PIPE_IDS
+    /* refill this stage once every warp is done with it (an item's end already ended in a barrier),
+     * and stage the ids of the tile STAGES further on */
+    if (!iter_last(&cs)) __syncthreads();
+    if (iter_valid(&ld)) {
+      issue_tile_ids(p, &ld, ids + ld_slot * ID_SLOT, ring, stage);
+      iter_next(&ld, p);
+    }
+    ld_slot = ld_slot + 1 == ID_SLOTS ? 0 : ld_slot + 1;
+    if (iter_valid(&idl)) {
+      issue_ids(p, &idl, ids + id_slot * ID_SLOT);
+      iter_next(&idl, p);
+    }
+    id_slot = id_slot + 1 == ID_SLOTS ? 0 : id_slot + 1;
+    cp_async_commit();
+#endif
     iter_next(&cs, p);
     stage = stage + 1 == STAGES ? 0 : stage + 1;
+#if !PIPE_IDS
     ld_stage = ld_stage + 1 == STAGES ? 0 : ld_stage + 1;
+#endif
   }
   cp_async_wait<0>();
 }

@@ -47,6 +47,7 @@ typedef struct decode_params {
   int32_t page_size;
   int32_t page_shift;
   int32_t kv_same_strides;
+  const void *cta_first;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -83,6 +84,9 @@ static int decode_stages(int tc) {
   return tc ? env_int("KVATTN_DECODE_TC_STAGES", 2, 2, 8) : env_int("KVATTN_DECODE_STAGES", 4, 2, 8);
 }
 static int decode_ctas_per_sm(void) { return env_int("KVATTN_DECODE_CTAS_PER_SM", 2, 1, 8); }
+/* The tensor-core path's loader: 1 = page ids staged in shared memory STAGES tiles ahead and STAGES
+ * tiles in flight (kernels/decode_paged.cu, DECODE_PIPE); 0 = the earlier one (A/B runs). */
+static int decode_pipe(int tc) { return tc ? env_int("KVATTN_DECODE_PIPE", 1, 0, 1) : 0; }
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
@@ -92,13 +96,14 @@ static int dtype_code(DLDataType t) {
 }
 
 /* Mirrors the kernel's SMEM_BYTES. */
-static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages) {
+static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages, int pipe) {
   int tx = head_dim / 8, tg = DECODE_THREADS / tx, row = head_dim + 8;
   int tile = tc ? 64 : tg * (group_heads <= 4 ? 4 : 2);
   int qrows = tc ? 16 : group_heads, groups = tc ? DECODE_WARPS : tg;
   int ring = stages * (2 * tile * row + qrows * row) * 2;
   int red = (groups * group_heads * head_dim + 2 * groups * group_heads) * 4;
-  return ring + red;
+  int ids = tc && pipe ? 2 * stages * tile * 4 : 0; /* ID_SLOTS x ID_SLOT int32 */
+  return ring + red + ids;
 }
 
 /* The tensor-core path where it applies: head_dim <= 128, no RoPE (K would have to be rotated between
@@ -136,10 +141,10 @@ static kvattn_status decode_supported(const kvattn_attention_desc *d) {
 static void decode_defines(const decode_config *c, const kvattn_attention_desc *d, int stages, char *out, size_t size) {
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
-           "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d",
+           "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d));
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)));
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
@@ -171,10 +176,12 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   decode_layout_init(&ga->lay, &ga->cfg);
   /* scheduler knobs (benchmark sweeps); the layout's bounds do not depend on them */
   ga->cfg.min_chunk = env_int("KVATTN_DECODE_MIN_CHUNK", ga->cfg.min_chunk, 1, 1 << 24);
+  ga->cfg.min_chunk_small = env_int("KVATTN_DECODE_MIN_CHUNK_SMALL", ga->cfg.min_chunk_small, 0, 1 << 24);
   ga->cfg.item_cost = env_int("KVATTN_DECODE_ITEM_COST", ga->cfg.item_cost, 0, 1 << 24);
   ga->stages = decode_stages(ga->tensor_core);
   decode_defines(&ga->cfg, &a->desc, ga->stages, ga->defines, sizeof ga->defines);
-  ga->smem_bytes = decode_smem_bytes(ga->tensor_core, ga->cfg.head_dim, ga->cfg.group_heads, ga->stages);
+  ga->smem_bytes =
+      decode_smem_bytes(ga->tensor_core, ga->cfg.head_dim, ga->cfg.group_heads, ga->stages, decode_pipe(ga->tensor_core));
   kvattn_status s = gpu_get_kernel(g, "decode_paged.cu", ga->defines, "decode_paged_kernel", ga->smem_bytes, &ga->fn);
   if (s != KVATTN_SUCCESS) {
     free(ga);
@@ -283,6 +290,7 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
   const CUdeviceptr w = ga->ws_device;
   const decode_layout *l = &ga->lay;
   p.cta_indptr = (const int32_t *)(uintptr_t)(w + l->cta_indptr);
+  p.cta_first = (const void *)(uintptr_t)(w + l->cta_first);
   p.items = (const void *)(uintptr_t)(w + l->items);
   p.splits = (const void *)(uintptr_t)(w + l->splits);
   p.counters = (int32_t *)(uintptr_t)(w + l->counters);

@@ -46,6 +46,8 @@ typedef struct decode_config {
   int32_t grid;           /* CTAs of the launch (fixed) */
   int32_t item_cost;      /* fixed cost of one item, in KV tokens (reduction, output, pipeline) */
   int32_t min_chunk;      /* smallest piece worth splitting off, in tokens */
+  int32_t min_chunk_small;/* the same when the batch is too small to give every CTA min_chunk tokens: pieces of
+                             this size spread a short batch over the whole grid (0: min_chunk throughout) */
   int32_t causal, window_left;
   int32_t disable_split;  /* desc.disable_split_kv */
   int32_t fixed_split_pages; /* desc.fixed_split_size (> 0: chunks of this many pages) */
@@ -59,6 +61,8 @@ typedef struct decode_layout {
   size_t counters;      /* int32 [max_splits], zero at every upload */
   size_t splits;        /* decode_split [max_splits] */
   size_t cta_indptr;    /* int32 [grid + 1] */
+  size_t cta_first;     /* decode_item [grid]: a copy of each CTA's first item (zeros for an empty CTA), so
+                           the kernel loads it together with cta_indptr instead of after it */
   size_t rope_freq;     /* float [head_dim / 2] */
   size_t alibi;         /* float [num_qo_heads] */
   size_t items;         /* decode_item [max_items] */

@@ -110,6 +110,14 @@ static int verify(const planned *p, const batch *b, int64_t *max_cost_out) {
   if (cta[0] != 0 || cta[c->grid] != n) FAIL("cta_indptr ends %d..%d, items %lld", cta[0], cta[c->grid], (long long)n);
   for (int bi = 0; bi < c->grid; bi++)
     if (cta[bi + 1] < cta[bi]) FAIL("cta_indptr decreases at %d", bi);
+  /* each CTA's first item is also copied to cta_first (the kernel loads it with cta_indptr) */
+  const decode_item *first = (const decode_item *)(base + l->cta_first);
+  static const decode_item zero_item;
+  for (int bi = 0; bi < c->grid; bi++) {
+    const decode_item *want = cta[bi] < cta[bi + 1] ? &it[cta[bi]] : &zero_item;
+    if (memcmp(&first[bi], want, sizeof *want)) FAIL("cta_first[%d] differs from its CTA's first item", bi);
+  }
+  if (l->cta_first + (size_t)c->grid * sizeof(decode_item) > l->items) FAIL("cta_first is not uploaded with the items");
   if (p->st.splits > l->max_splits || p->st.slots > l->max_slots) FAIL("splits/slots over the layout");
   for (int64_t s = 0; s < l->max_splits; s++)
     if (counters[s] != 0) FAIL("counter %lld not zero", (long long)s);
@@ -336,6 +344,41 @@ TEST(empty_and_zero_length_batches_plan_cleanly) {
   CHECK(verify(&p, &b, &mc) == 0);
   free(p.host);
   free_batch(&b);
+}
+
+TEST(a_single_short_request_is_spread_over_the_grid_in_pieces_of_min_chunk_small) {
+  /* b1 x 4096, 8 KV heads, grid 264: a CTA's stretch (~157 tokens) is under min_chunk, so pieces of
+   * min_chunk_small (128 tokens: two 64-token tiles) and nearly every CTA busy, rather than 128 CTAs
+   * of 256 tokens */
+  int64_t kv[1] = {4096};
+  int qo[1] = {1};
+  batch b;
+  make_batch(&b, 1, kv, qo, 16);
+  planned p;
+  CHECK_OK(plan_it(&p, &b, 8, 4, 128, 264, 0, -1, 0, 0, 0));
+  int64_t mc;
+  CHECK(verify(&p, &b, &mc) == 0);
+  const decode_item *it = (const decode_item *)((char *)p.host + p.l.items);
+  const int32_t *cta = (const int32_t *)((char *)p.host + p.l.cta_indptr);
+  int busy = 0;
+  for (int bi = 0; bi < 264; bi++) busy += cta[bi + 1] > cta[bi];
+  CHECK(p.st.items == 8 * 4096 / 128);
+  CHECK(busy == 256);
+  for (int64_t k = 0; k < p.st.items; k++) CHECK(it[k].tok_end - it[k].tok_start == 128);
+  free(p.host);
+  /* a large batch keeps min_chunk: no piece under it */
+  int64_t kv64[64];
+  int qo64[64];
+  for (int i = 0; i < 64; i++) kv64[i] = 4096, qo64[i] = 1;
+  batch b64;
+  make_batch(&b64, 64, kv64, qo64, 16);
+  CHECK_OK(plan_it(&p, &b64, 8, 4, 128, 264, 0, -1, 0, 0, 0));
+  CHECK(verify(&p, &b64, &mc) == 0);
+  it = (const decode_item *)((char *)p.host + p.l.items);
+  for (int64_t k = 0; k < p.st.items; k++) CHECK(it[k].tok_end - it[k].tok_start >= p.c.min_chunk);
+  free(p.host);
+  free_batch(&b);
+  free_batch(&b64);
 }
 
 TEST(fixed_split_size_gives_request_pieces_independent_of_the_batch) {

@@ -603,6 +603,13 @@ TEST(decode_edge_shapes) {
       {"odd_page5", 17, 2, 4, 128, 5, 1, 1, 97},
       {"batch512_short", 512, 1, 4, 64, 16, 0, 1, -1},
       {"heavy_tail_32k", 48, 1, 4, 128, 16, 0, 1, -2},
+      /* page sizes that are not powers of two on the tensor-core path too (its loader stages a
+       * tile's page ids in shared memory): tiles that start and end inside pages, long splits */
+      {"odd_page5_tc", 17, 2, 4, 128, 5, 1, 1, 97},
+      {"odd_page3_long_cc", 2, 2, 4, 64, 3, 0, 1, 5000},
+      {"odd_page3_long_tc", 2, 2, 4, 64, 3, 0, 1, 5000},
+      {"page2_batch1_cc", 1, 8, 4, 128, 2, 1, 0, 4096},
+      {"page2_batch1_tc", 1, 8, 4, 128, 2, 1, 0, 4096},
   };
   for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
     int64_t *len = malloc(sizeof(int64_t) * shapes[si].batch);
