@@ -91,12 +91,16 @@
 #error "CTA_Q must be 16, 64 or 128"
 #endif
 #define NUM_THREADS (NUM_WARPS * 32)
-/* FOLD_SCALE 1: the scores stay unscaled until the exponent, where the scale and the running max
- * fold into one FFMA (sm_scale > 0, so the max commutes with the scale). One FMUL less per score,
- * but more registers live at the 255 cap of the 128-row tile: off unless asked for. */
+/* FOLD_SCALE 1 (the host's default): the scores stay unscaled until the exponent, where the scale
+ * and the running max fold into one FFMA (sm_scale > 0, so the max commutes with the scale): one
+ * FMUL less per score (H200: causal 4x4096 294 -> 311 TFLOP/s). Soft-cap and ALiBi need the
+ * scaled score before the exponent and turn it off. */
 #ifndef FOLD_SCALE
 #define FOLD_SCALE 0
 #endif
+/* How far (log2 units) a row's max may grow past the running max before O is rescaled: scores
+ * then reach 2^8 at most, far inside fp16's and bf16's range for P. */
+#define RESCALE_SLACK 8.0f
 #if SOFT_CAP || ALIBI
 #undef FOLD_SCALE
 #define FOLD_SCALE 0
@@ -119,13 +123,43 @@
 /* Element (row, d) of a swizzled tile. */
 static __device__ __forceinline__ int swz(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3); }
 
+/* D += A * B, m16n8k16, fp32 accumulators. Not volatile: a pure function of its registers, so the
+ * compiler may interleave it with the shared-memory loads of the next fragments. */
 static __device__ __forceinline__ void mma16816(float *d, const u32 *a, const u32 *b) {
 #if DTYPE == KV_BF16
-  mma_bf16_16816(d, a, b);
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
 #else
-  mma_f16_16816(d, a, b);
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
 #endif
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+/* Shared-memory operations on 32-bit shared addresses: a fragment's address is a per-thread base
+ * plus a compile-time offset, which the compiler folds into the instruction. */
+static __device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+static __device__ __forceinline__ void ldsm_x4_t(u32 *r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+static __device__ __forceinline__ void cp_async16_s(u32 dst, const void *src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+/* Swizzled fragment addresses. Chunk c of row r sits at chunk c ^ (r % 8). Every fragment a lane
+ * addresses has r % 8 = lane % 8 and chunk 2k + h (h: 0 or 1 by lane), so the byte offset of step
+ * k is 128 * (k / 4) + 16 * ((h ^ lane % 8) ^ 2 * (k % 4)): four per-thread bases (k % 4), the rest
+ * a constant. */
+static __device__ __forceinline__ void frag_bases(u32 *base, u32 row_addr, int h, int lane) {
+#pragma unroll
+  for (int k = 0; k < 4; k++) base[k] = row_addr + ((((u32)h ^ (u32)(lane & 7)) ^ (u32)(2 * k)) << 4);
+}
+#define FRAG(base, k) ((base)[(k) & 3] + ((k) >> 2) * 128)
 
 static __device__ __forceinline__ float to_f32(u16 h) {
 #if DTYPE == KV_BF16
@@ -162,11 +196,16 @@ static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const int 
 }
 #endif
 
+/* Shared memory: Q | two (K, V) tile buffers | three row-table slots | positions | (RoPE) q positions.
+ * gpu_prefill.c's smem_for mirrors this. */
+#define SMEM_Q (CTA_Q * HEAD_DIM)
+#define SMEM_KV (KV_TILE * HEAD_DIM)
+
 /* ---- The K/V loader.
  * Every KV tile has a row table in shared memory, written one tile ahead of its copies by the
- * threads tid < KV_TILE (one row each): the element offsets of the row's K and V (-1: a row past
- * the data, zero-filled and never read) and the row's position (BSR, RoPE, masks). The copies then
- * cost a table read and a 64-bit add per 16 bytes: each thread owns chunk tid % CH of the rows
+ * threads tid < KV_TILE (one row each): the byte offsets of the row's K and V, the bytes to read (16,
+ * or 0 for a row past the data: zero-filled, nothing read) and the row's position (BSR, RoPE,
+ * masks). The copies then cost table reads and a 64-bit add per 16 bytes: each thread owns chunk tid % CH of the rows
  * tid / CH + k * LD_RSTEP, so its swizzled destinations are constants. The page id of the row two
  * tiles ahead is loaded into a register one iteration before its table entry is written, so the
  * index walk (page_size 1: one id per row) stays off the critical path. Tables rotate over three
@@ -177,7 +216,7 @@ static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const int 
 #if KV_TILE % LD_RSTEP || KV_TILE > NUM_THREADS
 #error "the loader needs KV_TILE a multiple of NUM_THREADS / CH and at most NUM_THREADS"
 #endif
-#define TAB_SLOT_WORDS (2 * KV_TILE) /* long long: K offsets then V offsets */
+#define TAB_SLOT_WORDS (2 * KV_TILE) /* long long: K byte offsets then V byte offsets */
 
 /* The page (or, unpaged, the entry) of row `row` of tile `tile` of the item; -1 past the chunk. */
 static __device__ __forceinline__ int row_page(const struct prefill_params &p, const struct prefill_item &it, int tile,
@@ -191,47 +230,48 @@ static __device__ __forceinline__ int row_page(const struct prefill_params &p, c
 }
 
 static __device__ __forceinline__ void write_row_table(const struct prefill_params &p, const struct prefill_item &it,
-                                                       long long *tab, int *tpos, int tile, int row, int page) {
+                                                       long long *tab, int *tpos, int *tbytes, int tile, int row,
+                                                       int page) {
   const int j = it.kv_begin + tile * KV_TILE + row;
-  long long ko = -1, vo = -1;
-  int pos = 0x7fffffff;
+  long long ko = 0, vo = 0; /* a row past the data: copied from the tensor's start with 0 bytes read */
+  int pos = 0x7fffffff, bytes = 0;
   if (page >= 0) {
     int e, slot;
     page_split(p, j, &e, &slot);
     const long long gpos = p.bsr ? (long long)page * p.page_size + slot : (long long)j;
     /* block-sparse: the partial last block column holds no data past the limit (never read) */
     if (!p.bsr || gpos < p.kv_token_limit) {
-      ko = (long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot + (long long)it.kv_head * p.k_stride_head;
-      vo = (long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot + (long long)it.kv_head * p.v_stride_head;
+      ko = 2 * ((long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot + (long long)it.kv_head * p.k_stride_head);
+      vo = 2 * ((long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot + (long long)it.kv_head * p.v_stride_head);
       pos = (int)gpos;
+      bytes = 16;
     }
   }
   tab[row] = ko;
   tab[KV_TILE + row] = vo;
   tpos[row] = pos;
+  tbytes[row] = bytes;
 }
 
-/* Issue the copies of one KV tile (K and V) from its row table into buffer `kt` / `vt`. */
-static __device__ __forceinline__ void load_kv_tile(u16 *kt, u16 *vt, const struct prefill_params &p,
-                                                    const long long *tab, int ld_r0, int ld_c) {
+/* Issue the copies of one KV tile (K and V) from its row table into the buffer at shared address
+ * `kt` (V at kt + SMEM_KV * 2). ld_dst: this thread's first destination in a buffer (bytes); rows
+ * k * LD_RSTEP further on share its swizzle when LD_RSTEP is a multiple of 8, else (LD_RSTEP 4)
+ * odd k use ld_dst_odd. kc / vc: K and V base pointers advanced by this thread's chunk. */
+static __device__ __forceinline__ void load_kv_tile(u32 kt, const char *kc, const char *vc, const long long *tab_row,
+                                                    const int *bytes_row, u32 ld_dst, u32 ld_dst_odd) {
 #pragma unroll
   for (int k = 0; k < LD_ROWS; k++) {
-    const int row = ld_r0 + k * LD_RSTEP;
-    const long long o = tab[row];
-    cp_async16(kt + swz(row, ld_c), o >= 0 ? p.k + o + ld_c * 8 : p.k, o >= 0 ? 16 : 0);
-  }
-#pragma unroll
-  for (int k = 0; k < LD_ROWS; k++) {
-    const int row = ld_r0 + k * LD_RSTEP;
-    const long long o = tab[KV_TILE + row];
-    cp_async16(vt + swz(row, ld_c), o >= 0 ? p.v + o + ld_c * 8 : p.v, o >= 0 ? 16 : 0);
+#if LD_RSTEP % 8 == 0
+    const u32 dst = kt + ld_dst + k * LD_RSTEP * HEAD_DIM * 2;
+#else
+    const u32 dst = kt + ((k & 1) ? ld_dst_odd : ld_dst) + (k >> 1) * 2 * LD_RSTEP * HEAD_DIM * 2;
+#endif
+    const int bytes = bytes_row[k * LD_RSTEP];
+    cp_async16_s(dst, kc + tab_row[k * LD_RSTEP], bytes);
+    cp_async16_s(dst + SMEM_KV * 2, vc + tab_row[KV_TILE + k * LD_RSTEP], bytes);
   }
 }
 
-/* Shared memory: Q | two (K, V) tile buffers | three row-table slots | positions | (RoPE) q positions.
- * gpu_prefill.c's smem_for mirrors this. */
-#define SMEM_Q (CTA_Q * HEAD_DIM)
-#define SMEM_KV (KV_TILE * HEAD_DIM)
 
 /* The item's Q tile, packed rows [row_start, row_start + CTA_Q), into a swizzled tile; rows past
  * the request's queries become zeros. */
@@ -256,13 +296,24 @@ prefill_kernel(const struct prefill_params p) {
   u16 *sq = smem, *skv = smem + SMEM_Q; /* buffer b: K at skv + 2b * SMEM_KV, V after it */
   long long *tabs = (long long *)(skv + 4 * SMEM_KV); /* [3][2][KV_TILE] */
   int *tposs = (int *)(tabs + 3 * TAB_SLOT_WORDS);    /* [3][KV_TILE] */
+  int *tbytes = tposs + 3 * KV_TILE;                   /* [3][KV_TILE]: 16, or 0 past the data */
 #if ROPE
-  int *sqpos = tposs + 3 * KV_TILE;                    /* [CTA_Q] */
+  int *sqpos = tbytes + 3 * KV_TILE;                   /* [CTA_Q] */
 #endif
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = (tid >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
   const int warp_kv = (tid >> 5) % WKV; /* the warp's columns of each KV tile */
   const int ld_c = tid % CH, ld_r0 = tid / CH;
+  /* the loader's per-thread constants (see load_kv_tile) */
+  const u32 s_kv = smem_addr(skv);
+  const u32 ld_dst = (u32)swz(ld_r0, ld_c) * 2, ld_dst_odd = (u32)swz(ld_r0 + LD_RSTEP, ld_c) * 2;
+  const char *kc = (const char *)(p.k + ld_c * 8), *vc = (const char *)(p.v + ld_c * 8);
+  /* fragment bases: Q rows (A of S), K rows (B of S) and V rows (B of P V, transposed), the last
+   * two relative to their tile buffer */
+  u32 qa_base[4], kb_base[4], vb_base[4];
+  frag_bases(qa_base, smem_addr(sq) + (u32)(warp * 16 * MF + (lane & 15)) * HEAD_DIM * 2, lane >> 4, lane);
+  frag_bases(kb_base, (u32)(warp_kv * KVW + (lane & 7) + ((lane >> 4) << 3)) * HEAD_DIM * 2, (lane >> 3) & 1, lane);
+  frag_bases(vb_base, (u32)(warp_kv * KVW + (lane & 7) + (((lane >> 3) & 1) << 3)) * HEAD_DIM * 2, lane >> 4, lane);
   const int *cta = p.lists + p.cta_indptr_off;
   const int item_begin = cta[blockIdx.x], item_end = cta[blockIdx.x + 1];
   const int items_off = p.lists[p.items_off_word];
@@ -285,7 +336,8 @@ prefill_kernel(const struct prefill_params p) {
     int pf_page = -1;
     if (tid < KV_TILE) {
       for (int x = 0; x < 2 && x < n_tiles; x++)
-        write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, x, tid, row_page(p, it, x, tid));
+        write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, tbytes + x * KV_TILE, x, tid,
+                        row_page(p, it, x, tid));
       if (n_tiles > 2) pf_page = row_page(p, it, 2, tid);
     }
 #if ROPE
@@ -293,7 +345,7 @@ prefill_kernel(const struct prefill_params p) {
 #endif
     __syncthreads();
     load_q_tile(sq, p, it);
-    if (n_tiles > 0) load_kv_tile(skv, skv + SMEM_KV, p, tabs, ld_r0, ld_c);
+    if (n_tiles > 0) load_kv_tile(s_kv, kc, vc, tabs + ld_r0, tbytes + ld_r0, ld_dst, ld_dst_odd);
     cp_async_commit();
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
@@ -345,7 +397,7 @@ prefill_kernel(const struct prefill_params p) {
     int slot = 0; /* tile t's table slot: t % 3 */
     for (int t = 0; t < n_tiles; t++) {
       const int t0 = it.kv_begin + t * KV_TILE, t1 = t0 + KV_TILE;
-      const u16 *sk = skv + (t & 1) * 2 * SMEM_KV, *sv = sk + SMEM_KV;
+      const u32 kbuf = s_kv + (t & 1) * 4 * SMEM_KV, vbuf = kbuf + SMEM_KV * 2; /* bytes */
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       const int *kpos = tposs + slot * KV_TILE;
       /* tile t (and, at t = 0, Q) landed for every thread's copies; every warp is done with tile t-1,
@@ -353,17 +405,18 @@ prefill_kernel(const struct prefill_params p) {
       cp_async_wait<0>();
       __syncthreads();
       if (t + 1 < n_tiles) {
-        u16 *nk = skv + ((t + 1) & 1) * 2 * SMEM_KV;
-        load_kv_tile(nk, nk + SMEM_KV, p, tabs + slot1 * TAB_SLOT_WORDS, ld_r0, ld_c);
+        load_kv_tile(s_kv + ((t + 1) & 1) * 4 * SMEM_KV, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0,
+                     tbytes + slot1 * KV_TILE + ld_r0, ld_dst, ld_dst_odd);
         cp_async_commit();
       }
       if (t + 2 < n_tiles && tid < KV_TILE) {
-        write_row_table(p, it, tabs + slot2 * TAB_SLOT_WORDS, tposs + slot2 * KV_TILE, t + 2, tid, pf_page);
+        write_row_table(p, it, tabs + slot2 * TAB_SLOT_WORDS, tposs + slot2 * KV_TILE, tbytes + slot2 * KV_TILE, t + 2,
+                        tid, pf_page);
         if (t + 3 < n_tiles) pf_page = row_page(p, it, t + 3, tid);
       }
 #if ROPE
       if (t == 0) rope_tile(sq, CTA_Q, sqpos, p.rope_freq);
-      rope_tile((u16 *)sk, KV_TILE, kpos, p.rope_freq);
+      rope_tile(skv + (t & 1) * 2 * SMEM_KV, KV_TILE, kpos, p.rope_freq);
       __syncthreads();
 #endif
 
@@ -378,11 +431,11 @@ prefill_kernel(const struct prefill_params p) {
         u32 a[MF][4];
 #pragma unroll
         for (int mf = 0; mf < MF; mf++)
-          ldmatrix_x4(a[mf], sq + swz(warp * 16 * MF + mf * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+          ldsm_x4(a[mf], FRAG(qa_base, kk) + mf * 16 * HEAD_DIM * 2);
 #pragma unroll
         for (int nb = 0; nb < NF / 2; nb++) {
           u32 b[4];
-          ldmatrix_x4(b, sk + swz(warp_kv * KVW + nb * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1)));
+          ldsm_x4(b, kbuf + FRAG(kb_base, kk) + nb * 16 * HEAD_DIM * 2);
 #pragma unroll
           for (int mf = 0; mf < MF; mf++) {
             mma16816(s[mf][2 * nb], a[mf], b);
@@ -427,7 +480,24 @@ prefill_kernel(const struct prefill_params p) {
 #endif
             s[mf][nf][e] = x;
           }
-      if (need_mask) {
+      if (need_mask && !p.bsr && !WINDOW && !CUSTOM_MASK) {
+        /* chunk end and causal diagonal only: one bound per row, one compare per score */
+#pragma unroll
+        for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            int last = kv_end - 1; /* the last visible KV position of the row */
+#if CAUSAL
+            last = min(last, ROW_QPOS(mf, h));
+#endif
+            const int lim = last - (t0 + warp_kv * KVW + 2 * (lane & 3));
+#pragma unroll
+            for (int nf = 0; nf < NF; nf++) {
+              if (nf * 8 > lim) s[mf][nf][2 * h] = KV_NEG_INF;
+              if (nf * 8 + 1 > lim) s[mf][nf][2 * h + 1] = KV_NEG_INF;
+            }
+          }
+      } else if (need_mask) {
 #pragma unroll
         for (int mf = 0; mf < MF; mf++)
 #pragma unroll
@@ -457,32 +527,48 @@ prefill_kernel(const struct prefill_params p) {
             }
       }
 
-      /* ---- online softmax: rows are shared by the 4 lanes of a quad */
+      /* ---- online softmax (rows are shared by the 4 lanes of a quad). The running max m is raised
+       * only when some row of the warp has grown past it by more than RESCALE_SLACK (log2 units);
+       * otherwise the stale max stays, the exponents stay below 2^RESCALE_SLACK and the rescale of
+       * O is skipped. Exact either way: o, d and m always describe the same scaled sums. */
+      float mx[MF][2];
+      bool grow = false;
 #pragma unroll
       for (int mf = 0; mf < MF; mf++)
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-#if FOLD_SCALE
-          float mx = KV_NEG_INF;
-#else
-          float mx = m[mf][h];
-#endif
+          float v = fmaxf(s[mf][0][2 * h], s[mf][0][2 * h + 1]);
 #pragma unroll
-          for (int nf = 0; nf < NF; nf++) mx = fmaxf(mx, fmaxf(s[mf][nf][2 * h], s[mf][nf][2 * h + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          for (int nf = 1; nf < NF; nf++) v = fmaxf(v, fmaxf(s[mf][nf][2 * h], s[mf][nf][2 * h + 1]));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+          v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 #if FOLD_SCALE
-          mx = fmaxf(mx * scale_log2, m[mf][h]); /* -inf stays -inf */
+          v *= scale_log2; /* sm_scale > 0: -inf stays -inf */
 #endif
-          const float m_use = mx == KV_NEG_INF ? 0.f : mx; /* a row masked so far stays exactly 0 */
-          const float corr = fast_exp2(m[mf][h] - m_use);
-          m[mf][h] = mx;
-          d[mf][h] *= corr;
+          mx[mf][h] = v;
+          grow |= v > m[mf][h] + RESCALE_SLACK;
+        }
+      if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-          for (int df = 0; df < DF; df++) {
-            o[mf][df][2 * h] *= corr;
-            o[mf][df][2 * h + 1] *= corr;
+        for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            const float mn = fmaxf(m[mf][h], mx[mf][h]);
+            const float corr = fast_exp2(m[mf][h] - (mn == KV_NEG_INF ? 0.f : mn)); /* m = -inf: 0 */
+            m[mf][h] = mn;
+            d[mf][h] *= corr;
+#pragma unroll
+            for (int df = 0; df < DF; df++) {
+              o[mf][df][2 * h] *= corr;
+              o[mf][df][2 * h + 1] *= corr;
+            }
           }
+      }
+#pragma unroll
+      for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const float m_use = m[mf][h] == KV_NEG_INF ? 0.f : m[mf][h]; /* a row masked so far stays exactly 0 */
 #pragma unroll
           for (int nf = 0; nf < NF; nf++) {
 #if FOLD_SCALE
@@ -511,7 +597,7 @@ prefill_kernel(const struct prefill_params p) {
 #pragma unroll
         for (int db = 0; db < HEAD_DIM / 16; db++) {
           u32 b[4];
-          ldmatrix_x4_trans(b, sv + swz(warp_kv * KVW + kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), db * 2 + (lane >> 4)));
+          ldsm_x4_t(b, vbuf + FRAG(vb_base, db) + kb * 16 * HEAD_DIM * 2);
 #pragma unroll
           for (int mf = 0; mf < MF; mf++) {
             mma16816(o[mf][2 * db], a[mf], b);

@@ -74,15 +74,15 @@ static int kind_kv_tile(int kind, int head_dim) {
   if (kind == 2 && warps128_for(head_dim) == 4 && t > 64) t = 64;
   return t;
 }
-static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 0, 0, 1); }
+static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
 }
 static int smem_for(int kind, int head_dim, int rope) {
   int q = prefill_tile_rows[kind], kt = kind_kv_tile(kind, head_dim);
-  /* Q, two (K, V) buffers, three row-table slots of (K offset, V offset, position) */
-  int bytes = (q + 4 * kt) * head_dim * 2 + 3 * kt * (8 + 8 + 4) + (rope ? q * 4 : 0);
+  /* Q, two (K, V) buffers, three row-table slots of (K offset, V offset, position, bytes) */
+  int bytes = (q + 4 * kt) * head_dim * 2 + 3 * kt * (8 + 8 + 4 + 4) + (rope ? q * 4 : 0);
   if (kind == 0) { /* the cross-warp merge reuses K/V: 4 warps x (o, m, d) of 16 rows */
     int merge = q * head_dim * 2 + 4 * q * (head_dim + 2) * 4;
     if (merge > bytes) bytes = merge;
