@@ -1,19 +1,127 @@
 #!/bin/bash
-# gpu-final.sh - the decode and prefill device checks in ONE call (a session's last device time):
-# decode's scripts/gpu-check.sh (build, GPU tests, sanitizer, the side-by-side decode benchmark), then
-# prefill's scripts/gpu-check-prefill.sh (its GPU tests, sanitizer, a kvattn-only quick benchmark; the
-# peers' prefill figures come from its own earlier run). Needs .whl carried. About 8 minutes.
+# gpu-final.sh - every GPU check of kvattn in ONE device call of under 10 minutes (a session's last
+# device time): FlashInfer's JIT compiles (decode and prefill modules) start in the background first;
+# then the build, the decode and prefill GPU test suites against the float64 reference (run side by
+# side), compute-sanitizer memcheck and racecheck on small cases of both families, the side-by-side
+# decode benchmark (bench/decode.py: kvattn, FlashInfer, Triton, copy bandwidth) and the side-by-side
+# prefill benchmark (bench/prefill.py: kvattn, FlashInfer fa2/fa3, PyTorch SDPA). A summary table is
+# printed last. Needs .whl (FlashInfer's wheels) carried.
 #   OUT=... bash scripts/gpu-final.sh
-# Returns 5 files: decode/{console.log,decode.json,logs.tgz}, prefill/{logs.tgz,prefill-*.json}.
+# Returns: decode.json, prefill-*.json, console.log, logs.tgz under $OUT.
+# Phase limits (seconds, environment): TEST_TIMEOUT 170, SAN_TIMEOUT 60 (per run), DECODE_BENCH 150,
+# and the prefill benchmark gets what is left of DEADLINE (560), at least 60.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-final}
-mkdir -p "$OUT/decode" "$OUT/prefill"
+L=$OUT/logs
+mkdir -p "$L"
+exec > >(tee -a "$OUT/console.log") 2>&1
+export KVATTN_CACHE_DIR=/tmp/kvattn-cache PYTHONUNBUFFERED=1 PATH=$PATH:/usr/local/cuda/bin
+export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache MAX_JOBS=8
+declare -A R
+ORDER=()
+result() { R[$1]=$2; ORDER+=("$1"); }
 t0=$(date +%s)
-echo "################ decode"
-OUT=$OUT/decode DEADLINE=${DECODE_DEADLINE:-250} bash scripts/gpu-check.sh --no-other-tests; rc_decode=$?
-echo "################ prefill ($(( $(date +%s) - t0 )) s)"
-OUT=$OUT/prefill DEADLINE=${PREFILL_DEADLINE:-220} TEST_TIMEOUT=130 SAN_TIMEOUT=40 \
-  bash scripts/gpu-check-prefill.sh --no-peers --quick-bench; rc_prefill=$?
-echo "################ done ($(( $(date +%s) - t0 )) s): decode rc=$rc_decode, prefill rc=$rc_prefill; files:"
-find "$OUT" -type f | sed "s|$OUT/||"
+phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
+
+phase device
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
+
+phase "peers: wheels, FlashInfer JIT in the background"
+DW= PW=
+if ls .whl/*.whl >/dev/null 2>&1 &&
+   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+     >"$L/pip.log" 2>&1; then
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  (timeout 200 python3 bench/decode.py --warmup-peers >"$L/peer_warmup_decode.log" 2>&1) &
+  DW=$!
+  (KVATTN_LIBRARY=/nonexistent timeout 330 python3 bench/prefill.py --warmup-peers >"$L/peer_warmup_prefill.log" 2>&1) &
+  PW=$!
+else
+  echo "FlashInfer wheels missing or not installable"; tail -5 "$L/pip.log" 2>/dev/null
+fi
+
+phase build
+if cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$L/build.log" 2>&1 &&
+   cmake --build build-gpu -j"$(nproc)" >>"$L/build.log" 2>&1; then
+  result build ok
+else
+  result build FAIL; tail -40 "$L/build.log"
+fi
+DEC=build-gpu/test_gpu_decode PRE=build-gpu/test_gpu_prefill RT=build-gpu/test_gpu_runtime
+
+if [ "${R[build]}" = ok ]; then
+  phase "GPU tests (decode, prefill, runtime side by side)"
+  TT=${TEST_TIMEOUT:-170}
+  timeout $TT "$DEC" >"$L/decode_test.log" 2>&1 & d=$!
+  timeout $TT "$PRE" >"$L/prefill_test.log" 2>&1 & p=$!
+  timeout $TT "$RT" >"$L/runtime_test.log" 2>&1 & r=$!
+  wait $d && result decode_tests ok || result decode_tests "FAIL (decode_test.log)"
+  wait $p && result prefill_tests ok || result prefill_tests "FAIL (prefill_test.log)"
+  wait $r && result runtime_tests ok || result runtime_tests "FAIL (runtime_test.log)"
+  for f in decode prefill runtime; do echo "--- $f"; grep -E "passed|FAIL|CHECK|graph|failed" "$L/${f}_test.log" | tail -12; done
+  ./build-gpu/test_plan_decode 2>&1 | grep -E "plan_decode|heavy|passed" | tail -3
+
+  phase compute-sanitizer
+  ST=${SAN_TIMEOUT:-60}
+  san() { # tool binary test
+    KVATTN_GPU_TEST_SCALE=0 timeout $ST compute-sanitizer --tool $1 --error-exitcode 9 "$2" "$3" >"$L/$1_$(basename $2)_$3.log" 2>&1
+    local rc=$?
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed" "$L/$1_$(basename $2)_$3.log" | sed "s/^/$1 $3: /" | tail -2
+    [ $rc = 0 ] || tail -15 "$L/$1_$(basename $2)_$3.log"
+    return $rc
+  }
+  if command -v compute-sanitizer >/dev/null; then
+    ok=1
+    san memcheck "$DEC" decode_small_cases & a=$!
+    san memcheck "$PRE" ragged_and_block_sparse & b=$!
+    san memcheck "$PRE" split_kv & c=$!
+    wait $a || ok=0; wait $b || ok=0; wait $c || ok=0
+    san memcheck "$DEC" merge_states & a=$!
+    san memcheck "$DEC" append_paged_kv & b=$!
+    wait $a || ok=0; wait $b || ok=0
+    [ $ok = 1 ] && result memcheck ok || result memcheck FAIL
+    ok=1
+    san racecheck "$DEC" decode_small_cases & a=$!
+    san racecheck "$PRE" tiny_grid & b=$!
+    wait $a || ok=0; wait $b || ok=0
+    [ $ok = 1 ] && result racecheck ok || result racecheck FAIL
+  else
+    result memcheck "FAIL (compute-sanitizer missing)"
+  fi
+
+  export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
+  phase "decode benchmark"
+  [ -n "$DW" ] && { wait $DW; tail -2 "$L/peer_warmup_decode.log"; }
+  if timeout ${DECODE_BENCH:-150} python3 bench/decode.py --json "$OUT/decode.json" 2>&1 | tee "$L/decode_bench.log"; then
+    result decode_bench ok
+  else
+    result decode_bench "cut or failed (rows so far are in decode.json)"
+  fi
+
+  phase "prefill benchmark"
+  FI=""
+  if [ -n "$PW" ]; then
+    wait $PW; tail -8 "$L/peer_warmup_prefill.log"
+    for be in fa2 fa3; do
+      [ "$(grep -c "^flashinfer $be .* ready" "$L/peer_warmup_prefill.log")" -ge 4 ] && FI="$FI${FI:+,}$be"
+    done
+  fi
+  echo "FlashInfer prefill backends ready: ${FI:-none}"
+  left=$(( ${DEADLINE:-560} - ($(date +%s) - t0) ))
+  [ $left -lt 60 ] && left=60
+  if timeout $left python3 bench/prefill.py --out "$OUT" --fi-backends "$FI" 2>&1 | tee "$L/prefill_bench.log"; then
+    result prefill_bench ok
+  else
+    result prefill_bench "cut at ${left}s or failed (rows so far are in prefill-*.json)"
+  fi
+fi
+
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"
+phase summary
+echo "| step | result |"
+echo "|---|---|"
+for k in "${ORDER[@]}"; do echo "| $k | ${R[$k]} |"; done
+bad=0
+for k in "${ORDER[@]}"; do case "${R[$k]}" in ok) ;; *) bad=1 ;; esac; done
+exit $bad
