@@ -167,9 +167,9 @@ def run_sdpa(w, t, backend):
     return fn, out
 
 
-# kernel shapes the sweep tries, one change at a time from the default (64, 4, 1, 0): (KV tile,
-# warps of the 128-row query tile, cross-item prefetch, scale folded into the exponent)
-SWEEP = ((64, 4, 0, 0), (64, 4, 1, 1), (32, 4, 1, 0), (64, 8, 1, 0), (128, 8, 1, 0))
+# kernel shapes the sweep tries, one change at a time from the default (KV tile 64, 4 warps of the
+# 128-row query tile, scale folded into the exponent): (KV tile, warps, fold)
+SWEEP = ((64, 4, 0), (32, 4, 1), (64, 8, 1), (128, 8, 1))
 
 
 def with_env(env, fn):
@@ -277,11 +277,11 @@ def main():
             t = w.tensors(P)
             ref = None
             subjects = [("kvattn", lambda: run_kvattn(w, t, fmt, P))]
-            for tile, warps, pf, fold in SWEEP if args.sweep and fmt != "paged1" and w.causal else ():
-                subjects.append(("kvattn_kt%d_w%d_pf%d_f%d" % (tile, warps, pf, fold),
-                                 lambda tile=tile, warps=warps, pf=pf, fold=fold: with_env(
+            for tile, warps, fold in SWEEP if args.sweep and fmt != "paged1" and w.causal else ():
+                subjects.append(("kvattn_kt%d_w%d_f%d" % (tile, warps, fold),
+                                 lambda tile=tile, warps=warps, fold=fold: with_env(
                                      {"KVATTN_PREFILL_KV_TILE": str(tile), "KVATTN_PREFILL_WARPS128": str(warps),
-                                      "KVATTN_PREFILL_PREFETCH": str(pf), "KVATTN_PREFILL_FOLD": str(fold)},
+                                      "KVATTN_PREFILL_FOLD": str(fold)},
                                      lambda: run_kvattn(w, t, fmt, P))))
             if args.sweep and w.name.startswith("append") and fmt == "paged16":
                 # split-KV: off, and coarser chunks than the default 256 tokens
