@@ -99,6 +99,11 @@
 #define DECODE_PIPE 1
 #endif
 #define PIPE_IDS (DECODE_TC && DECODE_PIPE)
+/* PIPE_IDS: at an item's end, refill the stage before the item's partial state is written and merged
+ * (1), or after (0; A/B runs) */
+#ifndef DECODE_EARLY_REFILL
+#define DECODE_EARLY_REFILL 1
+#endif
 #define ID_SLOTS (2 * STAGES)        /* id ring: a slot is rewritten only after every thread read it */
 #define ID_SLOT TILE                 /* ids one tile spans: TILE for page_size 1, <= TILE/2 + 1 above */
 /* split pieces whose partial states the merging CTA loads at once (registers: 5 per piece); the
@@ -146,7 +151,6 @@ struct decode_params {
   int page_size;
   int page_shift;           /* log2(page_size) when a power of two, else -1 */
   int kv_same_strides;      /* 1: V's (page, token, head) strides equal K's: one offset serves both */
-  const struct decode_item *cta_first; /* [grid] a copy of each CTA's first item */
 };
 
 /* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
@@ -167,15 +171,14 @@ static __device__ __forceinline__ struct decode_item load_item(const struct deco
   return r;
 }
 
-/* The CTA's range of items and its first item: three independent loads (the first item is copied
- * per CTA by the planner), so the page ids, then K/V, are the only dependent loads before the
- * first tile. */
 static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p) {
   ti->item = p.cta_indptr[blockIdx.x];
   ti->item_end = p.cta_indptr[blockIdx.x + 1];
-  ti->it = load_item(p.cta_first, blockIdx.x);
-  ti->tok = ti->it.tok_start;
   ti->first = 1;
+  if (ti->item < ti->item_end) {
+    ti->it = load_item(p.items, ti->item);
+    ti->tok = ti->it.tok_start;
+  }
 }
 static __device__ __forceinline__ int iter_valid(const struct tile_iter *ti) { return ti->item < ti->item_end; }
 static __device__ __forceinline__ int iter_last(const struct tile_iter *ti) { return ti->tok + TILE >= ti->it.tok_end; }
@@ -354,6 +357,23 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
     }
   }
 }
+
+/* Refill ring stage `stage` with the K/V loader's next tile, stage the ids of the tile STAGES further
+ * on, and close the commit group (one per consumed tile). */
+static __device__ __forceinline__ void refill(const struct decode_params &p, struct tile_iter *ld, struct tile_iter *idl,
+                                              int *ld_slot, int *id_slot, int *ids, u16 *ring, int stage) {
+  if (iter_valid(ld)) {
+    issue_tile_ids(p, ld, ids + *ld_slot * ID_SLOT, ring, stage);
+    iter_next(ld, p);
+  }
+  *ld_slot = *ld_slot + 1 == ID_SLOTS ? 0 : *ld_slot + 1;
+  if (iter_valid(idl)) {
+    issue_ids(p, idl, ids + *id_slot * ID_SLOT);
+    iter_next(idl, p);
+  }
+  *id_slot = *id_slot + 1 == ID_SLOTS ? 0 : *id_slot + 1;
+  cp_async_commit();
+}
 #endif
 
 #if ROPE
@@ -420,19 +440,7 @@ decode_paged_kernel(const struct decode_params p) {
   cp_async_wait<0>();
   __syncthreads(); /* the first tiles' ids, from every thread's copies */
 #pragma unroll
-  for (int s = 0; s < STAGES; s++) {
-    if (iter_valid(&ld)) {
-      issue_tile_ids(p, &ld, ids + ld_slot * ID_SLOT, ring, s);
-      iter_next(&ld, p);
-    }
-    ld_slot = ld_slot + 1 == ID_SLOTS ? 0 : ld_slot + 1;
-    if (iter_valid(&idl)) {
-      issue_ids(p, &idl, ids + id_slot * ID_SLOT);
-      iter_next(&idl, p);
-    }
-    id_slot = id_slot + 1 == ID_SLOTS ? 0 : id_slot + 1;
-    cp_async_commit();
-  }
+  for (int s = 0; s < STAGES; s++) refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, s);
 #else
   i64 page[TPG]; /* the ids of the loader's next tile */
   int off[TPG];
@@ -727,6 +735,12 @@ decode_paged_kernel(const struct decode_params p) {
       }
 #endif
       __syncthreads();
+#if PIPE_IDS && DECODE_EARLY_REFILL
+      /* every warp is past its last read of this stage: refill it before this item's partial state
+       * is written and merged (a fence, an atomic, the merge's loads), so the next tiles' loads are in
+       * flight meanwhile rather than after */
+      refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, stage);
+#endif
       const struct decode_item it = cs.it;
       const int split = it.split;
       int2 sp = make_int2(1, 0);
@@ -831,23 +845,15 @@ decode_paged_kernel(const struct decode_params p) {
         }
       }
       __syncthreads(); /* the reduction area is reused by the next item */
+#if PIPE_IDS && !DECODE_EARLY_REFILL
+      refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, stage);
+#endif
     }
-
 #if PIPE_IDS
-    /* refill this stage once every warp is done with it (an item's end already ended in a barrier),
-     * and stage the ids of the tile STAGES further on */
-    if (!iter_last(&cs)) __syncthreads();
-    if (iter_valid(&ld)) {
-      issue_tile_ids(p, &ld, ids + ld_slot * ID_SLOT, ring, stage);
-      iter_next(&ld, p);
+    else {
+      __syncthreads(); /* every warp is done with this stage: refill it */
+      refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, stage);
     }
-    ld_slot = ld_slot + 1 == ID_SLOTS ? 0 : ld_slot + 1;
-    if (iter_valid(&idl)) {
-      issue_ids(p, &idl, ids + id_slot * ID_SLOT);
-      iter_next(&idl, p);
-    }
-    id_slot = id_slot + 1 == ID_SLOTS ? 0 : id_slot + 1;
-    cp_async_commit();
 #endif
     iter_next(&cs, p);
     stage = stage + 1 == STAGES ? 0 : stage + 1;

@@ -47,7 +47,6 @@ typedef struct decode_params {
   int32_t page_size;
   int32_t page_shift;
   int32_t kv_same_strides;
-  const void *cta_first;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -87,6 +86,8 @@ static int decode_ctas_per_sm(void) { return env_int("KVATTN_DECODE_CTAS_PER_SM"
 /* The tensor-core path's loader: 1 = page ids staged in shared memory STAGES tiles ahead and STAGES
  * tiles in flight (kernels/decode_paged.cu, DECODE_PIPE); 0 = the earlier one (A/B runs). */
 static int decode_pipe(int tc) { return tc ? env_int("KVATTN_DECODE_PIPE", 1, 0, 1) : 0; }
+/* ... and where it refills at an item's end: 1 = before the item's partial state is written and merged */
+static int decode_early_refill(void) { return env_int("KVATTN_DECODE_EARLY_REFILL", 1, 0, 1); }
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
@@ -141,10 +142,11 @@ static kvattn_status decode_supported(const kvattn_attention_desc *d) {
 static void decode_defines(const decode_config *c, const kvattn_attention_desc *d, int stages, char *out, size_t size) {
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
-           "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d",
+           "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
+           "-DDECODE_EARLY_REFILL=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)));
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill());
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
@@ -290,7 +292,6 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
   const CUdeviceptr w = ga->ws_device;
   const decode_layout *l = &ga->lay;
   p.cta_indptr = (const int32_t *)(uintptr_t)(w + l->cta_indptr);
-  p.cta_first = (const void *)(uintptr_t)(w + l->cta_first);
   p.items = (const void *)(uintptr_t)(w + l->items);
   p.splits = (const void *)(uintptr_t)(w + l->splits);
   p.counters = (int32_t *)(uintptr_t)(w + l->counters);

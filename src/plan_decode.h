@@ -61,8 +61,6 @@ typedef struct decode_layout {
   size_t counters;      /* int32 [max_splits], zero at every upload */
   size_t splits;        /* decode_split [max_splits] */
   size_t cta_indptr;    /* int32 [grid + 1] */
-  size_t cta_first;     /* decode_item [grid]: a copy of each CTA's first item (zeros for an empty CTA), so
-                           the kernel loads it together with cta_indptr instead of after it */
   size_t rope_freq;     /* float [head_dim / 2] */
   size_t alibi;         /* float [num_qo_heads] */
   size_t items;         /* decode_item [max_items] */

@@ -110,14 +110,6 @@ static int verify(const planned *p, const batch *b, int64_t *max_cost_out) {
   if (cta[0] != 0 || cta[c->grid] != n) FAIL("cta_indptr ends %d..%d, items %lld", cta[0], cta[c->grid], (long long)n);
   for (int bi = 0; bi < c->grid; bi++)
     if (cta[bi + 1] < cta[bi]) FAIL("cta_indptr decreases at %d", bi);
-  /* each CTA's first item is also copied to cta_first (the kernel loads it with cta_indptr) */
-  const decode_item *first = (const decode_item *)(base + l->cta_first);
-  static const decode_item zero_item;
-  for (int bi = 0; bi < c->grid; bi++) {
-    const decode_item *want = cta[bi] < cta[bi + 1] ? &it[cta[bi]] : &zero_item;
-    if (memcmp(&first[bi], want, sizeof *want)) FAIL("cta_first[%d] differs from its CTA's first item", bi);
-  }
-  if (l->cta_first + (size_t)c->grid * sizeof(decode_item) > l->items) FAIL("cta_first is not uploaded with the items");
   if (p->st.splits > l->max_splits || p->st.slots > l->max_slots) FAIL("splits/slots over the layout");
   for (int64_t s = 0; s < l->max_splits; s++)
     if (counters[s] != 0) FAIL("counter %lld not zero", (long long)s);
