@@ -325,6 +325,9 @@ prefill_kernel(const struct prefill_params p) {
   __shared__ struct prefill_item s_item;
   const struct prefill_item &it = s_item;
   for (int item_i = item_begin; item_i < item_end; item_i++) {
+    /* An item without KV tiles waits for its Q copies nowhere else: they must land before this
+     * item's copies target the same buffer (racecheck: write-after-write through cp.async). */
+    cp_async_wait<0>();
     __syncthreads(); /* the previous item is done with every shared buffer */
     if (tid == 0) s_item = load_item(p.lists, items_off, item_i);
     __syncthreads();
