@@ -799,6 +799,11 @@ TEST(one_captured_graph_replays_50_random_batches) {
     }
     cu.cuMemsetD8(dout, 0xFF, (size_t)maxB * qo_heads * hd * 2);
     cu.cuMemsetD8(dout2, 0xFF, (size_t)maxB * qo_heads * hd * 2);
+    /* The uploads above (pageable memory: the call may return before the DMA lands) and the memsets
+     * ran on the legacy stream, which a non-blocking stream does not wait for: without this, the
+     * replay can read the previous step's q or page ids (seen on an H200 with other GPU work beside:
+     * step 37 read stale inputs, 1.8e-2 off, while the eager run after it was right). */
+    CHECK(cu.cuCtxSynchronize() == 0);
     CHECK(cu.cuGraphLaunch(exec, stream) == 0);
     CHECK_OK(kvattn_run(a, &q, &kv, NULL, &oe, NULL, stream)); /* eager, same plan */
     CHECK(cu.cuStreamSynchronize(stream) == 0);
