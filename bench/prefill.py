@@ -256,14 +256,14 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
-    res = {"date": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"),
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
     try:
         import flashinfer
         res["flashinfer"] = flashinfer.__version__
     except Exception as e:  # noqa: BLE001
         res["flashinfer"] = "unavailable: %r" % (e,)
-    stamp = datetime.datetime.utcnow().strftime("%Y%m%d-%H%M")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M")
     path = os.path.join(args.out, "prefill-%s.json" % stamp)
     ceil = bf16_ceiling()
     res["bf16_mm_TFLOPs"] = ceil
