@@ -66,21 +66,13 @@ static int kv_tile_for(int head_dim) {
 static int warps128_for(int head_dim) {
   return env_int("KVATTN_PREFILL_WARPS128", head_dim > 128 ? 8 : 4, 4, 8) == 8 || head_dim > 128 ? 8 : 4;
 }
-/* The 16-row kind splits every KV tile over its 4 warps (16 columns each): its tile is 64. */
-static int kind_kv_tile(int kind, int head_dim) {
-  if (kind == 0) return 64;
-  int t = kv_tile_for(head_dim);
-  /* two row fragments per warp hold 2 x (head_dim + KV tile) / 2 accumulators: 64 at most */
-  if (kind == 2 && warps128_for(head_dim) == 4 && t > 64) t = 64;
-  return t;
-}
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
 }
-static int smem_for(int kind, int head_dim, int rope) {
-  int q = prefill_tile_rows[kind], kt = kind_kv_tile(kind, head_dim);
+static int smem_with_tile(int kind, int head_dim, int rope, int kt) {
+  int q = prefill_tile_rows[kind];
   /* Q, two (K, V) buffers, three row-table slots of (K offset, V offset, position, bytes) */
   int bytes = (q + 4 * kt) * head_dim * 2 + 3 * kt * (8 + 8 + 4 + 4) + (rope ? q * 4 : 0);
   if (kind == 0) { /* the cross-warp merge reuses K/V: 4 warps x (o, m, d) of 16 rows */
@@ -89,11 +81,38 @@ static int smem_for(int kind, int head_dim, int rope) {
   }
   return bytes;
 }
-/* Resident CTAs per SM the grid assumes (registers: ~128-255 per thread; shared memory). A
- * wrong guess only costs balance: the CTAs of a persistent grid beyond residency wait. */
-static int ctas_per_sm(int kind, int head_dim, int rope, int smem_per_sm) {
-  int by_regs = kind == 0 ? 4 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (warps128_for(head_dim) == 8 ? 1 : 2);
-  int by_smem = smem_per_sm / (smem_for(kind, head_dim, rope) + 1024);
+/* CTAs per SM the registers allow (~128-255 per thread) */
+static int ctas_by_regs(int kind, int head_dim) {
+  return kind == 0 ? 4 : kind == 1 ? (head_dim > 128 ? 2 : 3) : (warps128_for(head_dim) == 8 ? 1 : 2);
+}
+/* A block's static shared memory beside the dynamic part (the item descriptor), with slack. */
+enum { PREFILL_STATIC_SMEM = 256 };
+/* The KV tile of a tile kind on a device whose blocks may use `optin` bytes of shared memory. The
+ * 16-row kind splits every KV tile over its 4 warps (16 columns each): its tile is 64. Otherwise the
+ * configured tile, halved (down to 16) while the double-buffered tiles do not fit a block (sm_86 and
+ * sm_89 allow 99 KB: the 128-row head_dim-128 tile takes 32 there) and, for the 128-row kind, while
+ * they would leave fewer CTAs per SM than the registers allow (an A100's 164 KB holds two 128-row
+ * CTAs with tile 32, one with 64; an H100/H200 holds two with 64). */
+static int kind_kv_tile(int kind, int head_dim, int rope, int optin) {
+  if (kind == 0) return 64;
+  int t = kv_tile_for(head_dim);
+  /* two row fragments per warp hold 2 x (head_dim + KV tile) / 2 accumulators: 64 at most */
+  if (kind == 2 && warps128_for(head_dim) == 4 && t > 64) t = 64;
+  while (t > 16 && smem_with_tile(kind, head_dim, rope, t) + PREFILL_STATIC_SMEM > optin) t /= 2;
+  if (kind == 2)
+    while (t > 32 && (optin + 1024) / (smem_with_tile(kind, head_dim, rope, t) + 1024) < ctas_by_regs(kind, head_dim) &&
+           (optin + 1024) / (smem_with_tile(kind, head_dim, rope, t / 2) + 1024) >= ctas_by_regs(kind, head_dim))
+      t /= 2;
+  return t;
+}
+static int smem_for(int kind, int head_dim, int rope, int optin) {
+  return smem_with_tile(kind, head_dim, rope, kind_kv_tile(kind, head_dim, rope, optin));
+}
+/* Resident CTAs per SM the grid assumes (registers; shared memory). A wrong guess only costs
+ * balance: the CTAs of a persistent grid beyond residency wait. */
+static int ctas_per_sm(int kind, int head_dim, int rope, int optin) {
+  int by_regs = ctas_by_regs(kind, head_dim);
+  int by_smem = (optin + 1024) / (smem_for(kind, head_dim, rope, optin) + 1024);
   int n = by_regs < by_smem ? by_regs : by_smem;
   return n < 1 ? 1 : n;
 }
@@ -118,7 +137,7 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   c->num_kv_heads = d->num_kv_heads;
   c->num_qo_heads = d->num_qo_heads;
   c->head_dim = d->head_dim;
-  c->kv_tile = kv_tile_for(d->head_dim);
+  c->kv_tile = kind_kv_tile(2, d->head_dim, d->rope, g->max_smem_per_block_optin);
   c->causal = d->causal;
   c->window_left = d->window_left;
   c->disable_split = d->disable_split_kv;
@@ -129,10 +148,9 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   c->max_qo_tokens = b->max_qo_tokens;
   c->max_kv_entries = b->max_kv_entries;
   int64_t packed_max = b->max_qo_tokens * c->group_size;
-  int smem_sm = g->max_smem_per_block_optin + 1024;
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     reachable[k] = k == 0 || packed_max > (k == 1 ? 16 : 64);
-    c->grid[k] = g->sm_count * ctas_per_sm(k, d->head_dim, d->rope, smem_sm);
+    c->grid[k] = g->sm_count * ctas_per_sm(k, d->head_dim, d->rope, g->max_smem_per_block_optin);
     /* tests: a tiny grid puts many items on each CTA (cross-item prefetch, long CTA lists) */
     c->grid[k] = env_int("KVATTN_PREFILL_GRID", c->grid[k], 1, 1 << 20);
   }
@@ -200,12 +218,12 @@ static void *compile_thread(void *arg) {
   return NULL;
 }
 
-static void make_defines(const kvattn_attention_desc *d, int group, int kind, char *out, size_t size) {
+static void make_defines(const kvattn_attention_desc *d, int group, int kind, int optin, char *out, size_t size) {
   int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DFOLD_SCALE=%d "
            "-DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
-           d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim), warps128_for(d->head_dim),
+           d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim, d->rope, optin), warps128_for(d->head_dim),
            fold_scale_on(), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
@@ -255,9 +273,9 @@ kvattn_status gpu_prefill_init(kvattn_attention *a) {
   int started[PREFILL_TILE_KINDS] = {0};
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     if (!p->reachable[k]) continue;
-    make_defines(d, p->cfg.group_size, k, p->defines[k], sizeof p->defines[k]);
+    make_defines(d, p->cfg.group_size, k, g->max_smem_per_block_optin, p->defines[k], sizeof p->defines[k]);
     p->threads[k] = threads_for(k, d->head_dim);
-    p->smem[k] = smem_for(k, d->head_dim, d->rope);
+    p->smem[k] = smem_for(k, d->head_dim, d->rope, g->max_smem_per_block_optin);
     jobs[k] = (compile_job){g, p->defines[k], p->smem[k], k == 0 ? &p->merge_fn : NULL, NULL, KVATTN_SUCCESS, ""};
     jobs[k].fn = &p->fn[k];
     if (k > 0 && pthread_create(&tid[k], NULL, compile_thread, &jobs[k]) == 0)
@@ -439,9 +457,12 @@ kvattn_status gpu_prefill_warmup(const kvattn_attention_desc *d, const char *arc
     clear_error();
     return KVATTN_SUCCESS;
   }
+  /* the shared memory per block the architecture allows decides the KV tiles, as on the device */
+  const int sm = atoi(arch + 3); /* "sm_NN[a]", checked by the caller */
+  const int optin = sm >= 90 ? 232448 : sm == 80 || sm == 87 ? 166912 : 101376;
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     char defines[512];
-    make_defines(d, d->num_qo_heads / d->num_kv_heads, k, defines, sizeof defines);
+    make_defines(d, d->num_qo_heads / d->num_kv_heads, k, optin, defines, sizeof defines);
     jit_spec spec = {"prefill.cu", defines, arch};
     void *cubin = NULL;
     size_t size = 0;
