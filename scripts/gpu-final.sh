@@ -91,6 +91,9 @@ if [ "${R[build]}" = ok ]; then
   export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
   phase "decode benchmark"
   [ -n "$DW" ] && { wait $DW; tail -2 "$L/peer_warmup_decode.log"; }
+  # FlashInfer's prefill compile (16 nvcc jobs) ran beside the decode benchmark in the 2026-12-02 run,
+  # and kvattn's decode rows read 2-9% slower than alone: let it finish first
+  [ -n "$PW" ] && { wait $PW; tail -8 "$L/peer_warmup_prefill.log"; }
   if timeout ${DECODE_BENCH:-140} python3 bench/decode.py --json "$OUT/decode.json" 2>&1 | tee "$L/decode_bench.log"; then
     result decode_bench ok
   else
@@ -100,7 +103,6 @@ if [ "${R[build]}" = ok ]; then
   phase "prefill benchmark"
   FI=""
   if [ -n "$PW" ]; then
-    wait $PW; tail -8 "$L/peer_warmup_prefill.log"
     for be in fa2 fa3; do
       [ "$(grep -c "^flashinfer $be .* ready" "$L/peer_warmup_prefill.log")" -ge 4 ] && FI="$FI${FI:+,}$be"
     done
