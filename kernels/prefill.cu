@@ -202,11 +202,11 @@ static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const int 
 #define SMEM_KV (KV_TILE * HEAD_DIM)
 
 /* ---- The K/V loader.
- * Every KV tile has a row table in shared memory, written one tile ahead of its copies by the
- * threads tid < KV_TILE (one row each): the byte offsets of the row's K and V, the bytes to read (16,
- * or 0 for a row past the data: zero-filled, nothing read) and the row's position (BSR, RoPE,
- * masks). The copies then cost table reads and a 64-bit add per 16 bytes: each thread owns chunk tid % CH of the rows
- * tid / CH + k * LD_RSTEP, so its swizzled destinations are constants. The page id of the row two
+ * Every KV tile has a row table in shared memory, written one iteration before its copies are
+ * issued, by the threads tid < KV_TILE (one row each): the byte offsets of the row's K and V, the
+ * bytes to read (16, or 0 for a row past the data: zero-filled, nothing read) and the row's position
+ * (BSR, RoPE, masks). A copy then costs two table reads and a 64-bit add per 16 bytes: each thread
+ * owns chunk tid % CH of the rows tid / CH + k * LD_RSTEP, so its swizzled destinations are constants. The page id of the row two
  * tiles ahead is loaded into a register one iteration before its table entry is written, so the
  * index walk (page_size 1: one id per row) stays off the critical path. Tables rotate over three
  * slots: tile t's is read by its copies (iteration t-1) and its masks (iteration t) while tile
@@ -241,8 +241,10 @@ static __device__ __forceinline__ void write_row_table(const struct prefill_para
     const long long gpos = p.bsr ? (long long)page * p.page_size + slot : (long long)j;
     /* block-sparse: the partial last block column holds no data past the limit (never read) */
     if (!p.bsr || gpos < p.kv_token_limit) {
-      ko = 2 * ((long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot + (long long)it.kv_head * p.k_stride_head);
-      vo = 2 * ((long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot + (long long)it.kv_head * p.v_stride_head);
+      ko = 2 * ((long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot +
+                (long long)it.kv_head * p.k_stride_head);
+      vo = 2 * ((long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot +
+                (long long)it.kv_head * p.v_stride_head);
       pos = (int)gpos;
       bytes = 16;
     }
@@ -271,7 +273,6 @@ static __device__ __forceinline__ void load_kv_tile(u32 kt, const char *kc, cons
     cp_async16_s(dst + SMEM_KV * 2, vc + tab_row[KV_TILE + k * LD_RSTEP], bytes);
   }
 }
-
 
 /* The item's Q tile, packed rows [row_start, row_start + CTA_Q), into a swizzled tile; rows past
  * the request's queries become zeros. */

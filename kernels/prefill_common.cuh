@@ -79,17 +79,6 @@ static __device__ __forceinline__ void page_split(const struct prefill_params &p
   }
 }
 
-/* The position of KV token j of the item (BSR: the global column; one at or past the data's end
- * reads as INT_MAX, masked like any position past the limit). Positions fit int32: kv_len and
- * num_cols are < 2^31. */
-static __device__ __forceinline__ int kv_position(const struct prefill_params &p, const struct prefill_item &it, int j) {
-  if (!p.bsr) return j;
-  int e, slot;
-  page_split(p, j, &e, &slot);
-  const long long pos = (long long)__ldg(p.indices + it.kv_entry + e) * p.page_size + slot;
-  return pos < p.kv_token_limit ? (int)pos : 0x7fffffff;
-}
-
 static __device__ __forceinline__ struct prefill_item load_item(const int *lists, int off, int i) {
   const int4 *src = (const int4 *)(lists + off) + (i64)i * 4;
   int4 a = __ldg(src), b = __ldg(src + 1), c = __ldg(src + 2);
