@@ -458,6 +458,28 @@ TEST(warmup_compiles_the_three_tile_kinds_then_hits_the_cache) {
   CHECK(n == 0);
 }
 
+TEST(warmup_compiles_the_kv_tiles_smaller_shared_memory_picks) {
+  /* sm_86/sm_89 blocks get 99 KB of shared memory, sm_80 164 KB: the 128-row tile takes KV tiles of
+   * 32 (head_dim 128) and 16 (head_dim 256) there, specializations no sm_90a attention compiles */
+  if (jit_nvrtc_load(NULL, 0) != KVATTN_SUCCESS) SKIP("no NVRTC: %s", kvattn_last_error());
+  char dir[64];
+  CHECK(fresh_cache(dir, sizeof dir));
+  const char *arches[] = {"sm_86", "sm_80"};
+  const int dims[] = {128, 256};
+  for (int a = 0; a < 2; a++)
+    for (int h = 0; h < 2; h++) {
+      kvattn_attention_desc in = KVATTN_ATTENTION_DESC_INIT, d;
+      in.num_qo_heads = 16, in.num_kv_heads = 4, in.head_dim = dims[h], in.causal = 1;
+      in.q_dtype = (DLDataType){kDLFloat, 16, 1};
+      CHECK_OK(desc_resolve(&in, &d));
+      int n = 0;
+      double sec = 0;
+      CHECK_MSG(gpu_prefill_warmup(&d, arches[a], dir, &n, &sec) == KVATTN_SUCCESS, "%s head_dim %d: %s", arches[a],
+                dims[h], kvattn_last_error());
+      CHECK(n == 3);
+    }
+}
+
 /* ---------------------------------------------------------------- the host path end to end, emulated
  *
  * gpu_prefill_init/plan/run under a recording driver: device memory is host memory, a launch is
