@@ -99,9 +99,10 @@ static int kind_kv_tile(int kind, int head_dim, int rope, int optin) {
   /* two row fragments per warp hold 2 x (head_dim + KV tile) / 2 accumulators: 64 at most */
   if (kind == 2 && warps128_for(head_dim) == 4 && t > 64) t = 64;
   while (t > 16 && smem_with_tile(kind, head_dim, rope, t) + PREFILL_STATIC_SMEM > optin) t /= 2;
+  const int per_sm = optin + 1024, want = ctas_by_regs(kind, head_dim);
   if (kind == 2)
-    while (t > 32 && (optin + 1024) / (smem_with_tile(kind, head_dim, rope, t) + 1024) < ctas_by_regs(kind, head_dim) &&
-           (optin + 1024) / (smem_with_tile(kind, head_dim, rope, t / 2) + 1024) >= ctas_by_regs(kind, head_dim))
+    while (t > 32 && per_sm / (smem_with_tile(kind, head_dim, rope, t) + 1024) < want &&
+           per_sm / (smem_with_tile(kind, head_dim, rope, t / 2) + 1024) >= want)
       t /= 2;
   return t;
 }
@@ -151,7 +152,7 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     reachable[k] = k == 0 || packed_max > (k == 1 ? 16 : 64);
     c->grid[k] = g->sm_count * ctas_per_sm(k, d->head_dim, d->rope, g->max_smem_per_block_optin);
-    /* tests: a tiny grid puts many items on each CTA (cross-item prefetch, long CTA lists) */
+    /* tests: a tiny grid puts many items on each CTA (long CTA lists through one pipeline) */
     c->grid[k] = env_int("KVATTN_PREFILL_GRID", c->grid[k], 1, 1 << 20);
   }
 }
