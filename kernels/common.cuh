@@ -90,10 +90,12 @@ static __device__ __forceinline__ u32 smem_addr(const void *p) {
 
 /* 16-byte global -> shared copy that bypasses L1. src_bytes 0 writes 16 zero bytes and reads
  * nothing: out-of-range rows become zeros, so 0 * garbage never reaches an accumulator. */
-static __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)),
-               "l"(gmem_src), "r"(src_bytes)
+static __device__ __forceinline__ void cp_async16_s(u32 smem_dst, const void *gmem_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_dst), "l"(gmem_src), "r"(src_bytes)
                : "memory");
+}
+static __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
+  cp_async16_s(smem_addr(smem_dst), gmem_src, src_bytes);
 }
 /* 4-byte global -> shared copy (through L1: 4 bytes is below .cg's 16). For gathers of int32 page
  * ids whose alignment is only 4 bytes. */
@@ -153,15 +155,21 @@ static __device__ __forceinline__ float fast_exp2(float x) {
 
 /* ldmatrix: four 8x8 16-bit tiles from shared memory; lane l gives the address of row l%8 of
  * tile l/8. */
-static __device__ __forceinline__ void ldmatrix_x4(u32 *r, const void *smem_row) {
+static __device__ __forceinline__ void ldsm_x4(u32 *r, u32 smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row)));
+               : "r"(smem_row));
 }
-static __device__ __forceinline__ void ldmatrix_x4_trans(u32 *r, const void *smem_row) {
+static __device__ __forceinline__ void ldsm_x4_t(u32 *r, u32 smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row)));
+               : "r"(smem_row));
+}
+/* The same through generic pointers. The 32-bit forms above let a kernel keep a per-thread base and
+ * add compile-time offsets, which the compiler folds into the instruction. */
+static __device__ __forceinline__ void ldmatrix_x4(u32 *r, const void *smem_row) { ldsm_x4(r, smem_addr(smem_row)); }
+static __device__ __forceinline__ void ldmatrix_x4_trans(u32 *r, const void *smem_row) {
+  ldsm_x4_t(r, smem_addr(smem_row));
 }
 static __device__ __forceinline__ void ldmatrix_x2(u32 *r, const void *smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];"
@@ -175,16 +183,17 @@ static __device__ __forceinline__ void ldmatrix_x2_trans(u32 *r, const void *sme
 }
 
 /* D = A * B + D, m16n8k16, fp32 accumulators. a: 4 regs (row-major 16x16), b: 2 regs (col-major
- * 16x8), d: 4 floats (rows lane/4 and lane/4+8, columns 2*(lane%4) and +1). */
+ * 16x8), d: 4 floats (rows lane/4 and lane/4+8, columns 2*(lane%4) and +1). Not volatile: a pure
+ * function of its registers, free to be scheduled among the shared-memory loads around it. */
 static __device__ __forceinline__ void mma_bf16_16816(float *d, const u32 *a, const u32 *b) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 static __device__ __forceinline__ void mma_f16_16816(float *d, const u32 *a, const u32 *b) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])

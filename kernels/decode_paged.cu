@@ -216,6 +216,33 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 #endif
 #define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES + SMEM_ID_BYTES)
 
+/* Token position `pos` of an item -> (its page's index from the item's first page, slot in the page);
+ * a shift for power-of-two page sizes. */
+static __device__ __forceinline__ int split_pos(const struct decode_params &p, int pos, int *slot) {
+  if (p.page_shift >= 0) {
+    *slot = pos & (p.page_size - 1);
+    return pos >> p.page_shift;
+  }
+  const int page_idx = pos / p.page_size;
+  *slot = pos - page_idx * p.page_size;
+  return page_idx;
+}
+
+/* Issue the query rows of an item's head block into a stage's query slot (padding rows: zeros). */
+static __device__ __forceinline__ void issue_q(const struct decode_params &p, const struct tile_iter *ti, u16 *sq,
+                                               int kv_head) {
+  const int hb = ti->it.unit_head % HEAD_BLOCKS;
+  for (int i = threadIdx.x; i < QROWS * TX; i += NUM_THREADS) {
+    const int g = i / TX, c = i % TX;
+    const int gi = hb * GH + g; /* head inside the group */
+    const int valid = g < GH && gi < GROUP_SIZE; /* padding rows are zeros */
+    const u16 *src = p.q;
+    if (valid)
+      src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
+    cp_async16(sq + g * ROW_ELEMS + c * VEC, src, valid ? 16 : 0);
+  }
+}
+
 /* The page ids of this thread's rows (tg + TG * j) of a tile. Loaded one tile ahead of their use
  * (the kernel calls this right after issuing a tile, for the next one), so the dependent id -> data
  * load never stalls the pipeline; all ids of a tile are in flight together. */
@@ -237,14 +264,7 @@ static __device__ __forceinline__ void load_ids(const struct decode_params &p, c
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
     const int pos = ti->tok + tg + TG * j;
-    int page_idx;
-    if (p.page_shift >= 0) {
-      page_idx = pos >> p.page_shift;
-      off[j] = pos & (p.page_size - 1);
-    } else {
-      page_idx = pos / p.page_size;
-      off[j] = pos - page_idx * p.page_size;
-    }
+    const int page_idx = split_pos(p, pos, &off[j]);
     const i64 entry = (i64)ti->it.page_base + page_idx;
     page[j] = 0;
     if (pos < ti->it.tok_end) page[j] = p.indices ? (i64)__ldg(p.indices + entry * p.indices_stride) : entry;
@@ -276,18 +296,7 @@ static __device__ __forceinline__ void issue_tile(const struct decode_params &p,
     cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
     cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
   }
-  if (ti->first) {
-    const int hb = ti->it.unit_head % HEAD_BLOCKS;
-    for (int i = tid; i < QROWS * TX; i += NUM_THREADS) {
-      const int g = i / TX, c = i % TX;
-      const int gi = hb * GH + g; /* head inside the group */
-      const int valid = g < GH && gi < GROUP_SIZE; /* padding rows are zeros */
-      const u16 *src = p.q;
-      if (valid)
-        src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
-      cp_async16(sq + g * ROW_ELEMS + c * VEC, src, valid ? 16 : 0);
-    }
-  }
+  if (ti->first) issue_q(p, ti, sq, kv_head);
 }
 
 #if PIPE_IDS
@@ -326,14 +335,8 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
     const int t = tg + TG * j;
     const int pos = ti->tok + t;
     const int valid = pos < ti->it.tok_end;
-    int page_idx, off;
-    if (p.page_shift >= 0) {
-      page_idx = pos >> p.page_shift;
-      off = pos & (p.page_size - 1);
-    } else {
-      page_idx = pos / p.page_size;
-      off = pos - page_idx * p.page_size;
-    }
+    int off;
+    const int page_idx = split_pos(p, pos, &off);
     const void *ksrc = p.k, *vsrc = p.v;
     if (valid) {
       const int page = p.indices ? slot[page_idx - first] : ti->it.page_base + page_idx;
@@ -344,18 +347,7 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
     cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
     cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
   }
-  if (ti->first) {
-    const int hb = ti->it.unit_head % HEAD_BLOCKS;
-    for (int i = tid; i < QROWS * TX; i += NUM_THREADS) {
-      const int g = i / TX, c = i % TX;
-      const int gi = hb * GH + g;
-      const int valid = g < GH && gi < GROUP_SIZE;
-      const u16 *src = p.q;
-      if (valid)
-        src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
-      cp_async16(sq + g * ROW_ELEMS + c * VEC, src, valid ? 16 : 0);
-    }
-  }
+  if (ti->first) issue_q(p, ti, sq, kv_head);
 }
 
 /* Refill ring stage `stage` with the K/V loader's next tile, stage the ids of the tile STAGES further

@@ -123,32 +123,12 @@
 /* Element (row, d) of a swizzled tile. */
 static __device__ __forceinline__ int swz(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3); }
 
-/* D += A * B, m16n8k16, fp32 accumulators. Not volatile: a pure function of its registers, so the
- * compiler may interleave it with the shared-memory loads of the next fragments. */
 static __device__ __forceinline__ void mma16816(float *d, const u32 *a, const u32 *b) {
 #if DTYPE == KV_BF16
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+  mma_bf16_16816(d, a, b);
 #else
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+  mma_f16_16816(d, a, b);
 #endif
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-/* Shared-memory operations on 32-bit shared addresses: a fragment's address is a per-thread base
- * plus a compile-time offset, which the compiler folds into the instruction. */
-static __device__ __forceinline__ void ldsm_x4(u32 *r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-static __device__ __forceinline__ void ldsm_x4_t(u32 *r, u32 addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-static __device__ __forceinline__ void cp_async16_s(u32 dst, const void *src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
 /* Swizzled fragment addresses. Chunk c of row r sits at chunk c ^ (r % 8). Every fragment a lane
