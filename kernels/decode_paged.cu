@@ -151,6 +151,13 @@ struct decode_params {
   int page_size;
   int page_shift;           /* log2(page_size) when a power of two, else -1 */
   int kv_same_strides;      /* 1: V's (page, token, head) strides equal K's: one offset serves both */
+  /* the narrow loader (PIPE_IDS): narrow = 1 when the host found K's and V's page and token strides,
+   * in bytes, >= 0 and < 2^31 (and page_size * token stride < 2^31) and there are page ids: a row's
+   * byte offset is then one 32 x 32 -> 64-bit multiply-add. tg_pages, tg_slots: TG / page_size and TG % page_size, the step
+   * from one of a thread's rows to its next (TG tokens on). */
+  int narrow;
+  int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
+  int tg_pages, tg_slots;
 };
 
 /* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
@@ -350,12 +357,59 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
   if (ti->first) issue_q(p, ti, sq, kv_head);
 }
 
+/* issue_tile_ids with fewer instructions per 16-byte copy (p.narrow): (page, slot) of a thread's first
+ * row from one split, then stepped by (tg_pages, tg_slots) per row instead of a shift or a division
+ * per row; each row's K and V byte offsets are one 32 x 32 -> 64-bit multiply-add each, on 32-bit
+ * strides, instead of 64 x 64-bit products for both and a select. */
+/* A 16-byte copy whose zero fill is a predicate (PTX ignore-src) rather than a source size: the
+ * predicate goes to LDGSTS as it is. */
+static __device__ __forceinline__ void decode_cp16_zfill(u32 smem_dst, const void *gmem_src, int valid) {
+  asm volatile("{\n .reg .pred ig;\n setp.eq.u32 ig, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, ig;\n}\n" ::"r"(
+                   smem_dst),
+               "l"(gmem_src), "r"((u32)valid)
+               : "memory");
+}
+
+static __device__ __forceinline__ void issue_tile_narrow(const struct decode_params &p, const struct tile_iter *ti,
+                                                         const int *slot, u16 *ring, int stage) {
+  const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+  const u32 sk = smem_addr(ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + tg * ROW_ELEMS + tx * VEC);
+  const u32 sv = sk + TILE * ROW_ELEMS * 2;
+  const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
+  const char *kb = (const char *)(p.k + (i64)kv_head * p.k_stride_head + tx * VEC);
+  const char *vb = (const char *)(p.v + (i64)kv_head * p.v_stride_head + tx * VEC);
+  const int left = ti->it.tok_end - ti->tok - tg; /* row j is valid while TG * j < left */
+  int off;
+  int page_idx = split_pos(p, ti->tok + tg, &off);
+  const int first = page_of(p, ti->tok); /* p.narrow implies p.indices */
+#pragma unroll
+  for (int j = 0; j < TPG; j++) {
+    const int valid = TG * j < left;
+    /* a row past the range's end copies 0 bytes: its address (page 0) is never read */
+    const unsigned page = valid ? (unsigned)slot[page_idx - first] : 0u;
+    const char *ksrc = kb + ((unsigned long long)page * (unsigned)p.k_page_bytes + (unsigned)(off * p.k_tok_bytes));
+    const char *vsrc = vb + ((unsigned long long)page * (unsigned)p.v_page_bytes + (unsigned)(off * p.v_tok_bytes));
+    decode_cp16_zfill(sk + TG * j * ROW_ELEMS * 2, ksrc, valid);
+    decode_cp16_zfill(sv + TG * j * ROW_ELEMS * 2, vsrc, valid);
+    off += p.tg_slots;
+    page_idx += p.tg_pages;
+    if (off >= p.page_size) {
+      off -= p.page_size;
+      page_idx++;
+    }
+  }
+  if (ti->first) issue_q(p, ti, ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + 2 * TILE * ROW_ELEMS, kv_head);
+}
+
 /* Refill ring stage `stage` with the K/V loader's next tile, stage the ids of the tile STAGES further
  * on, and close the commit group (one per consumed tile). */
 static __device__ __forceinline__ void refill(const struct decode_params &p, struct tile_iter *ld, struct tile_iter *idl,
                                               int *ld_slot, int *id_slot, int *ids, u16 *ring, int stage) {
   if (iter_valid(ld)) {
-    issue_tile_ids(p, ld, ids + *ld_slot * ID_SLOT, ring, stage);
+    if (p.narrow)
+      issue_tile_narrow(p, ld, ids + *ld_slot * ID_SLOT, ring, stage);
+    else
+      issue_tile_ids(p, ld, ids + *ld_slot * ID_SLOT, ring, stage);
     iter_next(ld, p);
   }
   *ld_slot = *ld_slot + 1 == ID_SLOTS ? 0 : *ld_slot + 1;
@@ -399,6 +453,27 @@ static __device__ __forceinline__ void store4(u16 *dst, float4 o) {
   }
 }
 
+/* Programmatic dependent launch (sm_90+; both are no-ops when the launch did not ask for it, and
+ * compiled out below sm_90). The host launches this kernel with programmatic stream serialization
+ * (src/gpu_attention.c, KVATTN_DECODE_PDL), so its CTAs may start while the kernel before it in the
+ * stream still runs: before pdl_wait() the kernel reads only its work lists (cta_indptr, items: written
+ * by plan's host-to-device copy, never by a kernel, and a copy in the stream is a full dependency) and
+ * writes nothing; q, K/V, the page ids, the outputs, the partial states and the split counters (all of
+ * which an earlier kernel may write or read) are touched only after it, when the earlier grid has
+ * completed and its writes are visible. pdl_launch_dependents() lets the next kernel's CTAs be
+ * scheduled as this grid's CTAs retire; it promises nothing about this kernel's writes (the next
+ * kernel's own wait covers those). */
+static __device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 decode_paged_kernel(const struct decode_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -410,10 +485,12 @@ decode_paged_kernel(const struct decode_params p) {
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
 
+  pdl_launch_dependents();
   struct tile_iter ld, cs; /* the loader runs STAGES-1 (PIPE_IDS: STAGES) tiles ahead of the consumer */
-  iter_begin(&ld, p);
+  iter_begin(&ld, p); /* the work lists only: safe before pdl_wait() */
   cs = ld;
   if (!iter_valid(&cs)) return;
+  pdl_wait(); /* from here on, the earlier kernel's writes (q, K/V, page ids, outputs, counters) are visible */
 
 #if PIPE_IDS
   /* the id loader runs STAGES tiles ahead of the K/V loader; tile m's ids live in slot m % ID_SLOTS */

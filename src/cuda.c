@@ -74,6 +74,8 @@ static void load_once(void) {
   R(cuGetErrorName, "cuGetErrorName");
   R(cuGetErrorString, "cuGetErrorString");
 #undef R
+  /* optional: programmatic dependent launch (decode); absent on drivers older than CUDA 12 */
+  *(void **)&a.cuLaunchKernelEx = dlsym(lib, "cuLaunchKernelEx");
   g_api = a;
   return;
 fail:

@@ -47,6 +47,9 @@ typedef struct decode_params {
   int32_t page_size;
   int32_t page_shift;
   int32_t kv_same_strides;
+  int32_t narrow;
+  int32_t k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
+  int32_t tg_pages, tg_slots;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -55,6 +58,8 @@ struct gpu_attention {
   decode_config cfg;
   decode_layout lay;
   int tensor_core;  /* 1: the mma.sync kernel (DECODE_TC) */
+  int pdl;          /* 1: launched with programmatic stream serialization (see decode_pdl) */
+  int narrow;       /* 1: the narrow loader where the strides allow it (see decode_narrow) */
   int stages;
   char defines[512];
   int smem_bytes;
@@ -88,6 +93,16 @@ static int decode_ctas_per_sm(void) { return env_int("KVATTN_DECODE_CTAS_PER_SM"
 static int decode_pipe(int tc) { return tc ? env_int("KVATTN_DECODE_PIPE", 1, 0, 1) : 0; }
 /* ... and where it refills at an item's end: 1 = before the item's partial state is written and merged */
 static int decode_early_refill(void) { return env_int("KVATTN_DECODE_EARLY_REFILL", 1, 0, 1); }
+/* Programmatic dependent launch (sm_90+, a driver with cuLaunchKernelEx): the decode kernel may start
+ * while the kernel before it in the stream finishes; it reads only its work lists (written by plan's
+ * copy, which no kernel writes) before `griddepcontrol.wait`, and everything else after it, so the
+ * launch and the CTAs' first dependent loads overlap the previous kernel's tail. 0 = plain launch. */
+/* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
+ * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
+static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
+static int decode_pdl(const struct gpu_context *g) {
+  return g->cc_major >= 9 && g->api->cuLaunchKernelEx && env_int("KVATTN_DECODE_PDL", 1, 0, 1);
+}
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
@@ -174,6 +189,8 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   struct gpu_attention *ga = calloc(1, sizeof *ga);
   RETURN_IF(!ga, KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
   ga->tensor_core = decode_use_tc(&a->desc);
+  ga->pdl = decode_pdl(g);
+  ga->narrow = decode_narrow();
   decode_config_for(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
   decode_layout_init(&ga->lay, &ga->cfg);
   /* scheduler knobs (benchmark sweeps); the layout's bounds do not depend on them */
@@ -311,8 +328,45 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
     p.page_shift = s;
   }
 
+  /* the narrow loader: byte strides of pages and tokens that are >= 0 and fit 31 bits (a row's offset is
+   * then page * page_bytes + slot * tok_bytes in one 32 x 32 -> 64-bit multiply-add), and page ids */
+  {
+    const int64_t s4[4] = {p.k_stride_page, p.k_stride_tok, p.v_stride_page, p.v_stride_tok};
+    int fits = ga->narrow && p.indices != NULL;
+    for (int i = 0; i < 4; i++) fits = fits && s4[i] >= 0 && s4[i] * 2 < ((int64_t)1 << 31);
+    fits = fits && (int64_t)ga->page_size * 2 * (s4[1] > s4[3] ? s4[1] : s4[3]) < ((int64_t)1 << 31);
+    if (fits) {
+      const int tg = DECODE_THREADS / (ga->cfg.head_dim / 8); /* the kernel's TG: token rows per tile pass */
+      p.narrow = 1;
+      p.k_page_bytes = (int32_t)(s4[0] * 2);
+      p.k_tok_bytes = (int32_t)(s4[1] * 2);
+      p.v_page_bytes = (int32_t)(s4[2] * 2);
+      p.v_tok_bytes = (int32_t)(s4[3] * 2);
+      p.tg_pages = tg / ga->page_size;
+      p.tg_slots = tg % ga->page_size;
+    }
+  }
+
   TRY(gpu_make_current(a->ctx->gpu));
   void *args[] = {&p};
+  if (ga->pdl) {
+    CUlaunchAttribute attr;
+    memset(&attr, 0, sizeof attr);
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    CUlaunchConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDimX = (unsigned)ga->cfg.grid;
+    cfg.gridDimY = cfg.gridDimZ = 1;
+    cfg.blockDimX = DECODE_THREADS;
+    cfg.blockDimY = cfg.blockDimZ = 1;
+    cfg.sharedMemBytes = (unsigned)ga->smem_bytes;
+    cfg.hStream = (CUstream)stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    CU_TRY(g->api, cuLaunchKernelEx(&cfg, ga->fn, args, NULL));
+    return KVATTN_SUCCESS;
+  }
   CU_TRY(g->api, cuLaunchKernel(ga->fn, (unsigned)ga->cfg.grid, 1, 1, DECODE_THREADS, 1, 1, (unsigned)ga->smem_bytes,
                                 (CUstream)stream, args, NULL));
   return KVATTN_SUCCESS;

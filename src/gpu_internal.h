@@ -24,6 +24,29 @@ typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
 typedef unsigned long long CUdeviceptr;
 
+/* cuLaunchKernelEx's configuration (cuda.h, CUDA 12+): an attribute is a 4-byte id, 4 bytes of
+ * padding and a 64-byte value union (8-byte aligned). Only the attribute kvattn sets is named. */
+enum { CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
+typedef struct CUlaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int programmaticStreamSerializationAllowed;
+    unsigned long long align_;
+  } value;
+} CUlaunchAttribute;
+typedef struct CUlaunchConfig {
+  unsigned gridDimX, gridDimY, gridDimZ;
+  unsigned blockDimX, blockDimY, blockDimZ;
+  unsigned sharedMemBytes;
+  CUstream hStream;
+  CUlaunchAttribute *attrs;
+  unsigned numAttrs;
+} CUlaunchConfig;
+_Static_assert(sizeof(CUlaunchAttribute) == 72, "CUlaunchAttribute must match the driver's layout");
+_Static_assert(sizeof(CUlaunchConfig) == 56, "CUlaunchConfig must match the driver's layout");
+
 /* Entry points resolved from libcuda.so.1 (the _v2 names where the driver has them). */
 typedef struct cuda_api {
   void *lib;
@@ -59,6 +82,8 @@ typedef struct cuda_api {
   CUresult (*cuStreamSynchronize)(CUstream s);
   CUresult (*cuGetErrorName)(CUresult e, const char **s);
   CUresult (*cuGetErrorString)(CUresult e, const char **s);
+  /* Optional (drivers of CUDA 12+): NULL when the driver lacks it; callers fall back to cuLaunchKernel. */
+  CUresult (*cuLaunchKernelEx)(const CUlaunchConfig *config, CUfunction f, void **params, void **extra);
 } cuda_api;
 
 /* Load libcuda.so.1 once per process (thread-safe). On failure returns BACKEND_UNAVAILABLE with

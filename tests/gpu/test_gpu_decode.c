@@ -1020,6 +1020,165 @@ TEST(workspace_of_exactly_the_reported_size_keeps_canaries_intact_and_reruns_are
   simple_free(&S);
 }
 
+/* Run S's plan on `stream` with q read from `q` and the output written to `out` (device buffers of
+ * S's q shape). */
+static kvattn_status simple_run_on(simple *S, kvattn_attention *a, CUdptr q_buf, CUdptr out_buf, void *stream) {
+  const DLDataType bf = {kDLBfloat, 16, 1}, i32 = {kDLInt, 32, 1};
+  int64_t q_shape[3] = {S->B, S->kvh * S->group, S->hd}, kv_shape[4] = {S->pages, S->P, S->kvh, S->hd};
+  int64_t ix_shape[1] = {S->kv_indptr[S->B]};
+  DLTensor q = make_tensor((void *)(uintptr_t)q_buf, 1, 3, q_shape, NULL, bf);
+  DLTensor k = make_tensor((void *)(uintptr_t)S->dk, 1, 4, kv_shape, NULL, bf);
+  DLTensor v = make_tensor((void *)(uintptr_t)S->dv, 1, 4, kv_shape, NULL, bf);
+  DLTensor ix = make_tensor((void *)(uintptr_t)S->dix, 1, 1, ix_shape, NULL, i32);
+  DLTensor o = make_tensor((void *)(uintptr_t)out_buf, 1, 3, q_shape, NULL, bf);
+  kvattn_kv kv = KVATTN_KV_INIT;
+  kv.k = &k;
+  kv.v = &v;
+  kv.indices = &ix;
+  return kvattn_run(a, &q, &kv, NULL, &o, NULL, stream);
+}
+
+/* Programmatic dependent launch (KVATTN_DECODE_PDL, default on sm_90+) lets a decode start while the
+ * kernel before it finishes; it must still see everything that kernel wrote. A chain of decodes in
+ * which each one's query is the previous one's output (and whose split pieces reuse the workspace's
+ * partial states and counters launch after launch), launched back to back on one stream with no
+ * synchronization, eagerly and as one captured graph, must give the bits of the same chain run one
+ * launch at a time with the device idle in between; so must the plain launch (PDL off) and the 64-bit
+ * loader (KVATTN_DECODE_NARROW=0). The last step is checked against the float64 reference too. */
+TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
+  NEED_GPU();
+  enum { STEPS = 8 };
+  simple S;
+  simple_make(&S, 3, 3000, 3 * 188 + 2, 1); /* 3 long requests: split pieces on every launch */
+  const size_t on = (size_t)S.B * S.kvh * S.group * S.hd * 2;
+  CUdptr buf[STEPS];
+  for (int i = 0; i < STEPS; i++) buf[i] = dalloc(on);
+  uint8_t *want = malloc(on * STEPS), *got = malloc(on * STEPS);
+  void *stream = NULL;
+  CHECK(cu.cuStreamCreate(&stream, 1 /* non-blocking */) == 0);
+  /* attentions: [0] the defaults (PDL where the device has it, the narrow loader), [1] PDL off,
+   * [2] the 64-bit loader */
+  const char *envs[3][2] = {{NULL, NULL}, {"KVATTN_DECODE_PDL", "0"}, {"KVATTN_DECODE_NARROW", "0"}};
+  kvattn_attention *a[3];
+  kvattn_workspace ws[3];
+  for (int i = 0; i < 3; i++) {
+    if (envs[i][0]) setenv(envs[i][0], envs[i][1], 1);
+    CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a[i]));
+    if (envs[i][0]) unsetenv(envs[i][0]);
+    size_t db, hb;
+    CHECK_OK(kvattn_workspace_size(gpu_ctx, &S.desc, &S.bounds, &db, &hb));
+    CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws[i]));
+    CHECK_OK(kvattn_plan(a[i], &S.batch, &ws[i], stream));
+  }
+  CHECK(cu.cuStreamSynchronize(stream) == 0);
+#define POISON()                                                                  \
+  do {                                                                            \
+    for (int i_ = 0; i_ < STEPS; i_++) cu.cuMemsetD8(buf[i_], 0xFF, on); /* NaN */ \
+    CHECK(cu.cuCtxSynchronize() == 0);                                            \
+  } while (0)
+#define CHAIN(att, sync_each)                                                             \
+  for (int i_ = 0; i_ < STEPS; i_++) {                                                    \
+    CHECK_OK(simple_run_on(&S, att, i_ ? buf[i_ - 1] : S.dq, buf[i_], stream));           \
+    if (sync_each) CHECK(cu.cuStreamSynchronize(stream) == 0);                            \
+  }
+#define COLLECT(dst)                                                     \
+  do {                                                                   \
+    CHECK(cu.cuStreamSynchronize(stream) == 0);                          \
+    for (int i_ = 0; i_ < STEPS; i_++) download((dst) + on * i_, buf[i_], on); \
+  } while (0)
+  /* the reference chain: one launch at a time */
+  POISON();
+  CHAIN(a[0], 1);
+  COLLECT(want);
+  /* back to back, each attention */
+  for (int i = 0; i < 3; i++) {
+    POISON();
+    CHAIN(a[i], 0);
+    COLLECT(got);
+    for (int st = 0; st < STEPS; st++)
+      CHECK_MSG(memcmp(want + on * st, got + on * st, on) == 0, "attention %d, step %d: back to back differs", i, st);
+  }
+  /* one captured graph of the whole chain, replayed twice */
+  {
+    void *graph = NULL, *exec = NULL;
+    CHECK(cu.cuStreamBeginCapture(stream, 2 /* relaxed */) == 0);
+    kvattn_status s = KVATTN_SUCCESS;
+    for (int i = 0; i < STEPS && s == KVATTN_SUCCESS; i++) s = simple_run_on(&S, a[0], i ? buf[i - 1] : S.dq, buf[i], stream);
+    CHECK(cu.cuStreamEndCapture(stream, &graph) == 0);
+    CHECK_OK(s);
+    CHECK(cu.cuGraphInstantiateWithFlags(&exec, graph, 0) == 0);
+    for (int r = 0; r < 2; r++) {
+      POISON();
+      CHECK(cu.cuGraphLaunch(exec, stream) == 0);
+      COLLECT(got);
+      for (int st = 0; st < STEPS; st++)
+        CHECK_MSG(memcmp(want + on * st, got + on * st, on) == 0, "graph replay %d, step %d differs", r, st);
+    }
+    cu.cuGraphExecDestroy(exec);
+    cu.cuGraphDestroy(graph);
+  }
+  /* the last step against the float64 reference, with the query the step before produced */
+  {
+    const size_t page_elems = (size_t)S.P * S.kvh * S.hd, cache_elems = (size_t)S.pages * page_elems;
+    uint16_t *kh = malloc(cache_elems * 2), *vh = malloc(cache_elems * 2);
+    download(kh, S.dk, cache_elems * 2);
+    download(vh, S.dv, cache_elems * 2);
+    const size_t n = on / 2;
+    float *ref = malloc(n * 4);
+    kvattn_attention_desc rd = S.desc;
+    rd.o_dtype = (DLDataType){kDLFloat, 32, 1};
+    kvattn_attention *ra;
+    kvattn_workspace rws;
+    size_t db, hb;
+    CHECK_OK(kvattn_attention_create(ref_ctx, &rd, &S.bounds, &ra));
+    CHECK_OK(kvattn_workspace_size(ref_ctx, &rd, &S.bounds, &db, &hb));
+    CHECK_OK(kvattn_workspace_alloc(ref_ctx, db, hb, &rws));
+    CHECK_OK(kvattn_plan(ra, &S.batch, &rws, NULL));
+    const DLDataType bf = {kDLBfloat, 16, 1}, i32 = {kDLInt, 32, 1};
+    int64_t q_shape[3] = {S.B, S.kvh * S.group, S.hd}, kv_shape[4] = {S.pages, S.P, S.kvh, S.hd};
+    int64_t ix_shape[1] = {S.kv_indptr[S.B]};
+    DLTensor rq = make_tensor(want + on * (STEPS - 2), 0, 3, q_shape, NULL, bf);
+    DLTensor rk = make_tensor(kh, 0, 4, kv_shape, NULL, bf);
+    DLTensor rv = make_tensor(vh, 0, 4, kv_shape, NULL, bf);
+    DLTensor rix = make_tensor(S.indices, 0, 1, ix_shape, NULL, i32);
+    DLTensor ro = make_tensor(ref, 0, 3, q_shape, NULL, rd.o_dtype);
+    kvattn_kv rkv = KVATTN_KV_INIT;
+    rkv.k = &rk;
+    rkv.v = &rv;
+    rkv.indices = &rix;
+    CHECK_OK(kvattn_run(ra, &rq, &rkv, NULL, &ro, NULL, NULL));
+    const uint16_t *last = (const uint16_t *)(want + on * (STEPS - 1));
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+      const float g = bf16_to_float(last[i]);
+      if (!(g == g)) num += 1e30;
+      num += (double)(g - ref[i]) * (g - ref[i]);
+      den += (double)ref[i] * ref[i];
+    }
+    const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, graph) bitwise equal to one at a "
+           "time; last step vs reference %.2e\n", STEPS, rel);
+    CHECK(rel < 1e-2);
+    kvattn_attention_destroy(ra);
+    kvattn_workspace_free(ref_ctx, &rws);
+    free(kh);
+    free(vh);
+    free(ref);
+  }
+#undef POISON
+#undef CHAIN
+#undef COLLECT
+  for (int i = 0; i < 3; i++) {
+    kvattn_attention_destroy(a[i]);
+    kvattn_workspace_free(gpu_ctx, &ws[i]);
+  }
+  cu.cuStreamDestroy(stream);
+  for (int i = 0; i < STEPS; i++) cu.cuMemFree(buf[i]);
+  free(want);
+  free(got);
+  simple_free(&S);
+}
+
 TEST(a_cache_over_4_gib_with_page_ids_near_the_top_reads_the_right_pages) {
   NEED_GPU();
   /* 2 x 4.9 GB: element offsets of the used pages pass 2^31 (and their byte offsets 2^32) */
