@@ -182,21 +182,28 @@ static __device__ __forceinline__ void rope_tile(u16 *tile, int rows, const int 
 #define SMEM_KV (KV_TILE * HEAD_DIM)
 
 /* ---- The K/V loader.
- * Every KV tile has a row table in shared memory, written one iteration before its copies are
- * issued, by the threads tid < KV_TILE (one row each): the byte offsets of the row's K and V, the
- * bytes to read (16, or 0 for a row past the data: zero-filled, nothing read) and the row's position
- * (BSR, RoPE, masks). A copy then costs two table reads and a 64-bit add per 16 bytes: each thread
- * owns chunk tid % CH of the rows tid / CH + k * LD_RSTEP, so its swizzled destinations are constants. The page id of the row two
- * tiles ahead is loaded into a register one iteration before its table entry is written, so the
- * index walk (page_size 1: one id per row) stays off the critical path. Tables rotate over three
- * slots: tile t's is read by its copies (iteration t-1) and its masks (iteration t) while tile
- * t+2's is written (iteration t). */
+ * Paged and block-sparse KV: every KV tile has a row table in shared memory, written one
+ * iteration before its copies are issued: the byte offsets of each row's K and V and the row's
+ * position (BSR, RoPE, masks; INT_MAX for a row past the data: zero-filled, nothing read). The
+ * threads tid < KV_TILE write a row's K offset and position, the next KV_TILE threads its V
+ * offset (so all four warps of a 128-thread block share the work), and nobody writes V offsets
+ * when K and V have the same strides (params.kv_same_offsets: the K column serves both). A copy
+ * then costs two table reads and a 64-bit add per 16 bytes: each thread owns chunk tid % CH of the
+ * rows tid / CH + k * LD_RSTEP, so its swizzled destinations are constants. The page id of the
+ * row two tiles ahead is loaded into a register one iteration before its table entry is written,
+ * so the index walk (page_size 1: one id per row) stays off the critical path. Tables rotate over
+ * three slots: tile t's is read by its copies (iteration t-1) and its masks (iteration t) while
+ * tile t+2's is written (iteration t).
+ * Ragged KV (params.contig): row r of the chunk sits at a fixed stride from its first row, so
+ * the loader computes its addresses directly and no table is written or read. */
 #define LD_RSTEP (NUM_THREADS / CH)
 #define LD_ROWS (KV_TILE / LD_RSTEP)
 #if KV_TILE % LD_RSTEP || KV_TILE > NUM_THREADS
 #error "the loader needs KV_TILE a multiple of NUM_THREADS / CH and at most NUM_THREADS"
 #endif
 #define TAB_SLOT_WORDS (2 * KV_TILE) /* long long: K byte offsets then V byte offsets */
+#define TAB_WRITERS (2 * KV_TILE <= NUM_THREADS ? 2 * KV_TILE : KV_TILE) /* threads writing a table */
+#define NO_ROW 0x7fffffff /* the position of a row past the data */
 
 /* The page (or, unpaged, the entry) of row `row` of tile `tile` of the item; -1 past the chunk. */
 static __device__ __forceinline__ int row_page(const struct prefill_params &p, const struct prefill_item &it, int tile,
@@ -209,48 +216,97 @@ static __device__ __forceinline__ int row_page(const struct prefill_params &p, c
   return p.indices ? __ldg(p.indices + e) : e;
 }
 
+/* Writer w (< TAB_WRITERS) of tile `tile`'s table: row w % KV_TILE; writers below KV_TILE take the K
+ * offset and the position, the others the V offset (all of it when there are only KV_TILE). */
 static __device__ __forceinline__ void write_row_table(const struct prefill_params &p, const struct prefill_item &it,
-                                                       long long *tab, int *tpos, int *tbytes, int tile, int row,
-                                                       int page) {
+                                                       long long *tab, int *tpos, int tile, int w, int page) {
+  const int row = w % KV_TILE;
+  const bool kside = w < KV_TILE, vside = !p.kv_same_offsets && (!kside || TAB_WRITERS == KV_TILE);
   const int j = it.kv_begin + tile * KV_TILE + row;
-  long long ko = 0, vo = 0; /* a row past the data: copied from the tensor's start with 0 bytes read */
-  int pos = 0x7fffffff, bytes = 0;
+  long long ko = 0, vo = 0; /* a row past the data: copied from the tensor's start, nothing read */
+  int pos = NO_ROW;
   if (page >= 0) {
     int e, slot;
     page_split(p, j, &e, &slot);
     const long long gpos = p.bsr ? (long long)page * p.page_size + slot : (long long)j;
     /* block-sparse: the partial last block column holds no data past the limit (never read) */
     if (!p.bsr || gpos < p.kv_token_limit) {
-      ko = 2 * ((long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot +
-                (long long)it.kv_head * p.k_stride_head);
-      vo = 2 * ((long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot +
-                (long long)it.kv_head * p.v_stride_head);
+      if (kside)
+        ko = 2 * ((long long)page * p.k_stride_page + (long long)slot * p.k_stride_slot +
+                  (long long)it.kv_head * p.k_stride_head);
+      if (vside)
+        vo = 2 * ((long long)page * p.v_stride_page + (long long)slot * p.v_stride_slot +
+                  (long long)it.kv_head * p.v_stride_head);
       pos = (int)gpos;
-      bytes = 16;
     }
   }
-  tab[row] = ko;
-  tab[KV_TILE + row] = vo;
-  tpos[row] = pos;
-  tbytes[row] = bytes;
+  if (kside) {
+    tab[row] = ko;
+    tpos[row] = pos;
+  }
+  if (vside) tab[KV_TILE + row] = vo;
+}
+
+/* This thread's destination of copy k in a buffer (bytes): rows k * LD_RSTEP further on share the
+ * swizzle of ld_dst when LD_RSTEP is a multiple of 8, else (LD_RSTEP 4) odd k use ld_dst_odd. */
+static __device__ __forceinline__ u32 ld_dst_of(int k, u32 ld_dst, u32 ld_dst_odd) {
+#if LD_RSTEP % 8 == 0
+  return ld_dst + k * LD_RSTEP * HEAD_DIM * 2;
+#else
+  return ((k & 1) ? ld_dst_odd : ld_dst) + (k >> 1) * 2 * LD_RSTEP * HEAD_DIM * 2;
+#endif
 }
 
 /* Issue the copies of one KV tile (K and V) from its row table into the buffer at shared address
- * `kt` (V at kt + SMEM_KV * 2). ld_dst: this thread's first destination in a buffer (bytes); rows
- * k * LD_RSTEP further on share its swizzle when LD_RSTEP is a multiple of 8, else (LD_RSTEP 4)
- * odd k use ld_dst_odd. kc / vc: K and V base pointers advanced by this thread's chunk. */
+ * `kt` (V at kt + SMEM_KV * 2). kc / vc: K and V base pointers advanced by this thread's chunk;
+ * v_col: KV_TILE, or 0 when V reads the K offsets. Every table read comes first: an LDGSTS right
+ * after an LDS costs three filler instructions on sm_90. */
 static __device__ __forceinline__ void load_kv_tile(u32 kt, const char *kc, const char *vc, const long long *tab_row,
-                                                    const int *bytes_row, u32 ld_dst, u32 ld_dst_odd) {
+                                                    const int *pos_row, int v_col, u32 ld_dst, u32 ld_dst_odd) {
+  long long ko[LD_ROWS], vo[LD_ROWS];
+  bool ok[LD_ROWS];
 #pragma unroll
   for (int k = 0; k < LD_ROWS; k++) {
-#if LD_RSTEP % 8 == 0
-    const u32 dst = kt + ld_dst + k * LD_RSTEP * HEAD_DIM * 2;
-#else
-    const u32 dst = kt + ((k & 1) ? ld_dst_odd : ld_dst) + (k >> 1) * 2 * LD_RSTEP * HEAD_DIM * 2;
-#endif
-    const int bytes = bytes_row[k * LD_RSTEP];
-    cp_async16_s(dst, kc + tab_row[k * LD_RSTEP], bytes);
-    cp_async16_s(dst + SMEM_KV * 2, vc + tab_row[KV_TILE + k * LD_RSTEP], bytes);
+    ko[k] = tab_row[k * LD_RSTEP];
+    vo[k] = tab_row[v_col + k * LD_RSTEP];
+    ok[k] = pos_row[k * LD_RSTEP] != NO_ROW;
+  }
+#pragma unroll
+  for (int k = 0; k < LD_ROWS; k++) {
+    const u32 dst = kt + ld_dst_of(k, ld_dst, ld_dst_odd);
+    cp_async16_if(dst, kc + ko[k], ok[k]);
+    cp_async16_if(dst + SMEM_KV * 2, vc + vo[k], ok[k]);
+  }
+}
+
+/* base + row * row_bytes in one wide multiply-add (the compiler otherwise splits it in 64-bit steps) */
+static __device__ __forceinline__ const char *row_ptr(const char *base, int row, int row_bytes) {
+  const char *r;
+  asm("mad.wide.s32 %0, %1, %2, %3;" : "=l"(r) : "r"(row), "r"(row_bytes), "l"(base));
+  return r;
+}
+
+/* Ragged: where token j of the item's request starts in K (v 0) or V (v 1), from the chunk base c
+ * (kc or vc: this thread's chunk); recomputed per tile, since registers are what the 128-row tile
+ * lacks. */
+static __device__ __forceinline__ const char *ragged_row(const struct prefill_params &p, const struct prefill_item &it,
+                                                         const char *c, int v, int j) {
+  return row_ptr(c + 2 * (long long)it.kv_head * (v ? p.v_stride_head : p.k_stride_head), it.kv_entry + j,
+                 v ? p.v_row_bytes : p.k_row_bytes);
+}
+
+/* Ragged: the copies of the tile whose first row is at kr / vr (this thread's chunk included);
+ * rows from `lim` on are past the chunk (zero-filled; their address is row 0's, never read). */
+static __device__ __forceinline__ void load_kv_rows(u32 kt, const char *kr, const char *vr, int k_row_bytes,
+                                                    int v_row_bytes, int ld_r0, int lim, u32 ld_dst, u32 ld_dst_odd) {
+#pragma unroll
+  for (int k = 0; k < LD_ROWS; k++) {
+    const int r = ld_r0 + k * LD_RSTEP;
+    const bool ok = r < lim;
+    const int rr = ok ? r : 0;
+    const u32 dst = kt + ld_dst_of(k, ld_dst, ld_dst_odd);
+    cp_async16_if(dst, row_ptr(kr, rr, k_row_bytes), ok);
+    cp_async16_if(dst + SMEM_KV * 2, row_ptr(vr, rr, v_row_bytes), ok);
   }
 }
 
@@ -277,9 +333,8 @@ prefill_kernel(const struct prefill_params p) {
   u16 *sq = smem, *skv = smem + SMEM_Q; /* buffer b: K at skv + 2b * SMEM_KV, V after it */
   long long *tabs = (long long *)(skv + 4 * SMEM_KV); /* [3][2][KV_TILE] */
   int *tposs = (int *)(tabs + 3 * TAB_SLOT_WORDS);    /* [3][KV_TILE] */
-  int *tbytes = tposs + 3 * KV_TILE;                   /* [3][KV_TILE]: 16, or 0 past the data */
 #if ROPE
-  int *sqpos = tbytes + 3 * KV_TILE;                   /* [CTA_Q] */
+  int *sqpos = tposs + 3 * KV_TILE;                    /* [CTA_Q] */
 #endif
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = (tid >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
@@ -289,6 +344,10 @@ prefill_kernel(const struct prefill_params p) {
   const u32 s_kv = smem_addr(skv);
   const u32 ld_dst = (u32)swz(ld_r0, ld_c) * 2, ld_dst_odd = (u32)swz(ld_r0 + LD_RSTEP, ld_c) * 2;
   const char *kc = (const char *)(p.k + ld_c * 8), *vc = (const char *)(p.v + ld_c * 8);
+  /* RoPE reads the positions from the tables, so its kernels always build them */
+  const bool contig = !ROPE && p.contig;
+  const int v_col = p.kv_same_offsets ? 0 : KV_TILE;
+  const int tab_writers = p.kv_same_offsets ? KV_TILE : TAB_WRITERS;
   /* fragment bases: Q rows (A of S), K rows (B of S) and V rows (B of P V, transposed), the last
    * two relative to their tile buffer */
   u32 qa_base[4], kb_base[4], vb_base[4];
@@ -302,34 +361,48 @@ prefill_kernel(const struct prefill_params p) {
   const float scale_log2 = p.sm_scale * log2e;
 
   /* The item lives in shared memory and is read where used: the 128-row tile has no registers to
-   * hold its twelve fields through the loop. */
-  __shared__ struct prefill_item s_item;
+   * hold its twelve fields through the loop. Item i + 1's descriptor is copied into s_next (three
+   * 16-byte cp.async) while item i runs, so an item starts with a shared-memory copy, not a
+   * dependent global load. */
+  __shared__ __align__(16) struct prefill_item s_item, s_next;
   const struct prefill_item &it = s_item;
+  if (tid < 3 && item_begin < item_end)
+    cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * item_begin + 4 * tid, 16);
+  cp_async_commit();
   for (int item_i = item_begin; item_i < item_end; item_i++) {
-    /* An item without KV tiles waits for its Q copies nowhere else: they must land before this
-     * item's copies target the same buffer (racecheck: write-after-write through cp.async). */
+    /* Every copy lands here: the next descriptor, and an item without KV tiles leaves its Q copies to
+     * no other wait (they must land before this item's copies target the same buffer). */
     cp_async_wait<0>();
-    __syncthreads(); /* the previous item is done with every shared buffer */
-    if (tid == 0) s_item = load_item(p.lists, items_off, item_i);
+    __syncthreads(); /* the previous item is done with every shared buffer and with s_item */
+    if (tid < 3) ((int4 *)&s_item)[tid] = ((const int4 *)&s_next)[tid];
     __syncthreads();
+    if (tid < 3 && item_i + 1 < item_end) /* lands with this item's first copies */
+      cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
     const int qo_heads_base = it.kv_head * GROUP_SIZE;
     const int kv_end = it.kv_end;
     const int n_tiles = kv_end > it.kv_begin ? (kv_end - it.kv_begin + KV_TILE - 1) / KV_TILE : 0;
 
     /* ---- row tables of tiles 0 and 1, the page of tile 2's row in a register; then Q and tile 0 */
     int pf_page = -1;
-    if (tid < KV_TILE) {
-      for (int x = 0; x < 2 && x < n_tiles; x++)
-        write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, tbytes + x * KV_TILE, x, tid,
-                        row_page(p, it, x, tid));
-      if (n_tiles > 2) pf_page = row_page(p, it, 2, tid);
+    if (!contig) {
+      if (tid < tab_writers) {
+        for (int x = 0; x < 2 && x < n_tiles; x++)
+          write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, x, tid, row_page(p, it, x, tid % KV_TILE));
+        if (n_tiles > 2) pf_page = row_page(p, it, 2, tid % KV_TILE);
+      }
+      __syncthreads();
     }
 #if ROPE
     for (int row = tid; row < CTA_Q; row += NUM_THREADS) sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
 #endif
-    __syncthreads();
     load_q_tile(sq, p, it);
-    if (n_tiles > 0) load_kv_tile(s_kv, kc, vc, tabs + ld_r0, tbytes + ld_r0, ld_dst, ld_dst_odd);
+    if (n_tiles > 0) {
+      if (contig)
+        load_kv_rows(s_kv, ragged_row(p, it, kc, 0, it.kv_begin), ragged_row(p, it, vc, 1, it.kv_begin), p.k_row_bytes,
+                     p.v_row_bytes, ld_r0, kv_end - it.kv_begin, ld_dst, ld_dst_odd);
+      else
+        load_kv_tile(s_kv, kc, vc, tabs + ld_r0, tposs + ld_r0, v_col, ld_dst, ld_dst_odd);
+    }
     cp_async_commit();
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
@@ -389,14 +462,18 @@ prefill_kernel(const struct prefill_params p) {
       cp_async_wait<0>();
       __syncthreads();
       if (t + 1 < n_tiles) {
-        load_kv_tile(s_kv + ((t + 1) & 1) * 4 * SMEM_KV, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0,
-                     tbytes + slot1 * KV_TILE + ld_r0, ld_dst, ld_dst_odd);
+        const u32 buf = s_kv + ((t + 1) & 1) * 4 * SMEM_KV;
+        if (contig)
+          load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
+                       ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
+        else
+          load_kv_tile(buf, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0, tposs + slot1 * KV_TILE + ld_r0, v_col,
+                       ld_dst, ld_dst_odd);
         cp_async_commit();
       }
-      if (t + 2 < n_tiles && tid < KV_TILE) {
-        write_row_table(p, it, tabs + slot2 * TAB_SLOT_WORDS, tposs + slot2 * KV_TILE, tbytes + slot2 * KV_TILE, t + 2,
-                        tid, pf_page);
-        if (t + 3 < n_tiles) pf_page = row_page(p, it, t + 3, tid);
+      if (!contig && t + 2 < n_tiles && tid < tab_writers) {
+        write_row_table(p, it, tabs + slot2 * TAB_SLOT_WORDS, tposs + slot2 * KV_TILE, t + 2, tid, pf_page);
+        if (t + 3 < n_tiles) pf_page = row_page(p, it, t + 3, tid % KV_TILE);
       }
 #if ROPE
       if (t == 0) rope_tile(sq, CTA_Q, sqpos, p.rope_freq);

@@ -7,7 +7,8 @@
 #ifndef KVATTN_PREFILL_COMMON_CUH
 #define KVATTN_PREFILL_COMMON_CUH
 
-/* One work item: 16 int32 (64 bytes). Keep in sync with src/plan_prefill.h (prefill_item). */
+/* One work item: 16 int32 (64 bytes; the kernel copies the first 48 into shared memory). Keep in
+ * sync with src/plan_prefill.h (prefill_item). */
 struct prefill_item {
   int q_start;    /* first query token of the request (global row of q/out) */
   int qo_len;     /* query tokens of the request */
@@ -66,6 +67,9 @@ struct prefill_params {
   int page_shift;     /* log2(page_size) when a power of two, else -1 */
   int bsr;            /* 1: block-sparse positions */
   long long kv_token_limit;
+  int kv_same_offsets; /* 1: K and V share their strides, so one row table column serves both */
+  int contig;          /* 1: ragged KV whose row stride fits 31 bits: rows addressed directly, no tables */
+  int k_row_bytes, v_row_bytes; /* contig: bytes between consecutive KV tokens */
 };
 
 /* Token j of a request -> (its page's entry offset, slot); a shift for power-of-two page sizes. */
@@ -77,16 +81,6 @@ static __device__ __forceinline__ void page_split(const struct prefill_params &p
     *entry = j / p.page_size;
     *slot = j - *entry * p.page_size;
   }
-}
-
-static __device__ __forceinline__ struct prefill_item load_item(const int *lists, int off, int i) {
-  const int4 *src = (const int4 *)(lists + off) + (i64)i * 4;
-  int4 a = __ldg(src), b = __ldg(src + 1), c = __ldg(src + 2);
-  struct prefill_item r;
-  r.q_start = a.x; r.qo_len = a.y; r.kv_len = a.z; r.kv_entry = a.w;
-  r.kv_head = b.x; r.row_start = b.y; r.kv_begin = b.z; r.kv_end = b.w;
-  r.part = c.x; r.q_pos_base = c.y; r.mask_lo = c.z; r.mask_hi = c.w;
-  return r;
 }
 
 /* Merge the KV chunks of split tiles: one warp per (entry, local row), grid-stride over the

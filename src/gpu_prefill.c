@@ -73,8 +73,8 @@ static int threads_for(int kind, int head_dim) {
 }
 static int smem_with_tile(int kind, int head_dim, int rope, int kt) {
   int q = prefill_tile_rows[kind];
-  /* Q, two (K, V) buffers, three row-table slots of (K offset, V offset, position, bytes) */
-  int bytes = (q + 4 * kt) * head_dim * 2 + 3 * kt * (8 + 8 + 4 + 4) + (rope ? q * 4 : 0);
+  /* Q, two (K, V) buffers, three row-table slots of (K offset, V offset, position) */
+  int bytes = (q + 4 * kt) * head_dim * 2 + 3 * kt * (8 + 8 + 4) + (rope ? q * 4 : 0);
   if (kind == 0) { /* the cross-warp merge reuses K/V: 4 warps x (o, m, d) of 16 rows */
     int merge = q * head_dim * 2 + 4 * q * (head_dim + 2) * 4;
     if (merge > bytes) bytes = merge;
@@ -427,6 +427,16 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
     }
   pp.bsr = bv->bsr_positions;
   pp.kv_token_limit = bv->kv_token_limit;
+  pp.kv_same_offsets = pp.k_stride_page == pp.v_stride_page && pp.k_stride_slot == pp.v_stride_slot &&
+                       pp.k_stride_head == pp.v_stride_head;
+  /* Ragged rows are addressed directly (no row tables) when a row step fits the kernel's int. */
+  if (bv->format == KVATTN_FORMAT_RAGGED && !pp.bsr && bv->page_size == 1 && pp.k_stride_page > -(1 << 29) &&
+      pp.k_stride_page < (1 << 29) && pp.v_stride_page > -(1 << 29) && pp.v_stride_page < (1 << 29) &&
+      env_int("KVATTN_PREFILL_CONTIG", 1, 0, 1)) {
+    pp.contig = 1;
+    pp.k_row_bytes = (int32_t)(2 * pp.k_stride_page);
+    pp.v_row_bytes = (int32_t)(2 * pp.v_stride_page);
+  }
 
   TRY(gpu_make_current(g));
   /* Eagerly, launches with nothing to do are skipped (a few microseconds each); a graph being

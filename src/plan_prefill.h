@@ -138,6 +138,9 @@ typedef struct prefill_params {
   int32_t page_shift;
   int32_t bsr;
   long long kv_token_limit;
+  int32_t kv_same_offsets;
+  int32_t contig;
+  int32_t k_row_bytes, v_row_bytes;
 } prefill_params;
 
 #endif /* KVATTN_PLAN_PREFILL_H */

@@ -209,6 +209,22 @@ static int restride(host_tensor *h, int64_t extra_tok, int64_t extra_head) {
 }
 
 static int g_strided_q; /* run_case: give q and out gaps (non-contiguous views) */
+static int g_padded_v;  /* run_case: give V strides that differ from K's (its own row tables / row steps) */
+
+/* Re-allocate a host tensor with every dimension's extent padded by 8 elements (16-byte rows kept,
+ * NaN in the gaps), same values. */
+static int repad(host_tensor *h) {
+  host_tensor n;
+  if (!ht_alloc_padded(&n, h->t.dtype, h->t.ndim, h->shape, 8, 1)) return 0;
+  int64_t idx[6] = {0};
+  if (ht_numel(h) > 0) do ht_set(&n, idx, ht_get(h, idx));
+    while (ht_next(h->t.ndim, h->shape, idx));
+  ht_free(h);
+  *h = n;
+  h->t.shape = h->shape;
+  h->t.strides = h->strides;
+  return 1;
+}
 
 /* One randomized case: `batch` requests with qo lengths in [0, qo_max] and kv lengths in
  * [0, kv_max] (qo_len > kv_len allowed), checked against the reference. */
@@ -250,7 +266,8 @@ static int run_case(const char *name, int format, int layout, int combined, int 
     return 0;
   }
   if (poison_tails) tb_poison_unused(&tb);
-  if (g_strided_q && (!restride(&tb.q, 24, 8) || !restride(&tb.out, 40, 16))) {
+  if ((g_strided_q && (!restride(&tb.q, 24, 8) || !restride(&tb.out, 40, 16))) ||
+      (g_padded_v && !combined && !repad(&tb.v))) {
     tb_free(&tb);
     return 0;
   }
@@ -313,6 +330,19 @@ TEST(ragged_and_block_sparse) {
   CHECK(all_ok);
 }
 
+TEST(k_and_v_with_different_strides) {
+  NEED_GPU();
+  int all_ok = 1;
+  /* V padded, K dense: the tables need their V column, ragged rows their own V step */
+  g_padded_v = 1;
+  all_ok &= run_case("padded v: ragged causal", RAGGED, NHD, 0, 1, 6, 200, 260, 8, 2, 128, TDT_BF16, V_CAUSAL, 42, 0);
+  all_ok &= run_case("padded v: ragged HND full f16", RAGGED, HND, 0, 1, 5, 70, 190, 8, 2, 64, TDT_F16, V_PLAIN, 43, 0);
+  all_ok &= run_case("padded v: paged p16 causal", PAGED, NHD, 0, 16, 5, 100, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 44, 1);
+  all_ok &= run_case("padded v: paged p1 HND causal", PAGED, HND, 0, 1, 5, 90, 250, 8, 2, 128, TDT_BF16, V_CAUSAL, 45, 1);
+  g_padded_v = 0;
+  CHECK(all_ok);
+}
+
 TEST(group_sizes_and_head_dims) {
   NEED_GPU();
   int all_ok = 1; /* every case runs and reports; the test fails if any did */
@@ -353,6 +383,8 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
                        RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16, (variant){1, 70, 0, 1, 0, 0.f}, 32 + kt, 0);
     all_ok &= run_case(kt == 64 ? "grid 5, kv tile 64: empty kv mix" : "grid 5, kv tile 32: empty kv mix", PAGED, NHD,
                        0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 34 + kt, 1);
+    all_ok &= run_case(kt == 64 ? "grid 5, kv tile 64: ragged causal" : "grid 5, kv tile 32: ragged causal", RAGGED,
+                       NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_CAUSAL, 36 + kt, 0);
   }
   unsetenv("KVATTN_PREFILL_GRID");
   unsetenv("KVATTN_PREFILL_KV_TILE");
