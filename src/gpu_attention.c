@@ -138,7 +138,12 @@ static int decode_use_tc(const kvattn_attention_desc *d) {
 /* The planner's view of the attention, for the path it runs on. */
 static void decode_config_for(decode_config *c, const kvattn_attention_desc *d, const kvattn_bounds *b, int grid) {
   decode_config_init(c, d, b, grid);
-  if (decode_use_tc(d)) decode_config_group_heads(c, 16);
+  const int tc = decode_use_tc(d);
+  if (tc) decode_config_group_heads(c, 16);
+  /* the planner counts pieces in the kernel's tiles (kernels/decode_paged.cu TILE: 64 tokens on the
+   * tensor-core path, TG * TPG on the CUDA-core path); KVATTN_DECODE_TILE_PLAN=0: in tokens (A/B runs) */
+  if (env_int("KVATTN_DECODE_TILE_PLAN", 1, 0, 1))
+    c->tile = tc ? 64 : (DECODE_THREADS / (c->head_dim / 8)) * (c->group_heads <= 4 ? 4 : 2);
 }
 
 static kvattn_status decode_supported(const kvattn_attention_desc *d) {

@@ -48,6 +48,10 @@ typedef struct decode_config {
   int32_t min_chunk;      /* smallest piece worth splitting off, in tokens */
   int32_t min_chunk_small;/* the same when the batch is too small to give every CTA min_chunk tokens: pieces of
                              this size spread a short batch over the whole grid (0: min_chunk throughout) */
+  int32_t tile;           /* > 1: the kernel's KV tile in tokens; the planner then counts a piece as whole tiles
+                             (a piece of n tokens runs ceil(n / tile) tiles), cuts pieces at whole tiles from
+                             their start, and fills each CTA's stretch to within a tile rather than min_chunk
+                             (pieces down to one tile). 0: the token-cost planner (min_chunk slivers) */
   int32_t causal, window_left;
   int32_t disable_split;  /* desc.disable_split_kv */
   int32_t fixed_split_pages; /* desc.fixed_split_size (> 0: chunks of this many pages) */

@@ -70,6 +70,9 @@ typedef struct planned {
   void *host;
 } planned;
 
+/* the planner's tile mode (decode_config.tile) for plan_it: 0 = the token-cost planner */
+static int g_plan_tile = 0;
+
 static kvattn_status plan_it(planned *p, const batch *b, int kv_heads, int group, int head_dim, int grid, int causal,
                              int window, int disable, int fixed, int64_t slack_qo) {
   kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
@@ -85,6 +88,7 @@ static kvattn_status plan_it(planned *p, const batch *b, int kv_heads, int group
   bo.max_qo_tokens = b->bv.qo_tokens + slack_qo;
   bo.max_kv_entries = b->bv.kv_entries + 5;
   decode_config_init(&p->c, &d, &bo, grid);
+  p->c.tile = g_plan_tile;
   decode_layout_init(&p->l, &p->c);
   p->host = malloc(p->l.worklist_bytes);
   memset(p->host, 0xA5, p->l.worklist_bytes); /* poison: the planner must write what the kernel reads */
@@ -267,6 +271,8 @@ TEST(random_batches_are_covered_exactly_once_with_complete_merges) {
     batch b;
     make_batch(&b, n, kv, qo, page_size);
     planned p;
+    const int tiles[5] = {0, 0, 16, 32, 64};
+    g_plan_tile = tiles[rnd() % 5];
     int causal = multi && rnd() % 2, window = rnd() % 4 == 0 ? (int)rnd_range(0, 5000) : -1;
     kvattn_status s = plan_it(&p, &b, kv_heads, group, 128, grid, causal, window, mode == 4,
                               mode == 5 ? (int)rnd_range(1, 64) : 0, rnd_range(0, 3));
@@ -279,9 +285,10 @@ TEST(random_batches_are_covered_exactly_once_with_complete_merges) {
        * (< min_chunk + item_cost) and an overfill of min_chunk/2 */
       int64_t L = (p.st.total_cost + grid - 1) / grid;
       int64_t bound = L + 3 * p.c.min_chunk / 2 + 2 * p.c.item_cost; /* carry-over + overfill */
-      CHECK_MSG(max_cost <= bound, "iter %d: heaviest CTA %lld > bound %lld (L %lld)", iter, (long long)max_cost,
-                (long long)bound, (long long)L);
+      CHECK_MSG(max_cost <= bound, "iter %d (tile %d): heaviest CTA %lld > bound %lld (L %lld)", iter, g_plan_tile,
+                (long long)max_cost, (long long)bound, (long long)L);
     }
+    g_plan_tile = 0;
     free(p.host);
     free_batch(&b);
     free(kv);
@@ -371,6 +378,49 @@ TEST(a_single_short_request_is_spread_over_the_grid_in_pieces_of_min_chunk_small
   free(p.host);
   free_batch(&b);
   free_batch(&b64);
+}
+
+/* Tile mode (what the GPU uses: the kernel runs a piece of n tokens as ceil(n / 64) tiles): pieces are cut
+ * at whole tiles from their start, and every CTA's tiles stay within one tile (plus its items' fixed
+ * cost) of the mean, where the token planner's min_chunk slivers and carried underfill left up to 5
+ * more (b16 x 4096: 36 tiles on the heaviest CTA for 31 on average). */
+TEST(tile_mode_cuts_whole_tiles_and_balances_tiles_per_cta) {
+  const struct { int n; int64_t len; } shapes[] = {{16, 4096}, {64, 1024}, {64, 4096}, {16, 16384}, {256, 2048}, {1, 4096}};
+  for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+    int64_t kv[256];
+    int qo[256];
+    for (int i = 0; i < shapes[si].n; i++) kv[i] = shapes[si].len, qo[i] = 1;
+    batch b;
+    make_batch(&b, shapes[si].n, kv, qo, 16);
+    planned p;
+    g_plan_tile = 64;
+    CHECK_OK(plan_it(&p, &b, 8, 4, 128, 264, 0, -1, 0, 0, 0));
+    g_plan_tile = 0;
+    int64_t mc;
+    CHECK(verify(&p, &b, &mc) == 0);
+    const decode_item *it = (const decode_item *)((char *)p.host + p.l.items);
+    const int32_t *cta = (const int32_t *)((char *)p.host + p.l.cta_indptr);
+    int64_t max_tiles = 0, sum_tiles = 0;
+    for (int bi = 0; bi < 264; bi++) {
+      int64_t tiles = 0;
+      for (int32_t k = cta[bi]; k < cta[bi + 1]; k++) {
+        const int64_t n = it[k].tok_end - it[k].tok_start;
+        tiles += (n + 63) / 64 * (it[k].split < 0 ? it[k].piece : 1);
+        /* a piece that does not end its unit is whole tiles */
+        if (it[k].tok_end < shapes[si].len) CHECK_MSG(n % 64 == 0, "%d x %lld: piece [%d, %d)", shapes[si].n,
+                                                          (long long)shapes[si].len, it[k].tok_start, it[k].tok_end);
+      }
+      sum_tiles += tiles;
+      if (tiles > max_tiles) max_tiles = tiles;
+    }
+    const double mean = (double)sum_tiles / 264;
+    printf("tile mode, %d x %lld: heaviest CTA %lld tiles, mean %.2f, %lld items\n", shapes[si].n,
+           (long long)shapes[si].len, (long long)max_tiles, mean, (long long)p.st.items);
+    CHECK_MSG(max_tiles <= mean + 2, "%d x %lld: heaviest CTA %lld tiles, mean %.2f", shapes[si].n,
+              (long long)shapes[si].len, (long long)max_tiles, mean);
+    free(p.host);
+    free_batch(&b);
+  }
 }
 
 TEST(fixed_split_size_gives_request_pieces_independent_of_the_batch) {
@@ -563,6 +613,7 @@ TEST(executing_the_work_list_gives_the_attention_of_every_row) {
     batch b;
     make_batch(&b, n, kv, qo, page_size);
     planned p;
+    g_plan_tile = rnd() % 2 ? 0 : (int)rnd_range(2, 64);
     int causal = multi && rnd() % 2, window = rnd() % 4 == 0 ? (int)rnd_range(0, 200) : -1;
     kvattn_status s = plan_it(&p, &b, kv_heads, group, 128, grid, causal, window, mode == 4,
                               mode == 5 ? (int)rnd_range(1, 8) : 0, 0);
@@ -570,8 +621,9 @@ TEST(executing_the_work_list_gives_the_attention_of_every_row) {
     splits += p.st.splits;
     const decode_item *its = (const decode_item *)((char *)p.host + p.l.items);
     for (int64_t x = 0; x < p.st.items; x++) multi_unit_items += its[x].split < 0 && its[x].piece > 1;
-    CHECK_MSG(interpret_and_compare(&p, &b, 1000 + iter) == 0, "iter %d (n %d, page %d, heads %d x %d, grid %d, mode %d)",
-              iter, n, page_size, kv_heads, group, grid, mode);
+    CHECK_MSG(interpret_and_compare(&p, &b, 1000 + iter) == 0, "iter %d (n %d, page %d, heads %d x %d, grid %d, mode %d, tile %d)",
+              iter, n, page_size, kv_heads, group, grid, mode, g_plan_tile);
+    g_plan_tile = 0;
     free(p.host);
     free_batch(&b);
   }
