@@ -28,7 +28,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -111,6 +111,15 @@
 #define WKV 1
 #endif
 #define KVW (KV_TILE / WKV) /* KV columns of a tile per warp */
+/* STAGE_NEXT 1: an item's successor is staged before its epilogue (see the
+ * item loop). The 16-row tile's end-of-item merge reuses the K/V buffers: never there. */
+#ifndef STAGE_NEXT
+#define STAGE_NEXT 0
+#endif
+#if WKV > 1
+#undef STAGE_NEXT
+#define STAGE_NEXT 0
+#endif
 #define CH (HEAD_DIM / 8)   /* 16-byte chunks per row */
 #define NF (KVW / 8)        /* n-fragments of S per warp */
 #if NF % 2
@@ -327,6 +336,39 @@ static __device__ __forceinline__ void load_q_tile(u16 *sq, const struct prefill
   }
 }
 
+/* Everything an item needs before its first tile, issued by the whole block: its Q tile, the row
+ * tables of its tiles 0 and 1 (paged/BSR; then a barrier) and its tile 0 into the K/V buffer `buf`,
+ * one commit group. Returns this thread's page id for tile 2's table (the loop's prefetch). */
+static __device__ __forceinline__ int stage_item(const struct prefill_params &p, const struct prefill_item &it,
+                                                 bool contig, int tab_writers, long long *tabs, int *tposs, u16 *sq,
+                                                 int *sqpos, u32 buf, const char *kc, const char *vc, int v_col,
+                                                 int ld_r0, u32 ld_dst, u32 ld_dst_odd) {
+  const int tid = threadIdx.x;
+  const int n_tiles = it.kv_end > it.kv_begin ? (it.kv_end - it.kv_begin + KV_TILE - 1) / KV_TILE : 0;
+  int pf_page = -1;
+  load_q_tile(sq, p, it); /* first: its copies fly while the tables wait for their page ids */
+  if (!contig) {
+    if (tid < tab_writers) {
+      for (int x = 0; x < 2 && x < n_tiles; x++)
+        write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, x, tid, row_page(p, it, x, tid % KV_TILE));
+      if (n_tiles > 2) pf_page = row_page(p, it, 2, tid % KV_TILE);
+    }
+    __syncthreads();
+  }
+#if ROPE
+  for (int row = tid; row < CTA_Q; row += NUM_THREADS) sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
+#endif
+  if (n_tiles > 0) {
+    if (contig)
+      load_kv_rows(buf, ragged_row(p, it, kc, 0, it.kv_begin), ragged_row(p, it, vc, 1, it.kv_begin), p.k_row_bytes,
+                   p.v_row_bytes, ld_r0, it.kv_end - it.kv_begin, ld_dst, ld_dst_odd);
+    else
+      load_kv_tile(buf, kc, vc, tabs + ld_r0, tposs + ld_r0, v_col, ld_dst, ld_dst_odd);
+  }
+  cp_async_commit();
+  return pf_page;
+}
+
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 prefill_kernel(const struct prefill_params p) {
   extern __shared__ __align__(16) u16 smem[];
@@ -335,6 +377,8 @@ prefill_kernel(const struct prefill_params p) {
   int *tposs = (int *)(tabs + 3 * TAB_SLOT_WORDS);    /* [3][KV_TILE] */
 #if ROPE
   int *sqpos = tposs + 3 * KV_TILE;                    /* [CTA_Q] */
+#else
+  int *sqpos = NULL;
 #endif
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = (tid >> 5) / WKV;    /* the warp's rows: [warp * 16 * MF, +16 * MF) */
@@ -369,41 +413,32 @@ prefill_kernel(const struct prefill_params p) {
   if (tid < 3 && item_begin < item_end)
     cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * item_begin + 4 * tid, 16);
   cp_async_commit();
+  /* Cross-item staging (STAGE_NEXT): once an item's last tile is done, the next item is staged
+   * (tables, Q, tile 0) before this item's epilogue, whose work then covers the copies' latency.
+   * gpar: the K/V buffer of the item's tile 0 (tiles alternate buffers across items); staged: the
+   * item was staged by the one before. */
+  int gpar = 0, pf_page = -1;
+  bool staged = false;
   for (int item_i = item_begin; item_i < item_end; item_i++) {
-    /* Every copy lands here: the next descriptor, and an item without KV tiles leaves its Q copies to
-     * no other wait (they must land before this item's copies target the same buffer). */
-    cp_async_wait<0>();
-    __syncthreads(); /* the previous item is done with every shared buffer and with s_item */
+    /* Unstaged, every copy lands here: the descriptor, and an item without KV tiles leaves its Q
+     * copies to no other wait (they must land before this item's copies target the same buffer).
+     * Staged, the previous item waited for everything before staging this one. */
+    if (!staged) cp_async_wait<0>();
+    __syncthreads(); /* the previous item is done with s_item */
     if (tid < 3) ((int4 *)&s_item)[tid] = ((const int4 *)&s_next)[tid];
     __syncthreads();
-    if (tid < 3 && item_i + 1 < item_end) /* lands with this item's first copies */
+    if (tid < 3 && item_i + 1 < item_end) /* lands by this item's first tile, or its end */
       cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
+    cp_async_commit();
     const int qo_heads_base = it.kv_head * GROUP_SIZE;
     const int kv_end = it.kv_end;
     const int n_tiles = kv_end > it.kv_begin ? (kv_end - it.kv_begin + KV_TILE - 1) / KV_TILE : 0;
 
     /* ---- row tables of tiles 0 and 1, the page of tile 2's row in a register; then Q and tile 0 */
-    int pf_page = -1;
-    if (!contig) {
-      if (tid < tab_writers) {
-        for (int x = 0; x < 2 && x < n_tiles; x++)
-          write_row_table(p, it, tabs + x * TAB_SLOT_WORDS, tposs + x * KV_TILE, x, tid, row_page(p, it, x, tid % KV_TILE));
-        if (n_tiles > 2) pf_page = row_page(p, it, 2, tid % KV_TILE);
-      }
-      __syncthreads();
-    }
-#if ROPE
-    for (int row = tid; row < CTA_Q; row += NUM_THREADS) sqpos[row] = it.q_pos_base + (it.row_start + row) / GROUP_SIZE;
-#endif
-    load_q_tile(sq, p, it);
-    if (n_tiles > 0) {
-      if (contig)
-        load_kv_rows(s_kv, ragged_row(p, it, kc, 0, it.kv_begin), ragged_row(p, it, vc, 1, it.kv_begin), p.k_row_bytes,
-                     p.v_row_bytes, ld_r0, kv_end - it.kv_begin, ld_dst, ld_dst_odd);
-      else
-        load_kv_tile(s_kv, kc, vc, tabs + ld_r0, tposs + ld_r0, v_col, ld_dst, ld_dst_odd);
-    }
-    cp_async_commit();
+    if (!staged)
+      pf_page = stage_item(p, it, contig, tab_writers, tabs, tposs, sq, sqpos, s_kv + gpar * 4 * SMEM_KV, kc, vc, v_col,
+                           ld_r0, ld_dst, ld_dst_odd);
+    staged = false;
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
     /* the token of packed row `local` and its position: recomputed where needed (cheap integer
@@ -454,7 +489,8 @@ prefill_kernel(const struct prefill_params p) {
     int slot = 0; /* tile t's table slot: t % 3 */
     for (int t = 0; t < n_tiles; t++) {
       const int t0 = it.kv_begin + t * KV_TILE, t1 = t0 + KV_TILE;
-      const u32 kbuf = s_kv + (t & 1) * 4 * SMEM_KV, vbuf = kbuf + SMEM_KV * 2; /* bytes */
+      const int par = (t + gpar) & 1;
+      const u32 kbuf = s_kv + par * 4 * SMEM_KV, vbuf = kbuf + SMEM_KV * 2; /* bytes */
       const int slot1 = slot == 2 ? 0 : slot + 1, slot2 = slot1 == 2 ? 0 : slot1 + 1;
       const int *kpos = tposs + slot * KV_TILE;
       /* tile t (and, at t = 0, Q) landed for every thread's copies; every warp is done with tile t-1,
@@ -462,7 +498,7 @@ prefill_kernel(const struct prefill_params p) {
       cp_async_wait<0>();
       __syncthreads();
       if (t + 1 < n_tiles) {
-        const u32 buf = s_kv + ((t + 1) & 1) * 4 * SMEM_KV;
+        const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
         if (contig)
           load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
                        ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
@@ -477,7 +513,7 @@ prefill_kernel(const struct prefill_params p) {
       }
 #if ROPE
       if (t == 0) rope_tile(sq, CTA_Q, sqpos, p.rope_freq);
-      rope_tile(skv + (t & 1) * 2 * SMEM_KV, KV_TILE, kpos, p.rope_freq);
+      rope_tile(skv + par * 2 * SMEM_KV, KV_TILE, kpos, p.rope_freq);
       __syncthreads();
 #endif
 
@@ -668,6 +704,16 @@ prefill_kernel(const struct prefill_params p) {
       }
       slot = slot1;
     }
+    gpar = (gpar + n_tiles) & 1;
+#if STAGE_NEXT
+    if (item_i + 1 < item_end) { /* stage the next item; this item's epilogue reads only registers and s_item */
+      cp_async_wait<0>();
+      __syncthreads(); /* every warp is done with Q, the K/V buffers and the tables; s_next landed */
+      pf_page = stage_item(p, s_next, contig, tab_writers, tabs, tposs, sq, sqpos, s_kv + gpar * 4 * SMEM_KV, kc, vc,
+                           v_col, ld_r0, ld_dst, ld_dst_odd);
+      staged = true;
+    }
+#endif
 
 #if WKV > 1
     /* ---- the WKV warps of a row group saw different KV columns: merge their (m, d, o) exactly

@@ -22,8 +22,8 @@ done
 timeout 60 python3 bench/prefill_one.py --batch 4 --len 4096 --format paged16 --full --reps 9 2>&1 | tail -1
 # knobs given as "ENV=V ..." in $KNOBS, each timed on two workloads
 for e in ${KNOBS:-}; do
-  for spec in "4 4096" "16 1024"; do set -- $spec
-    echo "[$e] $(env ${e//,/ } timeout 60 python3 bench/prefill_one.py --batch $1 --len $2 --format ragged --reps 9 2>&1 | tail -1)"
+  for spec in "4 4096 ragged" "16 1024 ragged" "16 1024 paged16"; do set -- $spec
+    echo "[$e] $(env ${e//,/ } timeout 60 python3 bench/prefill_one.py --batch $1 --len $2 --format $3 --reps 9 2>&1 | tail -1)"
   done
 done
 echo "done ($(( $(date +%s) - t0 )) s)"
