@@ -417,8 +417,13 @@ prefill_kernel(const struct prefill_params p) {
    * (tables, Q, tile 0) before this item's epilogue, whose work then covers the copies' latency.
    * gpar: the K/V buffer of the item's tile 0 (tiles alternate buffers across items); staged: the
    * item was staged by the one before. */
+#if STAGE_NEXT
   int gpar = 0, pf_page = -1;
   bool staged = false;
+#else
+  const int gpar = 0;
+  const bool staged = false;
+#endif
   for (int item_i = item_begin; item_i < item_end; item_i++) {
     /* Unstaged, every copy lands here: the descriptor, and an item without KV tiles leaves its Q
      * copies to no other wait (they must land before this item's copies target the same buffer).
@@ -435,10 +440,15 @@ prefill_kernel(const struct prefill_params p) {
     const int n_tiles = kv_end > it.kv_begin ? (kv_end - it.kv_begin + KV_TILE - 1) / KV_TILE : 0;
 
     /* ---- row tables of tiles 0 and 1, the page of tile 2's row in a register; then Q and tile 0 */
+#if STAGE_NEXT
     if (!staged)
       pf_page = stage_item(p, it, contig, tab_writers, tabs, tposs, sq, sqpos, s_kv + gpar * 4 * SMEM_KV, kc, vc, v_col,
                            ld_r0, ld_dst, ld_dst_odd);
     staged = false;
+#else
+    int pf_page = stage_item(p, it, contig, tab_writers, tabs, tposs, sq, sqpos, s_kv, kc, vc, v_col, ld_r0, ld_dst,
+                             ld_dst_odd);
+#endif
 
     /* ---- per-thread row state: rows lane/4 (+8) of each of the warp's MF fragments */
     /* the token of packed row `local` and its position: recomputed where needed (cheap integer
@@ -704,8 +714,8 @@ prefill_kernel(const struct prefill_params p) {
       }
       slot = slot1;
     }
-    gpar = (gpar + n_tiles) & 1;
 #if STAGE_NEXT
+    gpar = (gpar + n_tiles) & 1;
     if (item_i + 1 < item_end) { /* stage the next item; this item's epilogue reads only registers and s_item */
       cp_async_wait<0>();
       __syncthreads(); /* every warp is done with Q, the K/V buffers and the tables; s_next landed */
