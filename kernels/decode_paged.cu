@@ -158,9 +158,6 @@ struct decode_params {
   int narrow;
   int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int tg_pages, tg_slots;
-  /* > 0: the pages of K and V (both tensors hold at least this many); before pdl_wait() a CTA warms L2
-   * with the K/V lines of its first tiles, at page ids read speculatively (see spec_prefetch) */
-  int spec_pages;
 };
 
 /* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
@@ -460,8 +457,8 @@ static __device__ __forceinline__ void store4(u16 *dst, float4 o) {
  * compiled out below sm_90). The host launches this kernel with programmatic stream serialization
  * (src/gpu_attention.c, KVATTN_DECODE_PDL), so its CTAs may start while the kernel before it in the
  * stream still runs: before pdl_wait() the kernel reads only its work lists (cta_indptr, items: written
- * by plan's host-to-device copy, never by a kernel, and a copy in the stream is a full dependency), and
- * page ids for L2 prefetch hints only (spec_prefetch), and writes nothing; q, K/V, the page ids, the outputs, the partial states and the split counters (all of
+ * by plan's host-to-device copy, never by a kernel, and a copy in the stream is a full dependency) and
+ * writes nothing; q, K/V, the page ids, the outputs, the partial states and the split counters (all of
  * which an earlier kernel may write or read) are touched only after it, when the earlier grid has
  * completed and its writes are visible. pdl_launch_dependents() lets the next kernel's CTAs be
  * scheduled as this grid's CTAs retire; it promises nothing about this kernel's writes (the next
@@ -475,32 +472,6 @@ static __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-}
-
-/* Before pdl_wait(): bring the K/V lines of the CTA's first STAGES tiles into L2 while the previous
- * kernel finishes (its tail, the split merges, leaves DRAM idle). The page ids it uses are read before
- * the wait, so they may be stale (the previous kernel may be writing them): they only pick addresses
- * to prefetch, an id outside [0, spec_pages) is skipped (every address stays inside the caches), and
- * nothing read here is used afterwards: the ids are loaded with .cg (L2, no L1 copy that a later read
- * could hit) and L2 is where every SM's writes land, so a later read sees the new data either way. */
-static __device__ __forceinline__ void spec_prefetch(const struct decode_params &p, const struct tile_iter *ti) {
-  if (p.spec_pages <= 0 || !p.indices) return;
-#define LINES (HEAD_DIM * 2 / 128) /* 128-byte lines per K or V row */
-  const int n = min(ti->it.tok_end - ti->it.tok_start, STAGES * TILE);
-  const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
-  const u16 *kh = p.k + (i64)kv_head * p.k_stride_head, *vh = p.v + (i64)kv_head * p.v_stride_head;
-  for (int i = threadIdx.x; i < n * LINES; i += NUM_THREADS) {
-    const int t = i / LINES, l = i % LINES;
-    int off;
-    const int page_idx = split_pos(p, ti->it.tok_start + t, &off);
-    int id;
-    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(id) : "l"(p.indices + ((i64)ti->it.page_base + page_idx) * p.indices_stride));
-    if (id >= 0 && id < p.spec_pages) {
-      prefetch_l2(kh + (i64)id * p.k_stride_page + (i64)off * p.k_stride_tok + l * 64);
-      prefetch_l2(vh + (i64)id * p.v_stride_page + (i64)off * p.v_stride_tok + l * 64);
-    }
-  }
-#undef LINES
 }
 
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
@@ -519,7 +490,6 @@ decode_paged_kernel(const struct decode_params p) {
   iter_begin(&ld, p); /* the work lists only: safe before pdl_wait() */
   cs = ld;
   if (!iter_valid(&cs)) return;
-  spec_prefetch(p, &cs); /* L2 hints only: nothing it reads is used after the wait */
   pdl_wait(); /* from here on, the earlier kernel's writes (q, K/V, page ids, outputs, counters) are visible */
 
 #if PIPE_IDS

@@ -50,7 +50,6 @@ typedef struct decode_params {
   int32_t narrow;
   int32_t k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int32_t tg_pages, tg_slots;
-  int32_t spec_pages;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -61,7 +60,6 @@ struct gpu_attention {
   int tensor_core;  /* 1: the mma.sync kernel (DECODE_TC) */
   int pdl;          /* 1: launched with programmatic stream serialization (see decode_pdl) */
   int narrow;       /* 1: the narrow loader where the strides allow it (see decode_narrow) */
-  int prefetch;     /* 1: with PDL, L2 prefetch of the first tiles before the wait (see decode_prefetch) */
   int stages;
   char defines[512];
   int smem_bytes;
@@ -102,10 +100,6 @@ static int decode_early_refill(void) { return env_int("KVATTN_DECODE_EARLY_REFIL
 /* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
  * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
 static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
-/* With PDL: before griddepcontrol.wait a CTA prefetches into L2 the K/V lines of its first tiles, at
- * page ids read speculatively (kernels/decode_paged.cu, spec_prefetch: hints only, ids range-checked
- * against the caches' pages); 0 = off (A/B runs). */
-static int decode_prefetch(void) { return env_int("KVATTN_DECODE_PREFETCH", 1, 0, 1); }
 static int decode_pdl(const struct gpu_context *g) {
   return g->cc_major >= 9 && g->api->cuLaunchKernelEx && env_int("KVATTN_DECODE_PDL", 1, 0, 1);
 }
@@ -202,7 +196,6 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   ga->tensor_core = decode_use_tc(&a->desc);
   ga->pdl = decode_pdl(g);
   ga->narrow = decode_narrow();
-  ga->prefetch = ga->pdl && decode_prefetch();
   decode_config_for(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
   decode_layout_init(&ga->lay, &ga->cfg);
   /* scheduler knobs (benchmark sweeps); the layout's bounds do not depend on them */
@@ -357,11 +350,6 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
       p.tg_pages = tg / ga->page_size;
       p.tg_slots = tg % ga->page_size;
     }
-  }
-
-  if (ga->prefetch && p.indices) {
-    const int64_t pages = t->k.shape[0] < t->v.shape[0] ? t->k.shape[0] : t->v.shape[0];
-    p.spec_pages = pages > INT32_MAX ? INT32_MAX : (int32_t)pages;
   }
 
   TRY(gpu_make_current(a->ctx->gpu));

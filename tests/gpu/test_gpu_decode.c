@@ -1043,8 +1043,8 @@ static kvattn_status simple_run_on(simple *S, kvattn_attention *a, CUdptr q_buf,
  * which each one's query is the previous one's output (and whose split pieces reuse the workspace's
  * partial states and counters launch after launch), launched back to back on one stream with no
  * synchronization, eagerly and as one captured graph, must give the bits of the same chain run one
- * launch at a time with the device idle in between; so must the plain launch (PDL off), the 64-bit
- * loader (KVATTN_DECODE_NARROW=0) and PDL without the L2 prefetch before the wait. The last step is checked against the float64 reference too. */
+ * launch at a time with the device idle in between; so must the plain launch (PDL off) and the 64-bit
+ * loader (KVATTN_DECODE_NARROW=0). The last step is checked against the float64 reference too. */
 TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   NEED_GPU();
   enum { STEPS = 8 };
@@ -1056,14 +1056,12 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   uint8_t *want = malloc(on * STEPS), *got = malloc(on * STEPS);
   void *stream = NULL;
   CHECK(cu.cuStreamCreate(&stream, 1 /* non-blocking */) == 0);
-  /* attentions: [0] the defaults (PDL where the device has it, with the L2 prefetch before the wait;
-   * the narrow loader), [1] PDL off, [2] the 64-bit loader, [3] PDL without the prefetch */
-  enum { NA = 4 };
-  const char *envs[NA][2] = {
-      {NULL, NULL}, {"KVATTN_DECODE_PDL", "0"}, {"KVATTN_DECODE_NARROW", "0"}, {"KVATTN_DECODE_PREFETCH", "0"}};
-  kvattn_attention *a[NA];
-  kvattn_workspace ws[NA];
-  for (int i = 0; i < NA; i++) {
+  /* attentions: [0] the defaults (PDL where the device has it, the narrow loader), [1] PDL off,
+   * [2] the 64-bit loader */
+  const char *envs[3][2] = {{NULL, NULL}, {"KVATTN_DECODE_PDL", "0"}, {"KVATTN_DECODE_NARROW", "0"}};
+  kvattn_attention *a[3];
+  kvattn_workspace ws[3];
+  for (int i = 0; i < 3; i++) {
     if (envs[i][0]) setenv(envs[i][0], envs[i][1], 1);
     CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a[i]));
     if (envs[i][0]) unsetenv(envs[i][0]);
@@ -1093,7 +1091,7 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   CHAIN(a[0], 1);
   COLLECT(want);
   /* back to back, each attention */
-  for (int i = 0; i < NA; i++) {
+  for (int i = 0; i < 3; i++) {
     POISON();
     CHAIN(a[i], 0);
     COLLECT(got);
@@ -1158,8 +1156,8 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
       den += (double)ref[i] * ref[i];
     }
     const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, no prefetch, graph) bitwise equal to "
-           "one at a time; last step vs reference %.2e\n", STEPS, rel);
+    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, graph) bitwise equal to one at a "
+           "time; last step vs reference %.2e\n", STEPS, rel);
     CHECK(rel < 1e-2);
     kvattn_attention_destroy(ra);
     kvattn_workspace_free(ref_ctx, &rws);
@@ -1170,7 +1168,7 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
 #undef POISON
 #undef CHAIN
 #undef COLLECT
-  for (int i = 0; i < NA; i++) {
+  for (int i = 0; i < 3; i++) {
     kvattn_attention_destroy(a[i]);
     kvattn_workspace_free(gpu_ctx, &ws[i]);
   }
