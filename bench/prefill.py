@@ -219,12 +219,12 @@ def markdown(res):
     return "\n".join(lines)
 
 
-def warmup_peers():
-    """Make FlashInfer compile (JIT) its fa2 and fa3 prefill modules on a tiny problem of the
-    benchmark's shape, so a device call can overlap that compile with other work."""
+def warmup_peers(backends=("fa2", "fa3")):
+    """Make FlashInfer compile (JIT) its prefill modules (fa2 and fa3 by default) on a tiny problem of
+    the benchmark's shape, so a device call can overlap that compile with other work."""
     w = Workload("warmup", [64, 64], [64, 64], True)
     t = w.tensors(16)
-    for backend in ("fa2", "fa3"):
+    for backend in backends:
         for causal in (True, False):
             w.causal = causal
             for fmt, P in (("paged16", 16), ("ragged", 1)):
@@ -248,7 +248,7 @@ def main():
     ap.add_argument("--fi-backends", default="fa2,fa3", help="FlashInfer backends to time (those compiled)")
     args = ap.parse_args()
     if args.warmup_peers:
-        warmup_peers()
+        warmup_peers([b for b in args.fi_backends.split(",") if b])
         return
     if args.table:
         with open(args.table) as f:
