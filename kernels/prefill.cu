@@ -111,8 +111,9 @@
 #define WKV 1
 #endif
 #define KVW (KV_TILE / WKV) /* KV columns of a tile per warp */
-/* STAGE_NEXT 1: an item's successor is staged before its epilogue (see the
- * item loop). The 16-row tile's end-of-item merge reuses the K/V buffers: never there. */
+/* STAGE_NEXT 1 (host knob KVATTN_PREFILL_STAGE, off: the extra live state spills on sm_90a): an
+ * item's successor is staged before its epilogue (see the item loop). Never with the 16-row tile,
+ * whose end-of-item merge reuses the K/V buffers. */
 #ifndef STAGE_NEXT
 #define STAGE_NEXT 0
 #endif
