@@ -4,7 +4,7 @@
  * causal (bottom-right aligned, qo_len > kv_len included), custom masks, sliding window, soft-cap,
  * ALiBi, RoPE, LSE; group sizes 1/4/8, head dims 64/128/256, f16 and bf16; empty requests; NaN in
  * unused page slots; split-KV (few rows against long KV); 50 random batches replayed through one
- * captured CUDA graph.
+ * captured CUDA graph; K/V rows of a ragged cache past 2^31 elements.
  *
  * Inputs are built on the host (tests/util.h), the reference runs on the host copies, the GPU on
  * device copies of the very same bytes (gaps and poison included). Outputs are poisoned with NaN
@@ -532,6 +532,112 @@ TEST(graph_replays_fifty_varlen_batches) {
   api()->cuMemFree(dlse);
   kvattn_workspace_free(g_gpu, &ws);
   kvattn_attention_destroy(attn);
+}
+
+/* Ragged rows addressed directly (params.contig) past 2^31 elements: a leading request with no
+ * queries and N0 tokens puts the real requests' K/V rows above 2^31 elements (2^32 bytes) of
+ * tensors of 4.3 GB each; the result must equal the reference on the compact batch. */
+TEST(ragged_kv_past_4_gib_reads_the_right_rows) {
+  NEED_GPU();
+  test_rng r = rng_seed(77);
+  int32_t qo[3] = {40, 17, 29}, kv[3] = {300, 150, 97};
+  test_spec sp = test_spec_default();
+  sp.format = RAGGED;
+  sp.layout = NHD;
+  sp.page_size = 1;
+  sp.batch_size = 3;
+  sp.qo_lens = qo;
+  sp.kv_lens = kv;
+  sp.num_qo_heads = 8;
+  sp.num_kv_heads = 1;
+  sp.head_dim = 128;
+  sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
+  test_batch tb;
+  CHECK(tb_build(&tb, &sp, &r));
+  kvattn_attention_desc d = tb_desc(&sp);
+  d.causal = 1;
+  CHECK_OK(tb_run(g_ref, &d, &tb, &tb.ref, NULL));
+
+  const int64_t row = 128, n0 = ((int64_t)1 << 31) / row + 4096, total = tb.kv_entries, tokens = n0 + total;
+  CHECK(n0 * row > ((int64_t)1 << 31));
+  CUdeviceptr dk = 0, dv = 0;
+  const size_t bytes = (size_t)tokens * row * 2;
+  if (api()->cuMemAlloc(&dk, bytes) || api()->cuMemAlloc(&dv, bytes)) {
+    if (dk) api()->cuMemFree(dk);
+    tb_free(&tb);
+    SKIP("the device cannot hold two %.1f GB tensors", bytes / 1e9);
+  }
+  /* the real rows, packed, at token n0; the rows below stay as they are (never read) */
+  uint16_t *pk = malloc((size_t)total * row * 2), *pv = malloc((size_t)total * row * 2);
+  CHECK(pk && pv);
+  for (int64_t t = 0; t < total; t++)
+    for (int64_t x = 0; x < row; x++) {
+      int64_t idx[3] = {t, 0, x};
+      pk[t * row + x] = t_float_to_bf16((float)ht_get(&tb.k, idx));
+      pv[t * row + x] = t_float_to_bf16((float)ht_get(&tb.v, idx));
+    }
+  CHECK(!api()->cuMemcpyHtoDAsync(dk + (CUdeviceptr)n0 * row * 2, pk, (size_t)total * row * 2, NULL));
+  CHECK(!api()->cuMemcpyHtoDAsync(dv + (CUdeviceptr)n0 * row * 2, pv, (size_t)total * row * 2, NULL));
+
+  int32_t qo_indptr[5] = {0}, kv_indptr[5] = {0};
+  for (int i = 0; i < 3; i++) {
+    qo_indptr[i + 2] = tb.qo_indptr[i + 1];
+    kv_indptr[i + 2] = (int32_t)n0 + tb.kv_indptr[i + 1];
+  }
+  qo_indptr[1] = 0;
+  kv_indptr[1] = (int32_t)n0;
+  kvattn_batch b = KVATTN_BATCH_INIT;
+  b.format = RAGGED;
+  b.batch_size = 4;
+  b.qo_indptr = qo_indptr;
+  b.kv_indptr = kv_indptr;
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = 4;
+  bounds.max_qo_tokens = tb.qo_tokens;
+  bounds.max_kv_entries = tokens;
+
+  dev_tensor q, out;
+  CHECK(dev_mirror(&q, &tb.q) && dev_mirror(&out, &tb.out));
+  CHECK(!api()->cuMemsetD8(out.ptr, 0xFF, out.bytes)); /* NaN in bf16 */
+  CHECK(!api()->cuCtxSynchronize());                     /* the uploads and the poison have landed */
+  int64_t kv_shape[3] = {tokens, 1, row}, kv_strides[3] = {row, row, 1};
+  DLTensor tk = {0}, tv;
+  tk.data = (void *)(uintptr_t)dk;
+  tk.device.device_type = kDLCUDA;
+  tk.ndim = 3;
+  tk.dtype = TDT_BF16;
+  tk.shape = kv_shape;
+  tk.strides = kv_strides;
+  tv = tk;
+  tv.data = (void *)(uintptr_t)dv;
+  kvattn_kv kvs = KVATTN_KV_INIT;
+  kvs.k = &tk;
+  kvs.v = &tv;
+
+  kvattn_attention *attn = NULL;
+  kvattn_workspace ws;
+  memset(&ws, 0, sizeof ws);
+  size_t dbytes = 0, hbytes = 0;
+  CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &attn));
+  CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dbytes, &hbytes));
+  CHECK_OK(kvattn_workspace_alloc(g_gpu, dbytes, hbytes, &ws));
+  CHECK_OK(kvattn_plan(attn, &b, &ws, NULL));
+  CHECK_OK(kvattn_run(attn, &q.t, &kvs, NULL, &out.t, NULL, NULL));
+  CHECK(!api()->cuCtxSynchronize());
+  CHECK(dev_download(&tb.out, &out));
+  const double err = rel_error(&tb.out, &tb.ref);
+  fprintf(stderr, "  ragged rows at tokens %lld..%lld (elements past 2^31): rel_err %.2e\n", (long long)n0,
+          (long long)(tokens - 1), err);
+  CHECK(err < 1e-2);
+  kvattn_workspace_free(g_gpu, &ws);
+  kvattn_attention_destroy(attn);
+  dev_free(&q);
+  dev_free(&out);
+  api()->cuMemFree(dk);
+  api()->cuMemFree(dv);
+  free(pk);
+  free(pv);
+  tb_free(&tb);
 }
 
 TEST(bounds_exceeded_is_a_plan_error) {
