@@ -97,12 +97,12 @@ static int decode_early_refill(void) { return env_int("KVATTN_DECODE_EARLY_REFIL
  * while the kernel before it in the stream finishes; it reads only its work lists (written by plan's
  * copy, which no kernel writes) before `griddepcontrol.wait`, and everything else after it, so the
  * launch and the CTAs' first dependent loads overlap the previous kernel's tail. 0 = plain launch. */
-/* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
- * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
-static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
 static int decode_pdl(const struct gpu_context *g) {
   return g->cc_major >= 9 && g->api->cuLaunchKernelEx && env_int("KVATTN_DECODE_PDL", 1, 0, 1);
 }
+/* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
+ * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
+static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
