@@ -289,7 +289,8 @@ static __device__ __forceinline__ void load_kv_tile(u32 kt, const char *kc, cons
   }
 }
 
-/* base + row * row_bytes in one wide multiply-add (the compiler otherwise splits it in 64-bit steps) */
+/* base + row * row_bytes as one PTX mad.wide.s32 (ptxas on sm_90a still emits it as a 32 x 32 -> 64-bit
+ * multiply and a 64-bit add: three instructions) */
 static __device__ __forceinline__ const char *row_ptr(const char *base, int row, int row_bytes) {
   const char *r;
   asm("mad.wide.s32 %0, %1, %2, %3;" : "=l"(r) : "r"(row), "r"(row_bytes), "l"(base));
@@ -615,7 +616,7 @@ prefill_kernel(const struct prefill_params p) {
               const int h = e >> 1;
               const int col = warp_kv * KVW + nf * 8 + 2 * (lane & 3) + (e & 1);
               bool keep = t0 + col < kv_end;
-              if (p.bsr) keep = keep && kpos[col] != 0x7fffffff;
+              if (p.bsr) keep = keep && kpos[col] != NO_ROW;
 #if CAUSAL || WINDOW || CUSTOM_MASK
               const int kp = p.bsr ? kpos[col] : t0 + col;
 #endif

@@ -40,6 +40,7 @@ struct gpu_prefill {
   prefill_plan_out out;
   CUdeviceptr lists, part_o, part_lse;
   int32_t page_size;
+  int contig_ok; /* KVATTN_PREFILL_CONTIG (read once, at create): ragged rows may be addressed directly */
 };
 
 static int dtype_code(DLDataType t) {
@@ -296,6 +297,7 @@ kvattn_status gpu_prefill_init(kvattn_attention *a) {
       goto fail;
     }
   p->merge_grid = g->sm_count * 4;
+  p->contig_ok = env_int("KVATTN_PREFILL_CONTIG", 1, 0, 1);
   a->gpu_prefill = p;
   return KVATTN_SUCCESS;
 fail:
@@ -436,7 +438,7 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
   /* Ragged rows are addressed directly (no row tables) when a row step fits the kernel's int. */
   if (bv->format == KVATTN_FORMAT_RAGGED && !pp.bsr && bv->page_size == 1 && pp.k_stride_page > -(1 << 29) &&
       pp.k_stride_page < (1 << 29) && pp.v_stride_page > -(1 << 29) && pp.v_stride_page < (1 << 29) &&
-      env_int("KVATTN_PREFILL_CONTIG", 1, 0, 1)) {
+      p->contig_ok) {
     pp.contig = 1;
     pp.k_row_bytes = (int32_t)(2 * pp.k_stride_page);
     pp.v_row_bytes = (int32_t)(2 * pp.v_stride_page);

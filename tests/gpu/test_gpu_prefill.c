@@ -192,19 +192,24 @@ typedef struct variant {
 
 static const variant V_PLAIN = {0, -1, 0, 0, 0, 0.f}, V_CAUSAL = {1, -1, 0, 0, 0, 0.f};
 
+/* Move h's values into n (same shape, another layout) and let n take h's place. */
+static void replace_with(host_tensor *h, host_tensor *n) {
+  int64_t idx[6] = {0};
+  if (ht_numel(h) > 0) do ht_set(n, idx, ht_get(h, idx));
+    while (ht_next(h->t.ndim, h->shape, idx));
+  ht_free(h);
+  *h = *n;
+  h->t.shape = h->shape;
+  h->t.strides = h->strides;
+}
+
 /* Give a [tokens, heads, dim] host tensor gaps: head stride dim + extra_head, token stride
  * heads * that + extra_tok (multiples of 8 elements keep rows 16-byte aligned); gaps hold NaN. */
 static int restride(host_tensor *h, int64_t extra_tok, int64_t extra_head) {
   host_tensor n;
   int64_t sh = h->shape[2] + extra_head, st[3] = {h->shape[1] * sh + extra_tok, sh, 1};
   if (!ht_alloc_strided(&n, h->t.dtype, 3, h->shape, st, 0)) return 0;
-  int64_t idx[3] = {0, 0, 0};
-  if (ht_numel(h) > 0) do ht_set(&n, idx, ht_get(h, idx));
-    while (ht_next(3, h->shape, idx));
-  ht_free(h);
-  *h = n;
-  h->t.shape = h->shape;
-  h->t.strides = h->strides;
+  replace_with(h, &n);
   return 1;
 }
 
@@ -216,13 +221,7 @@ static int g_padded_v;  /* run_case: give V strides that differ from K's (its ow
 static int repad(host_tensor *h) {
   host_tensor n;
   if (!ht_alloc_padded(&n, h->t.dtype, h->t.ndim, h->shape, 8, 1)) return 0;
-  int64_t idx[6] = {0};
-  if (ht_numel(h) > 0) do ht_set(&n, idx, ht_get(h, idx));
-    while (ht_next(h->t.ndim, h->shape, idx));
-  ht_free(h);
-  *h = n;
-  h->t.shape = h->shape;
-  h->t.strides = h->strides;
+  replace_with(h, &n);
   return 1;
 }
 
