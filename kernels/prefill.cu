@@ -297,19 +297,41 @@ static __device__ __forceinline__ const char *row_ptr(const char *base, int row,
   return r;
 }
 
-/* Ragged: where token j of the item's request starts in K (v 0) or V (v 1), from the chunk base c
- * (kc or vc: this thread's chunk); recomputed per tile, since registers are what the 128-row tile
- * lacks. */
+/* Ragged: the byte offset of the item's token 0 in K (v 0) or V (v 1), its head included. The loop
+ * reads it from shared memory (one per item, written with the item) rather than recomputing it per
+ * tile: registers are what the 128-row tile lacks, and the recomputation cost ~20 instructions. */
+static __device__ __forceinline__ long long ragged_off(const struct prefill_params &p, const struct prefill_item &it,
+                                                       int v) {
+  return 2 * (long long)it.kv_head * (v ? p.v_stride_head : p.k_stride_head) +
+         (long long)it.kv_entry * (v ? p.v_row_bytes : p.k_row_bytes);
+}
+/* Ragged: where token j of the item's request starts, from the chunk base c (kc or vc: this
+ * thread's chunk). */
 static __device__ __forceinline__ const char *ragged_row(const struct prefill_params &p, const struct prefill_item &it,
                                                          const char *c, int v, int j) {
-  return row_ptr(c + 2 * (long long)it.kv_head * (v ? p.v_stride_head : p.k_stride_head), it.kv_entry + j,
-                 v ? p.v_row_bytes : p.k_row_bytes);
+  return row_ptr(c + ragged_off(p, it, v), j, v ? p.v_row_bytes : p.k_row_bytes);
 }
 
 /* Ragged: the copies of the tile whose first row is at kr / vr (this thread's chunk included);
- * rows from `lim` on are past the chunk (zero-filled; their address is row 0's, never read). */
+ * rows from `lim` on are past the chunk (zero-filled; their address is row 0's, never read).
+ * lim is the block's, so the branch is uniform: an interior tile (every row present) takes the
+ * thread's first row once and steps LD_RSTEP rows per copy, a 32-bit add on a 64-bit pointer, with
+ * no bound per row (the host keeps LD_RSTEP row steps, at most 32 rows, within an int). */
 static __device__ __forceinline__ void load_kv_rows(u32 kt, const char *kr, const char *vr, int k_row_bytes,
                                                     int v_row_bytes, int ld_r0, int lim, u32 ld_dst, u32 ld_dst_odd) {
+  if (lim >= KV_TILE) {
+    const char *k = row_ptr(kr, ld_r0, k_row_bytes), *v = row_ptr(vr, ld_r0, v_row_bytes);
+    const int ks = LD_RSTEP * k_row_bytes, vs = LD_RSTEP * v_row_bytes;
+#pragma unroll
+    for (int j = 0; j < LD_ROWS; j++) {
+      const u32 dst = kt + ld_dst_of(j, ld_dst, ld_dst_odd);
+      cp_async16_s(dst, k, 16);
+      cp_async16_s(dst + SMEM_KV * 2, v, 16);
+      k += ks;
+      v += vs;
+    }
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < LD_ROWS; k++) {
     const int r = ld_r0 + k * LD_RSTEP;
@@ -412,6 +434,8 @@ prefill_kernel(const struct prefill_params p) {
    * dependent global load. */
   __shared__ __align__(16) struct prefill_item s_item, s_next;
   const struct prefill_item &it = s_item;
+  /* ragged: the byte offsets of the item's first K and V rows, once per item (see ragged_off) */
+  __shared__ long long s_kv_off[2];
   if (tid < 3 && item_begin < item_end)
     cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * item_begin + 4 * tid, 16);
   cp_async_commit();
@@ -433,6 +457,7 @@ prefill_kernel(const struct prefill_params p) {
     if (!staged) cp_async_wait<0>();
     __syncthreads(); /* the previous item is done with s_item */
     if (tid < 3) ((int4 *)&s_item)[tid] = ((const int4 *)&s_next)[tid];
+    if (contig && (tid == 3 || tid == 4)) s_kv_off[tid - 3] = ragged_off(p, s_next, tid - 3);
     __syncthreads();
     if (tid < 3 && item_i + 1 < item_end) /* lands by this item's first tile, or its end */
       cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
@@ -512,8 +537,8 @@ prefill_kernel(const struct prefill_params p) {
       if (t + 1 < n_tiles) {
         const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
         if (contig)
-          load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
-                       ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
+          load_kv_rows(buf, row_ptr(kc + s_kv_off[0], t1, p.k_row_bytes), row_ptr(vc + s_kv_off[1], t1, p.v_row_bytes),
+                       p.k_row_bytes, p.v_row_bytes, ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
         else
           load_kv_tile(buf, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0, tposs + slot1 * KV_TILE + ld_r0, v_col,
                        ld_dst, ld_dst_odd);

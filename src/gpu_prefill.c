@@ -435,9 +435,10 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
   pp.kv_token_limit = bv->kv_token_limit;
   pp.kv_same_offsets = pp.k_stride_page == pp.v_stride_page && pp.k_stride_slot == pp.v_stride_slot &&
                        pp.k_stride_head == pp.v_stride_head;
-  /* Ragged rows are addressed directly (no row tables) when a row step fits the kernel's int. */
-  if (bv->format == KVATTN_FORMAT_RAGGED && !pp.bsr && bv->page_size == 1 && pp.k_stride_page > -(1 << 29) &&
-      pp.k_stride_page < (1 << 29) && pp.v_stride_page > -(1 << 29) && pp.v_stride_page < (1 << 29) &&
+  /* Ragged rows are addressed directly (no row tables) when the loader's step (up to 32 rows, see
+   * load_kv_rows) fits the kernel's int: |stride| < 2^22 elements, 8 MiB a row at 16 bits. */
+  if (bv->format == KVATTN_FORMAT_RAGGED && !pp.bsr && bv->page_size == 1 && pp.k_stride_page > -(1 << 22) &&
+      pp.k_stride_page < (1 << 22) && pp.v_stride_page > -(1 << 22) && pp.v_stride_page < (1 << 22) &&
       p->contig_ok) {
     pp.contig = 1;
     pp.k_row_bytes = (int32_t)(2 * pp.k_stride_page);
