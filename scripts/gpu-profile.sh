@@ -1,7 +1,7 @@
 #!/bin/bash
 # gpu-profile.sh - Nsight Compute on one launch of each kernel that misses its bar, plus the SASS of
 # the prefill and decode cubins the runs compiled, in one device call. Logs to $OUT/profile.tgz.
-#   OUT=... bash scripts/gpu-profile.sh [prefill] [decode]
+#   OUT=... bash scripts/gpu-profile.sh [prefill] [prefill-src] [decode]
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-profile}
@@ -13,9 +13,11 @@ t0=$(date +%s)
 phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 phase build
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-cmake -S . -B build-prof -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$L/build.log" 2>&1 &&
-  cmake --build build-prof -j"$(nproc)" --target kvattn >>"$L/build.log" 2>&1 || { tail -30 "$L/build.log"; exit 1; }
-export KVATTN_LIBRARY=$PWD/build-prof/libkvattn.so
+if [ ! -f "${KVATTN_LIBRARY:-}" ]; then  # a library built earlier in the same call is used as is
+  cmake -S . -B build-prof -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$L/build.log" 2>&1 &&
+    cmake --build build-prof -j"$(nproc)" --target kvattn >>"$L/build.log" 2>&1 || { tail -30 "$L/build.log"; exit 1; }
+  export KVATTN_LIBRARY=$PWD/build-prof/libkvattn.so
+fi
 SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section InstructionStats --section SourceCounters"
 KEY="Duration|Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Warp Cycles Per Issued|Issued Ipc|Issue Slots Busy|No Eligible|Eligible Warps|Block Limit|L2 Hit|Bank|Stall|Grid Size|Executed Ipc|Pipe|Dynamic Shared"
 prof() {  # name regex command...
@@ -24,7 +26,7 @@ prof() {  # name regex command...
     --print-details all "$@" >"$L/ncu_$n.log" 2>&1
   echo "--- $n"; grep -E "$KEY" "$L/ncu_$n.log" | grep -v "^==" | head -45
 }
-case "$WHAT" in *prefill*)
+case " $WHAT " in *" prefill "*)
   phase "prefill timings"
   for f in ragged paged16 paged1; do python3 bench/prefill_one.py --batch 4 --len 4096 --format $f --reps 9; done
   python3 bench/prefill_one.py --batch 16 --len 1024 --format ragged --reps 9
@@ -37,7 +39,18 @@ case "$WHAT" in *prefill*)
   prof prefill_ragged prefill_kernel python3 bench/prefill_one.py --batch 4 --len 4096 --format ragged --reps 1
   prof prefill_paged1 prefill_kernel python3 bench/prefill_one.py --batch 4 --len 4096 --format paged1 --reps 1
   ;; esac
-case "$WHAT" in *decode*)
+case " $WHAT " in *" prefill-src "*)
+  # where a short-row item's time goes: per-instruction stall samples of the ragged 16x1024 kernel,
+  # exported as CSV (read with the SASS here: no ncu needed on the reading machine)
+  phase "prefill ncu, source counters (ragged 16x1024)"
+  timeout 150 ncu --clock-control none -k regex:prefill_kernel --launch-skip 1 --launch-count 1 --import-source no \
+    --section SpeedOfLight --section WarpStateStats --section SourceCounters --section Occupancy -f -o "$L/pf16" \
+    python3 bench/prefill_one.py --batch 16 --len 1024 --format ragged --reps 1 >"$L/pf16.log" 2>&1 || tail -5 "$L/pf16.log"
+  ncu -i "$L/pf16.ncu-rep" --page source --csv --print-source sass >"$L/pf16_sass.csv" 2>&1
+  ncu -i "$L/pf16.ncu-rep" --print-details all >"$L/pf16_details.txt" 2>&1
+  grep -E "$KEY" "$L/pf16_details.txt" | head -40; wc -l "$L/pf16_sass.csv"
+  ;; esac
+case " $WHAT " in *" decode "*)
   phase "decode ncu"
   prof decode_b1 decode_paged python3 bench/decode.py --only b1_L4096 --quick --no-flashinfer --no-triton
   prof decode_b64p1 decode_paged python3 bench/decode.py --only b64_L4096 --pages 1 --no-flashinfer --no-triton

@@ -215,6 +215,7 @@ static int restride(host_tensor *h, int64_t extra_tok, int64_t extra_head) {
 
 static int g_strided_q; /* run_case: give q and out gaps (non-contiguous views) */
 static int g_padded_v;  /* run_case: give V strides that differ from K's (its own row tables / row steps) */
+static int64_t g_kv_gap; /* run_case: this many elements of gap between consecutive K and V rows (NHD) */
 
 /* Re-allocate a host tensor with every dimension's extent padded by 8 elements (16-byte rows kept,
  * NaN in the gaps), same values. */
@@ -266,7 +267,8 @@ static int run_case(const char *name, int format, int layout, int combined, int 
   }
   if (poison_tails) tb_poison_unused(&tb);
   if ((g_strided_q && (!restride(&tb.q, 24, 8) || !restride(&tb.out, 40, 16))) ||
-      (g_padded_v && !combined && !repad(&tb.v))) {
+      (g_padded_v && !combined && !repad(&tb.v)) ||
+      (g_kv_gap && (!restride(&tb.k, g_kv_gap, 0) || !restride(&tb.v, g_kv_gap, 0)))) {
     tb_free(&tb);
     return 0;
   }
@@ -339,6 +341,20 @@ TEST(k_and_v_with_different_strides) {
   all_ok &= run_case("padded v: paged p16 causal", PAGED, NHD, 0, 16, 5, 100, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 44, 1);
   all_ok &= run_case("padded v: paged p1 HND causal", PAGED, HND, 0, 1, 5, 90, 250, 8, 2, 128, TDT_BF16, V_CAUSAL, 45, 1);
   g_padded_v = 0;
+  CHECK(all_ok);
+}
+
+/* Ragged rows are addressed from a row step when it fits the kernel's int (gpu_prefill.c: |row stride|
+ * < 2^22 elements); rows further apart, and KVATTN_PREFILL_CONTIG=0, take the row tables instead. */
+TEST(ragged_rows_far_apart_and_through_tables) {
+  NEED_GPU();
+  int all_ok = 1;
+  g_kv_gap = (int64_t)1 << 22; /* 8 MiB between rows: ~1 GB for each of K and V */
+  all_ok &= run_case("ragged rows 2^22 apart causal", RAGGED, NHD, 0, 1, 2, 30, 60, 8, 2, 128, TDT_BF16, V_CAUSAL, 46, 0);
+  g_kv_gap = 0;
+  setenv("KVATTN_PREFILL_CONTIG", "0", 1); /* read when an attention is created */
+  all_ok &= run_case("ragged through tables causal", RAGGED, NHD, 0, 1, 6, 200, 260, 8, 2, 128, TDT_BF16, V_CAUSAL, 47, 0);
+  unsetenv("KVATTN_PREFILL_CONTIG");
   CHECK(all_ok);
 }
 
