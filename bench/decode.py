@@ -81,6 +81,7 @@ WORKLOADS = [
     ("b64_L4096_mha32", 64, 4096, 32, 32, (16,)),
 ]
 HEAD_DIM = 128
+LAYOUT = "NHD"  # --layout: the cache's layout, NHD [page, token, head, dim] or HND [page, head, token, dim]
 
 
 class Problem:
@@ -99,7 +100,7 @@ class Problem:
         self.bytes = self.kv_bytes + 2 * batch * qo_heads * self.d * 2
         # caches rotated so one replay's working set is far beyond L2
         self.copies = max(1, min(16, math.ceil(L2_ROTATE_BYTES / self.kv_bytes)))
-        shape = (self.num_pages, page, kv_heads, self.d)
+        shape = (self.num_pages, page, kv_heads, self.d) if LAYOUT == "NHD" else (self.num_pages, kv_heads, page, self.d)
         self.k = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in range(self.copies)]
         self.v = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in range(self.copies)]
         self.q = [torch.randn(batch, qo_heads, self.d, dtype=torch.bfloat16, device="cuda")
@@ -113,6 +114,8 @@ class Problem:
         """float32 attention of copy `copy` (q_i over request i's tokens)."""
         out = torch.empty(self.batch, self.qo, self.d, dtype=torch.float32, device="cuda")
         k, v, q = self.k[copy], self.v[copy], self.q[copy]
+        if LAYOUT == "HND":  # the reference reads token-major pages
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
         g = self.qo // self.kv
         for i in range(self.batch):
             n = int(self.lens[i])
@@ -183,7 +186,7 @@ def time_calls(call, copies, reps_target=64, replays=20, warm=3):
 
 
 def bench_kvattn(P, kvattn, tc=False):
-    w = kvattn.BatchDecodeWithPagedKVCacheWrapper("cuda", "NHD", use_tensor_cores=tc)
+    w = kvattn.BatchDecodeWithPagedKVCacheWrapper("cuda", LAYOUT, use_tensor_cores=tc)
     w.plan(P.indptr, P.indices, P.last, P.qo, P.kv, P.d, P.page, q_data_type="bfloat16",
            kv_data_type="bfloat16")
     out = torch.empty(P.batch, P.qo, P.d, dtype=torch.bfloat16, device="cuda")
@@ -223,7 +226,7 @@ def with_env(cfg, fn):
 
 
 def bench_flashinfer(P, fi, tc, workspace):
-    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
+    w = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, LAYOUT, use_tensor_cores=tc)
     w.plan(P.indptr_d, P.indices, P.last_d, P.qo, P.kv, P.d, P.page, q_data_type=torch.bfloat16,
            kv_data_type=torch.bfloat16)
     out = w.run(P.q[0], (P.k[0], P.v[0]))
@@ -279,14 +282,20 @@ def main():
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--tc", action="store_true", help="also kvattn's tensor-core path (the prefill kernel)")
     ap.add_argument("--sweep", default=None, help="extra kvattn configurations, e.g. s8c1,s3c3,m128")
+    ap.add_argument("--layout", default="NHD", choices=("NHD", "HND"),
+                    help="the KV cache layout (HND: each page's head contiguous; Triton takes NHD only)")
     args = ap.parse_args()
+    global LAYOUT
+    LAYOUT = args.layout
+    if LAYOUT == "HND":
+        args.no_triton = True
 
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
     props = torch.cuda.get_device_properties(0)
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-              "head_dim": HEAD_DIM, "dtype": "bfloat16", "workloads": {}}
+              "head_dim": HEAD_DIM, "dtype": "bfloat16", "layout": LAYOUT, "workloads": {}}
     import kvattn
     result["kvattn"] = kvattn.__version__ if hasattr(kvattn, "__version__") else "?"
     fi = None
