@@ -105,15 +105,10 @@
 #define DECODE_EARLY_REFILL 1
 #endif
 /* DECODE_L2_PREFETCH 0|128|256: the L2 prefetch size hint on the tensor-core loader's K/V copies (an L2
- * miss fetches that much of the line around the sector; a tile row is 128-512 bytes) */
-/* DECODE_LAZY_RESCALE 1 (tensor-core path): O is rescaled only when a row's max grows by more than
- * DECODE_RESCALE_SLACK (log2 units), as in prefill.cu */
-#ifndef DECODE_LAZY_RESCALE
-#define DECODE_LAZY_RESCALE 0
-#endif
-#define DECODE_RESCALE_SLACK 8.0f
+ * miss fetches that much around the sector; a thread's copy is 16 bytes of a 256-byte row). H200:
+ * 128 measured 0.4-2.5% faster than none on every decode row, 256 up to 3.5% slower (docs/perf.md). */
 #ifndef DECODE_L2_PREFETCH
-#define DECODE_L2_PREFETCH 0
+#define DECODE_L2_PREFETCH 128
 #endif
 #define ID_SLOTS (2 * STAGES)        /* id ring: a slot is rewritten only after every thread read it */
 #define ID_SLOT TILE                 /* ids one tile spans: TILE for page_size 1, <= TILE/2 + 1 above */
@@ -676,49 +671,6 @@ decode_paged_kernel(const struct decode_params p) {
           sc[nt][e] = pos < cs.it.tok_end ? x * KV_LOG2E : KV_NEG_INF;
         }
       /* online softmax per row; a row's 16 scores live in the 4 lanes of a quad */
-#if DECODE_LAZY_RESCALE
-      /* The running max is raised only when a row of the warp grew past it by more than
-       * DECODE_RESCALE_SLACK (log2 units); otherwise it stays, the exponents stay below
-       * 2^DECODE_RESCALE_SLACK and the rescale of O (64 multiplies per lane) is skipped. Exact either
-       * way: oacc, l2 and m2 always describe the same scaled sums. */
-      float tmx[2];
-      bool grow = false;
-#pragma unroll
-      for (int r = 0; r < 2; r++) {
-        float mx = fmaxf(fmaxf(sc[0][2 * r], sc[0][2 * r + 1]), fmaxf(sc[1][2 * r], sc[1][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        tmx[r] = mx;
-        grow |= mx > m2[r] + DECODE_RESCALE_SLACK;
-      }
-      if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-          const float mn = fmaxf(m2[r], tmx[r]);
-          const float scale = fast_exp2(m2[r] - (mn == KV_NEG_INF ? 0.0f : mn)); /* m2 = -inf: 0 */
-          l2[r] *= scale;
-          m2[r] = mn;
-#pragma unroll
-          for (int nd = 0; nd < HEAD_DIM / 8; nd++) {
-            oacc[nd][2 * r] *= scale;
-            oacc[nd][2 * r + 1] *= scale;
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; r++) {
-        const float base = m2[r] == KV_NEG_INF ? 0.0f : m2[r]; /* a row masked so far stays exactly 0 */
-        float sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++)
-#pragma unroll
-          for (int e = 0; e < 2; e++) {
-            sc[nt][2 * r + e] = fast_exp2(sc[nt][2 * r + e] - base);
-            sum += sc[nt][2 * r + e];
-          }
-        l2[r] += sum; /* this lane's part; the quad is summed at the item's end */
-      }
-#else
 #pragma unroll
       for (int r = 0; r < 2; r++) {
         float mx = fmaxf(fmaxf(sc[0][2 * r], sc[0][2 * r + 1]), fmaxf(sc[1][2 * r], sc[1][2 * r + 1]));
@@ -743,7 +695,6 @@ decode_paged_kernel(const struct decode_params p) {
           oacc[nd][2 * r + 1] *= scale;
         }
       }
-#endif
       /* P (16 rows x 16 tokens) as the A operand, straight from the S accumulators */
       u32 pa[4];
       pa[0] = pack2(KV_DTYPE, sc[0][0], sc[0][1]);

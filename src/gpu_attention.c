@@ -93,11 +93,9 @@ static int decode_ctas_per_sm(void) { return env_int("KVATTN_DECODE_CTAS_PER_SM"
 static int decode_pipe(int tc) { return tc ? env_int("KVATTN_DECODE_PIPE", 1, 0, 1) : 0; }
 /* ... and where it refills at an item's end: 1 = before the item's partial state is written and merged */
 static int decode_early_refill(void) { return env_int("KVATTN_DECODE_EARLY_REFILL", 1, 0, 1); }
-/* The tensor-core path's lazy rescale of O (kernels/decode_paged.cu, DECODE_LAZY_RESCALE). */
-static int decode_lazy(void) { return env_int("KVATTN_DECODE_LAZY", 0, 0, 1); }
 /* The L2 prefetch size hint (bytes: 0, 128 or 256) on the tensor-core loader's K/V copies. */
 static int decode_l2_prefetch(void) {
-  const int v = env_int("KVATTN_DECODE_L2_PREFETCH", 0, 0, 256);
+  const int v = env_int("KVATTN_DECODE_L2_PREFETCH", 128, 0, 256);
   return v >= 256 ? 256 : v >= 128 ? 128 : 0;
 }
 /* Programmatic dependent launch (sm_90+, a driver with cuLaunchKernelEx): the decode kernel may start
@@ -170,10 +168,10 @@ static void decode_defines(const decode_config *c, const kvattn_attention_desc *
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d -DDECODE_LAZY_RESCALE=%d",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(), decode_lazy());
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch());
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
