@@ -457,7 +457,6 @@ prefill_kernel(const struct prefill_params p) {
     if (!staged) cp_async_wait<0>();
     __syncthreads(); /* the previous item is done with s_item */
     if (tid < 3) ((int4 *)&s_item)[tid] = ((const int4 *)&s_next)[tid];
-    if (contig && (tid == 3 || tid == 4)) s_kv_off[tid - 3] = ragged_off(p, s_next, tid - 3);
     __syncthreads();
     if (tid < 3 && item_i + 1 < item_end) /* lands by this item's first tile, or its end */
       cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
@@ -537,8 +536,8 @@ prefill_kernel(const struct prefill_params p) {
       if (t + 1 < n_tiles) {
         const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
         if (contig)
-          load_kv_rows(buf, row_ptr(kc + s_kv_off[0], t1, p.k_row_bytes), row_ptr(vc + s_kv_off[1], t1, p.v_row_bytes),
-                       p.k_row_bytes, p.v_row_bytes, ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
+          load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
+                       ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
         else
           load_kv_tile(buf, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0, tposs + slot1 * KV_TILE + ld_r0, v_col,
                        ld_dst, ld_dst_odd);

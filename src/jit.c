@@ -304,10 +304,16 @@ static void hash_str(hash128 *h, const char *s) {
 }
 
 /* KVATTN_JIT_VERBOSE=1: every compile and cache hit, and NVRTC's full log, on stderr (logging is
- * opt-in; errors always travel as statuses and kvattn_last_error()). */
+ * opt-in; errors always travel as statuses and kvattn_last_error()). 2: also ptxas's resource
+ * report (registers, spill stores/loads) in that log, for compiles (not cache hits): the figures of
+ * the kernels kvattn really runs, which nvcc on the same source does not always reproduce. */
 static int jit_verbose(void) {
   const char *e = getenv("KVATTN_JIT_VERBOSE");
   return e && e[0] && strcmp(e, "0") != 0;
+}
+static int jit_ptxas_report(void) {
+  const char *e = getenv("KVATTN_JIT_VERBOSE");
+  return e && atoi(e) >= 2;
 }
 
 /* The log's first lines, at most `max` bytes. */
@@ -431,7 +437,7 @@ kvattn_status jit_compile(const jit_spec *spec, const char *cache_dir, void **cu
                      spec->defines, tok);
       goto done;
     }
-    if (nopt >= 8 + JIT_MAX_DEFINES - 1) {
+    if (nopt >= 8 + JIT_MAX_DEFINES - 2) { /* room for the include and the ptxas report */
       st = set_error(KVATTN_ERROR_INVALID_ARGUMENT, "jit_compile: more than %d definitions", JIT_MAX_DEFINES);
       goto done;
     }
@@ -440,6 +446,7 @@ kvattn_status jit_compile(const jit_spec *spec, const char *cache_dir, void **cu
   nhashed = nopt;
   if (g_nvrtc.include[0] && snprintf(include_opt, sizeof include_opt, "-I%s", g_nvrtc.include) > 0)
     options[nopt++] = include_opt;
+  if (jit_ptxas_report()) options[nopt++] = "--ptxas-options=-v"; /* a report only: not in the key */
 
   hash128 h;
   hash128_init(&h, 0);

@@ -163,6 +163,30 @@ TEST(selftest_compiles_for_sm80_and_sm90a_then_hits_the_cache) {
   remove_dir(dir);
 }
 
+/* KVATTN_JIT_VERBOSE=2 asks ptxas for its resource report: the same code, so the same cache entry
+ * (a later quiet compile of the spec is a hit on the same bytes). */
+TEST(ptxas_report_compiles_the_same_entry) {
+  NEED_NVRTC();
+  char dir[64];
+  fresh_dir(dir, sizeof dir);
+  void *loud = NULL, *quiet = NULL;
+  size_t loud_size = 0, quiet_size = 0;
+  double seconds = -1;
+  int hit = -1;
+  setenv("KVATTN_JIT_VERBOSE", "2", 1);
+  kvattn_status s = compile(dir, "sm_90a", NULL, &loud, &loud_size, &seconds, &hit);
+  unsetenv("KVATTN_JIT_VERBOSE");
+  CHECK_OK(s);
+  CHECK(hit == 0);
+  CHECK_OK(compile(dir, "sm_90a", NULL, &quiet, &quiet_size, &seconds, &hit));
+  CHECK(hit == 1);
+  CHECK(quiet_size == loud_size && memcmp(quiet, loud, loud_size) == 0);
+  CHECK(count_files(dir, NULL, NULL, 0) == 1);
+  free(loud);
+  free(quiet);
+  remove_dir(dir);
+}
+
 TEST(different_defines_give_different_entries) {
   NEED_NVRTC();
   char dir[64];
