@@ -547,6 +547,33 @@ static void print_case(const dcase *c, double rel, double lse) {
           (long long)total, (long long)mx, rel, lse);
 }
 
+/* A random case of the given page size, group and head dim: batch, heads, layout, dtype, strides and
+ * options drawn from the test's generator. every_option: also combined K/V, LSE on or off and RoPE
+ * (else LSE on, separate K/V, no RoPE: the tensor-core path's shapes). */
+static void random_case(dcase *c, int64_t *len, const char *name, int max_batch, int page_size, int group,
+                        int head_dim, int every_option) {
+  memset(c, 0, sizeof *c);
+  c->name = name;
+  c->batch = (int)rnd_range(1, max_batch);
+  c->kv_heads = (int)rnd_range(1, 4);
+  c->group = group;
+  c->head_dim = head_dim;
+  c->page_size = page_size;
+  c->layout = (int)(rnd() % 2);
+  c->bf16 = (int)(rnd() % 2);
+  c->noncontig = rnd() % 2 == 0;
+  c->want_lse = 1;
+  if (every_option) {
+    c->combined_kv = rnd() % 4 == 0;
+    c->want_lse = rnd() % 2 == 0;
+  }
+  c->window = rnd() % 4 == 0 ? (int)rnd_range(0, 600) : -1;
+  c->soft_cap = rnd() % 5 == 0 ? 30.0f : 0.0f;
+  c->alibi = rnd() % 5 == 0;
+  if (every_option) c->rope = rnd() % 5 == 0;
+  c->kv_len = len;
+}
+
 TEST(decode_matches_the_reference_on_random_cases) {
   NEED_GPU();
   const int page_sizes[3] = {1, 16, 64}, groups[3] = {1, 4, 8}, dims[3] = {64, 128, 256};
@@ -557,24 +584,8 @@ TEST(decode_matches_the_reference_on_random_cases) {
         for (int di = 0; di < 3; di++) {
           int64_t len[64];
           dcase c;
-          memset(&c, 0, sizeof c);
-          c.name = "random";
-          c.batch = (int)rnd_range(1, 40);
-          c.kv_heads = (int)rnd_range(1, 4);
-          c.group = groups[gi];
-          c.head_dim = dims[di];
-          c.page_size = page_sizes[pi];
-          c.layout = (int)(rnd() % 2);
-          c.bf16 = (int)(rnd() % 2);
-          c.noncontig = rnd() % 2 == 0;
-          c.combined_kv = rnd() % 4 == 0;
-          c.want_lse = rnd() % 2 == 0;
-          c.window = rnd() % 4 == 0 ? (int)rnd_range(0, 600) : -1;
-          c.soft_cap = rnd() % 5 == 0 ? 30.0f : 0.0f;
-          c.alibi = rnd() % 5 == 0;
-          c.rope = rnd() % 5 == 0;
+          random_case(&c, len, "random", 40, page_sizes[pi], groups[gi], dims[di], 1);
           random_lengths(len, c.batch, rnd() % 3 ? 2000 : 8000, 40000);
-          c.kv_len = len;
           double rel = 0, lse = 0;
           int bad = run_case(&c, &rel, &lse);
           print_case(&c, rel, lse);
@@ -717,22 +728,8 @@ TEST(decode_with_the_swizzled_ring_matches_the_reference) {
       for (int di = 0; di < 2; di++) {
         int64_t len[64];
         dcase c;
-        memset(&c, 0, sizeof c);
-        c.name = "swizzled";
-        c.batch = (int)rnd_range(1, 24);
-        c.kv_heads = (int)rnd_range(1, 4);
-        c.group = groups[gi];
-        c.head_dim = dims[di];
-        c.page_size = page_sizes[pi];
-        c.layout = (int)(rnd() % 2);
-        c.bf16 = (int)(rnd() % 2);
-        c.noncontig = rnd() % 2 == 0;
-        c.want_lse = 1;
-        c.window = rnd() % 4 == 0 ? (int)rnd_range(0, 600) : -1;
-        c.soft_cap = rnd() % 5 == 0 ? 30.0f : 0.0f;
-        c.alibi = rnd() % 5 == 0;
+        random_case(&c, len, "swizzled", 24, page_sizes[pi], groups[gi], dims[di], 0);
         random_lengths(len, c.batch, 3000, 9000);
-        c.kv_len = len;
         double rel = 0, lse = 0;
         int bad = run_case(&c, &rel, &lse);
         print_case(&c, rel, lse);
