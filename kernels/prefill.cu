@@ -297,19 +297,14 @@ static __device__ __forceinline__ const char *row_ptr(const char *base, int row,
   return r;
 }
 
-/* Ragged: the byte offset of the item's token 0 in K (v 0) or V (v 1), its head included. The loop
- * reads it from shared memory (one per item, written with the item) rather than recomputing it per
- * tile: registers are what the 128-row tile lacks, and the recomputation cost ~20 instructions. */
-static __device__ __forceinline__ long long ragged_off(const struct prefill_params &p, const struct prefill_item &it,
-                                                       int v) {
-  return 2 * (long long)it.kv_head * (v ? p.v_stride_head : p.k_stride_head) +
-         (long long)it.kv_entry * (v ? p.v_row_bytes : p.k_row_bytes);
-}
-/* Ragged: where token j of the item's request starts, from the chunk base c (kc or vc: this
- * thread's chunk). */
+/* Ragged: where token j of the item's request starts in K (v 0) or V (v 1), from the chunk base c
+ * (kc or vc: this thread's chunk); recomputed per tile, since registers are what the 128-row tile
+ * lacks. (Kept per item in shared memory instead, the offsets made NVRTC's ptxas spill 24 bytes in
+ * the timed kernel: docs/perf.md, kernel v5.) */
 static __device__ __forceinline__ const char *ragged_row(const struct prefill_params &p, const struct prefill_item &it,
                                                          const char *c, int v, int j) {
-  return row_ptr(c + ragged_off(p, it, v), j, v ? p.v_row_bytes : p.k_row_bytes);
+  return row_ptr(c + 2 * (long long)it.kv_head * (v ? p.v_stride_head : p.k_stride_head), it.kv_entry + j,
+                 v ? p.v_row_bytes : p.k_row_bytes);
 }
 
 /* Ragged: the copies of the tile whose first row is at kr / vr (this thread's chunk included);
@@ -434,8 +429,6 @@ prefill_kernel(const struct prefill_params p) {
    * dependent global load. */
   __shared__ __align__(16) struct prefill_item s_item, s_next;
   const struct prefill_item &it = s_item;
-  /* ragged: the byte offsets of the item's first K and V rows, once per item (see ragged_off) */
-  __shared__ long long s_kv_off[2];
   if (tid < 3 && item_begin < item_end)
     cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * item_begin + 4 * tid, 16);
   cp_async_commit();
