@@ -187,6 +187,106 @@ TEST(ptxas_report_compiles_the_same_entry) {
   remove_dir(dir);
 }
 
+/* The register/spill figures of the kernels kvattn times (Llama-3.1-8B's shape: 32 q / 8 KV heads,
+ * head_dim 128, bf16, causal), as NVRTC builds them for sm_80 and sm_90a: the tensor-core decode
+ * kernel and the 128-row causal prefill kernel must not spill. A spill there cost every prefill row
+ * 10-13% on an H200 (docs/perf.md, kernel v5), and nvcc on the same source did not show it: the
+ * figures come from ptxas's report in NVRTC's log (KVATTN_JIT_VERBOSE=2), read back from stderr. */
+typedef struct kernel_figures {
+  char source[32], arch[16], function[40], defines[512];
+  int registers, spill_bytes;
+} kernel_figures;
+
+static int parse_ptxas_reports(const char *log, kernel_figures *out, int max) {
+  int n = 0;
+  char source[32] = "", arch[16] = "", defines[512] = "";
+  for (const char *next = log; next && *next;) {
+    char line[1024]; /* one line of the log, so that each search stays inside it */
+    const char *end = strchr(next, '\n');
+    const size_t len = end ? (size_t)(end - next) : strlen(next);
+    snprintf(line, sizeof line, "%.*s", (int)(len < sizeof line ? len : sizeof line - 1), next);
+    next = end ? end + 1 : NULL;
+    const char *at;
+    if (!strncmp(line, "kvattn jit: NVRTC log for ", 26)) {
+      char d[512] = "";
+      if (sscanf(line + 26, "%31s (%15[^)]) [%511[^]]", source, arch, d) >= 2) snprintf(defines, sizeof defines, "%s", d);
+    } else if ((at = strstr(line, "Compiling entry function '")) && n < max) {
+      kernel_figures *k = &out[n++];
+      memset(k, 0, sizeof *k);
+      k->registers = k->spill_bytes = -1;
+      snprintf(k->source, sizeof k->source, "%s", source);
+      snprintf(k->arch, sizeof k->arch, "%s", arch);
+      snprintf(k->defines, sizeof k->defines, "%s", defines);
+      sscanf(at + 26, "%39[^']", k->function);
+    } else if (n > 0 && (at = strstr(line, "bytes spill stores"))) {
+      const char *p = at;
+      while (p > line && p[-1] == ' ') p--;
+      while (p > line && p[-1] >= '0' && p[-1] <= '9') p--;
+      out[n - 1].spill_bytes = atoi(p);
+    } else if (n > 0 && (at = strstr(line, "Used ")) && strstr(line, "registers")) {
+      out[n - 1].registers = atoi(at + 5);
+    }
+  }
+  return n;
+}
+
+TEST(timed_kernels_compile_without_spills) {
+  NEED_NVRTC();
+  char dir[64], logpath[64] = "/tmp/kvattn-test-ptxas-XXXXXX";
+  fresh_dir(dir, sizeof dir);
+  int fd = mkstemp(logpath);
+  CHECK(fd >= 0);
+  kvattn_attention_desc d = KVATTN_ATTENTION_DESC_INIT;
+  d.num_qo_heads = 32;
+  d.num_kv_heads = 8;
+  d.head_dim = 128;
+  d.q_dtype = (DLDataType){kDLBfloat, 16, 1};
+  d.causal = 1;
+  const char *arches[2] = {"sm_80", "sm_90a"};
+  kvattn_status st[2];
+  fflush(stderr);
+  const int saved = dup(2);
+  dup2(fd, 2);
+  setenv("KVATTN_JIT_VERBOSE", "2", 1);
+  for (int i = 0; i < 2; i++) st[i] = kvattn_warmup(&d, arches[i], dir, NULL, NULL);
+  unsetenv("KVATTN_JIT_VERBOSE");
+  fflush(stderr);
+  dup2(saved, 2);
+  close(saved);
+  CHECK_OK(st[0]);
+  CHECK_OK(st[1]);
+
+  char *log = NULL;
+  size_t size = 0;
+  FILE *f = fdopen(fd, "r");
+  CHECK(f != NULL);
+  fseek(f, 0, SEEK_END);
+  size = (size_t)ftell(f);
+  rewind(f);
+  log = calloc(size + 1, 1);
+  CHECK(log && fread(log, 1, size, f) == size);
+  fclose(f);
+  unlink(logpath);
+
+  kernel_figures k[64];
+  const int n = parse_ptxas_reports(log, k, 64);
+  int decode = 0, prefill128 = 0;
+  for (int i = 0; i < n; i++) {
+    const int is_decode = !strcmp(k[i].function, "decode_paged_kernel");
+    const int is_prefill128 = !strcmp(k[i].function, "prefill_kernel") && strstr(k[i].defines, "-DCTA_Q=128 ") &&
+                              strstr(k[i].defines, "-DCAUSAL=1 ");
+    printf("  %-6s %-20s %3d registers, %3d bytes spilled%s  [%.60s...]\n", k[i].arch, k[i].function, k[i].registers,
+           k[i].spill_bytes, is_decode || is_prefill128 ? " (timed)" : "", k[i].defines);
+    CHECK(k[i].registers > 0 && k[i].spill_bytes >= 0);
+    if (is_decode || is_prefill128) CHECK_MSG(k[i].spill_bytes == 0, "%s %s spills", k[i].arch, k[i].function);
+    decode += is_decode;
+    prefill128 += is_prefill128;
+  }
+  CHECK_MSG(decode == 2 && prefill128 == 2, "found %d decode and %d 128-row causal prefill reports", decode, prefill128);
+  free(log);
+  remove_dir(dir);
+}
+
 TEST(different_defines_give_different_entries) {
   NEED_NVRTC();
   char dir[64];
