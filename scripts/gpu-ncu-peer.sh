@@ -2,8 +2,10 @@
 # gpu-ncu-peer.sh - kvattn's decode kernel and FlashInfer's beside it under Nsight Compute, on the same
 # workloads, with a short metric list (time, DRAM bytes and throughput, L2 hit rate, occupancy,
 # instructions): where the uniform rows' gap to FlashInfer comes from. Needs .whl carried.
-#   OUT=... bash scripts/gpu-ncu-peer.sh [workload ...]     (default: b64_L4096 b16_L4096)
-# Logs: $OUT/ncu-peer/*.log; a table of the metrics is printed last.
+#   OUT=... [SOURCE=1] bash scripts/gpu-ncu-peer.sh [workload ...]     (default: b64_L4096 b16_L4096)
+# Logs: $OUT/ncu-peer/*.log, each kernel's metrics printed as they come. SOURCE=1 also exports the
+# per-instruction source view of kvattn's kernel (L2 sectors per copy instruction, actual vs ideal:
+# how the 16-byte-padded ring's 24-for-16 was found) to $OUT/ncu-peer/<workload>_kvattn_sass.csv.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-ncu-peer}
@@ -35,4 +37,12 @@ for w in $WORK; do
     echo "--- $w $n"
     grep -E "^\s+(gpu__|dram__|lts__|sm__|launch__|smsp__)" "$L/${w}_$n.log" | awk '{$1=$1};1' | head -20
   done
+  if [ "${SOURCE:-0}" = 1 ]; then
+    timeout 150 ncu --clock-control none -k regex:decode_paged --launch-skip 3 --launch-count 1 --import-source no \
+      --section SourceCounters -f -o "$L/${w}_src" python3 bench/decode.py --only "$w" --pages 16 --no-flashinfer \
+      --no-triton >"$L/${w}_src.log" 2>&1 &&
+      ncu -i "$L/${w}_src.ncu-rep" --page source --csv --print-source sass >"$L/${w}_kvattn_sass.csv" 2>&1
+    rm -f "$L/${w}_src.ncu-rep"
+    echo "--- $w kvattn source view: $(wc -l <"$L/${w}_kvattn_sass.csv" 2>/dev/null || echo 0) lines"
+  fi
 done
