@@ -110,6 +110,13 @@
 #ifndef DECODE_L2_PREFETCH
 #define DECODE_L2_PREFETCH 128
 #endif
+#if DECODE_L2_PREFETCH == 256
+#define DECODE_L2_HINT ".L2::256B"
+#elif DECODE_L2_PREFETCH == 128
+#define DECODE_L2_HINT ".L2::128B"
+#else
+#define DECODE_L2_HINT ""
+#endif
 #define ID_SLOTS (2 * STAGES)        /* id ring: a slot is rewritten only after every thread read it */
 #define ID_SLOT TILE                 /* ids one tile spans: TILE for page_size 1, <= TILE/2 + 1 above */
 /* split pieces whose partial states the merging CTA loads at once (registers: 5 per piece); the
@@ -388,22 +395,10 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
 /* A 16-byte copy whose zero fill is a predicate (PTX ignore-src) rather than a source size: the
  * predicate goes to LDGSTS as it is. */
 static __device__ __forceinline__ void decode_cp16_zfill(u32 smem_dst, const void *gmem_src, int valid) {
-#if DECODE_L2_PREFETCH == 256
-  asm volatile("{\n .reg .pred ig;\n setp.eq.u32 ig, %2, 0;\n cp.async.cg.shared.global.L2::256B [%0], [%1], 16, ig;\n}\n" ::"r"(
-                   smem_dst),
+  asm volatile("{\n .reg .pred ig;\n setp.eq.u32 ig, %2, 0;\n cp.async.cg.shared.global" DECODE_L2_HINT
+               " [%0], [%1], 16, ig;\n}\n" ::"r"(smem_dst),
                "l"(gmem_src), "r"((u32)valid)
                : "memory");
-#elif DECODE_L2_PREFETCH == 128
-  asm volatile("{\n .reg .pred ig;\n setp.eq.u32 ig, %2, 0;\n cp.async.cg.shared.global.L2::128B [%0], [%1], 16, ig;\n}\n" ::"r"(
-                   smem_dst),
-               "l"(gmem_src), "r"((u32)valid)
-               : "memory");
-#else
-  asm volatile("{\n .reg .pred ig;\n setp.eq.u32 ig, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, ig;\n}\n" ::"r"(
-                   smem_dst),
-               "l"(gmem_src), "r"((u32)valid)
-               : "memory");
-#endif
 }
 
 static __device__ __forceinline__ void issue_tile_narrow(const struct decode_params &p, const struct tile_iter *ti,

@@ -307,14 +307,12 @@ static void hash_str(hash128 *h, const char *s) {
  * opt-in; errors always travel as statuses and kvattn_last_error()). 2: also ptxas's resource
  * report (registers, spill stores/loads) in that log, for compiles (not cache hits): the figures of
  * the kernels kvattn really runs, which nvcc on the same source does not always reproduce. */
-static int jit_verbose(void) {
+static int jit_verbose_level(void) {
   const char *e = getenv("KVATTN_JIT_VERBOSE");
-  return e && e[0] && strcmp(e, "0") != 0;
+  if (!e || !e[0] || strcmp(e, "0") == 0) return 0;
+  return atoi(e) >= 2 ? 2 : 1;
 }
-static int jit_ptxas_report(void) {
-  const char *e = getenv("KVATTN_JIT_VERBOSE");
-  return e && atoi(e) >= 2;
-}
+static int jit_verbose(void) { return jit_verbose_level() > 0; }
 
 /* The log's first lines, at most `max` bytes. */
 static void log_head(const char *log, char *out, size_t max) {
@@ -446,7 +444,7 @@ kvattn_status jit_compile(const jit_spec *spec, const char *cache_dir, void **cu
   nhashed = nopt;
   if (g_nvrtc.include[0] && snprintf(include_opt, sizeof include_opt, "-I%s", g_nvrtc.include) > 0)
     options[nopt++] = include_opt;
-  if (jit_ptxas_report()) options[nopt++] = "--ptxas-options=-v"; /* a report only: not in the key */
+  if (jit_verbose_level() >= 2) options[nopt++] = "--ptxas-options=-v"; /* a report only: not in the key */
 
   hash128 h;
   hash128_init(&h, 0);
