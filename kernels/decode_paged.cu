@@ -223,26 +223,10 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 }
 
 /* Shared memory: the K/V ring, a query slot per stage, and the cross-group reduction area.
- * Rows padded by 16 bytes (the default): the 8 rows an ldmatrix reads fall in distinct banks. But every
- * odd row then starts 16 bytes off a 32-byte boundary, and Nsight Compute counts 24 L2 sectors for each
- * tensor-core K/V copy instruction whose ideal is 16 (1.5x the K/V bytes requested from L2; H200,
- * docs/perf.md). DECODE_SWIZZLE 1 (tensor-core path; host knob KVATTN_DECODE_SWIZZLE, off until it is
- * measured on a GPU): rows unpadded, 16-byte chunk c of row r stored at chunk c ^ (r & 7), so ldmatrix
- * stays free of bank conflicts and every 32-byte sector lands in one 32-byte piece of shared memory. */
-#ifndef DECODE_SWIZZLE
-#define DECODE_SWIZZLE 0
-#endif
-#if DECODE_TC && DECODE_SWIZZLE
-#define ROW_ELEMS HEAD_DIM
-#define SCOL(r, e) ((((e) >> 3) ^ ((r) & 7)) << 3) /* element offset e (a multiple of 8) of row r */
-#if TG % 8
-#error "the swizzled tensor-core ring needs a thread's rows (tg + TG * j) to share r & 7"
-#endif
-#else
+ * Rows padded by 16 bytes: the 8 rows an ldmatrix reads fall in distinct banks. (Unpadded rows with
+ * chunk c of row r at c ^ (r & 7), the prefill kernel's layout, measured 7-8% slower here on the
+ * H200: docs/perf.md, 2026-12-03.) */
 #define ROW_ELEMS (HEAD_DIM + 8)
-#define SCOL(r, e) e /* unparenthesized on purpose: `base + SCOL(r, a + b)` keeps the padded path's
-                              pointer arithmetic (and its SASS) exactly as it was measured */
-#endif
 #define STAGE_ELEMS (2 * TILE * ROW_ELEMS)              /* K tile then V tile */
 #define QSLOT_ELEMS (QROWS * ROW_ELEMS)
 #define SMEM_RING_BYTES (STAGES * (STAGE_ELEMS + QSLOT_ELEMS) * 2)
@@ -277,7 +261,7 @@ static __device__ __forceinline__ void issue_q(const struct decode_params &p, co
     const u16 *src = p.q;
     if (valid)
       src = p.q + (i64)ti->it.row * p.q_stride_tok + (i64)(kv_head * GROUP_SIZE + gi) * p.q_stride_head + c * VEC;
-    cp_async16(sq + g * ROW_ELEMS + SCOL(g, c * VEC), src, valid ? 16 : 0);
+    cp_async16(sq + g * ROW_ELEMS + c * VEC, src, valid ? 16 : 0);
   }
 }
 
@@ -331,8 +315,8 @@ static __device__ __forceinline__ void issue_tile(const struct decode_params &p,
       ksrc = p.k + ko + k_head;
       vsrc = p.v + (p.kv_same_strides ? ko : page[j] * p.v_stride_page + (i64)off[j] * p.v_stride_tok) + v_head;
     }
-    cp_async16(sk + t * ROW_ELEMS + SCOL(t, tx * VEC), ksrc, valid ? 16 : 0);
-    cp_async16(sv + t * ROW_ELEMS + SCOL(t, tx * VEC), vsrc, valid ? 16 : 0);
+    cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
+    cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
   }
   if (ti->first) issue_q(p, ti, sq, kv_head);
 }
@@ -382,8 +366,8 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
       ksrc = kb + ko;
       vsrc = vb + (p.kv_same_strides ? ko : (i64)page * vsp + (i64)off * vst);
     }
-    cp_async16(sk + t * ROW_ELEMS + SCOL(t, tx * VEC), ksrc, valid ? 16 : 0);
-    cp_async16(sv + t * ROW_ELEMS + SCOL(t, tx * VEC), vsrc, valid ? 16 : 0);
+    cp_async16(sk + t * ROW_ELEMS + tx * VEC, ksrc, valid ? 16 : 0);
+    cp_async16(sv + t * ROW_ELEMS + tx * VEC, vsrc, valid ? 16 : 0);
   }
   if (ti->first) issue_q(p, ti, sq, kv_head);
 }
@@ -404,7 +388,7 @@ static __device__ __forceinline__ void decode_cp16_zfill(u32 smem_dst, const voi
 static __device__ __forceinline__ void issue_tile_narrow(const struct decode_params &p, const struct tile_iter *ti,
                                                          const int *slot, u16 *ring, int stage) {
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
-  const u32 sk = smem_addr(ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + tg * ROW_ELEMS + SCOL(tg, tx * VEC));
+  const u32 sk = smem_addr(ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + tg * ROW_ELEMS + tx * VEC);
   const u32 sv = sk + TILE * ROW_ELEMS * 2;
   const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
   const char *kb = (const char *)(p.k + (i64)kv_head * p.k_stride_head + tx * VEC);
@@ -599,7 +583,7 @@ decode_paged_kernel(const struct decode_params p) {
     __syncthreads();
     if (cs.first) {
 #pragma unroll
-      for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + (lane % 16) * ROW_ELEMS + SCOL(lane % 16, ks * 16 + (lane / 16) * 8));
+      for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + (lane % 16) * ROW_ELEMS + ks * 16 + (lane / 16) * 8);
 #pragma unroll
       for (int nd = 0; nd < HEAD_DIM / 8; nd++) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0.0f;
       m2[0] = m2[1] = KV_NEG_INF;
@@ -659,7 +643,7 @@ decode_paged_kernel(const struct decode_params p) {
 #pragma unroll
       for (int ks = 0; ks < HEAD_DIM / 16; ks++) {
         u32 b[4]; /* {b0,b1} tokens 0-7, {b2,b3} tokens 8-15 */
-        ldmatrix_x4(b, kw + ((lane / 16) * 8 + lane % 8) * ROW_ELEMS + SCOL(lane % 8, ks * 16 + ((lane / 8) % 2) * 8));
+        ldmatrix_x4(b, kw + ((lane / 16) * 8 + lane % 8) * ROW_ELEMS + ks * 16 + ((lane / 8) % 2) * 8);
         if (KV_DTYPE == KV_BF16) {
           mma_bf16_16816(sc[0], qa[ks], b);
           mma_bf16_16816(sc[1], qa[ks], b + 2);
@@ -718,7 +702,7 @@ decode_paged_kernel(const struct decode_params p) {
 #pragma unroll
       for (int nd2 = 0; nd2 < HEAD_DIM / 16; nd2++) {
         u32 b[4]; /* {b0,b1} dims nd2*16+0..7, {b2,b3} dims +8..15 */
-        ldmatrix_x4_trans(b, vw + (((lane / 8) % 2) * 8 + lane % 8) * ROW_ELEMS + SCOL(lane % 8, nd2 * 16 + (lane / 16) * 8));
+        ldmatrix_x4_trans(b, vw + (((lane / 8) % 2) * 8 + lane % 8) * ROW_ELEMS + nd2 * 16 + (lane / 16) * 8);
         if (KV_DTYPE == KV_BF16) {
           mma_bf16_16816(oacc[2 * nd2], pa, b);
           mma_bf16_16816(oacc[2 * nd2 + 1], pa, b + 2);

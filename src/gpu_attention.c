@@ -93,9 +93,6 @@ static int decode_ctas_per_sm(void) { return env_int("KVATTN_DECODE_CTAS_PER_SM"
 static int decode_pipe(int tc) { return tc ? env_int("KVATTN_DECODE_PIPE", 1, 0, 1) : 0; }
 /* ... and where it refills at an item's end: 1 = before the item's partial state is written and merged */
 static int decode_early_refill(void) { return env_int("KVATTN_DECODE_EARLY_REFILL", 1, 0, 1); }
-/* The tensor-core ring swizzled instead of padded (kernels/decode_paged.cu, DECODE_SWIZZLE): off until
- * measured on a GPU (written 2026-12-03 after the device time was spent). */
-static int decode_swizzle(void) { return env_int("KVATTN_DECODE_SWIZZLE", 0, 0, 1); }
 /* The L2 prefetch size hint (bytes: 0, 128 or 256) on the tensor-core loader's K/V copies. */
 static int decode_l2_prefetch(void) {
   const int v = env_int("KVATTN_DECODE_L2_PREFETCH", 128, 0, 256);
@@ -120,8 +117,8 @@ static int dtype_code(DLDataType t) {
 }
 
 /* Mirrors the kernel's SMEM_BYTES. */
-static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages, int pipe, int swizzle) {
-  int tx = head_dim / 8, tg = DECODE_THREADS / tx, row = tc && swizzle ? head_dim : head_dim + 8;
+static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages, int pipe) {
+  int tx = head_dim / 8, tg = DECODE_THREADS / tx, row = head_dim + 8;
   int tile = tc ? 64 : tg * (group_heads <= 4 ? 4 : 2);
   int qrows = tc ? 16 : group_heads, groups = tc ? DECODE_WARPS : tg;
   int ring = stages * (2 * tile * row + qrows * row) * 2;
@@ -171,10 +168,10 @@ static void decode_defines(const decode_config *c, const kvattn_attention_desc *
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d -DDECODE_SWIZZLE=%d",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(), decode_swizzle());
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch());
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
@@ -213,8 +210,7 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   ga->stages = decode_stages(ga->tensor_core);
   decode_defines(&ga->cfg, &a->desc, ga->stages, ga->defines, sizeof ga->defines);
   ga->smem_bytes =
-      decode_smem_bytes(ga->tensor_core, ga->cfg.head_dim, ga->cfg.group_heads, ga->stages, decode_pipe(ga->tensor_core),
-                        decode_swizzle());
+      decode_smem_bytes(ga->tensor_core, ga->cfg.head_dim, ga->cfg.group_heads, ga->stages, decode_pipe(ga->tensor_core));
   kvattn_status s = gpu_get_kernel(g, "decode_paged.cu", ga->defines, "decode_paged_kernel", ga->smem_bytes, &ga->fn);
   if (s != KVATTN_SUCCESS) {
     free(ga);

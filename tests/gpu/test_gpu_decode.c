@@ -715,31 +715,6 @@ TEST(decode_small_cases_for_the_sanitizers) {
   }
 }
 
-/* The tensor-core ring swizzled instead of padded (KVATTN_DECODE_SWIZZLE=1, read when an attention is
- * created): the tensor-core shapes (head_dim 64 and 128, groups 1-8, both layouts, page sizes 1, 3 and
- * 16, options) against the reference. */
-TEST(decode_with_the_swizzled_ring_matches_the_reference) {
-  NEED_GPU();
-  setenv("KVATTN_DECODE_SWIZZLE", "1", 1);
-  const int page_sizes[3] = {1, 3, 16}, groups[3] = {1, 4, 8}, dims[2] = {64, 128};
-  int n = 0;
-  for (int pi = 0; pi < 3; pi++)
-    for (int gi = 0; gi < 3; gi++)
-      for (int di = 0; di < 2; di++) {
-        int64_t len[64];
-        dcase c;
-        random_case(&c, len, "swizzled", 24, page_sizes[pi], groups[gi], dims[di], 0);
-        random_lengths(len, c.batch, 3000, 9000);
-        double rel = 0, lse = 0;
-        int bad = run_case(&c, &rel, &lse);
-        print_case(&c, rel, lse);
-        CHECK(bad == 0);
-        n++;
-      }
-  unsetenv("KVATTN_DECODE_SWIZZLE");
-  printf("swizzled-ring decode cases: %d passed\n", n);
-}
-
 /* ---------------------------------------------------------------- CUDA graph replay */
 
 TEST(one_captured_graph_replays_50_random_batches) {
