@@ -1,0 +1,70 @@
+"""Same-process A/B of prefill knobs (environment variables read when an attention is created): every
+workload timed under the default and under each configuration, alternating, for several rounds, with
+FlashInfer (fa2) on the same problems when it is importable. One process, so the order of the runs,
+not the Python start-up, decides what shares the GPU's state.
+
+    python3 bench/prefill_ab.py --configs "KVATTN_PREFILL_ROWSUM_MMA=1" [--rounds 2] [--reps 9] [--no-flashinfer]
+A configuration is "NAME=V[,NAME=V...]"; several are separated by spaces. Prints one line per timing
+(TFLOP/s) and a table of medians over the rounds last.
+"""
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import prefill  # noqa: E402
+
+WORK = [  # (label, batch, length, causal, format)
+    ("full 16x1024 ragged", 16, 1024, False, "ragged"),
+    ("full 4x4096 ragged", 4, 4096, False, "ragged"),
+    ("full 1x16384 ragged", 1, 16384, False, "ragged"),
+    ("full 4x4096 paged16", 4, 4096, False, "paged16"),
+    ("causal 16x1024 ragged", 16, 1024, True, "ragged"),
+    ("causal 4x4096 ragged", 4, 4096, True, "ragged"),
+    ("causal 4x4096 paged16", 4, 4096, True, "paged16"),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--no-flashinfer", action="store_true")
+    a = ap.parse_args()
+    configs = [("default", {})] + [(c, dict(kv.split("=", 1) for kv in c.split(","))) for c in a.configs.split()]
+    fi = not a.no_flashinfer
+    if fi:
+        try:
+            import flashinfer  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            print("flashinfer not importable: %s" % e)
+            fi = False
+    res = {}
+    for r in range(a.rounds):
+        for label, b, L, causal, fmt in WORK:
+            w = prefill.Workload(label, [L] * b, [L] * b, causal)
+            P = 16 if fmt == "paged16" else 1
+            t = w.tensors(P)
+            subjects = list(configs) + ([("flashinfer fa2", None)] if fi and r == 0 else [])
+            for name, env in subjects:
+                if env is None:
+                    fn, _ = prefill.run_flashinfer(w, t, fmt, P, "fa2")
+                else:
+                    fn, _ = prefill.with_env(env, lambda: prefill.run_kvattn(w, t, fmt, P))
+                ms = prefill.median_ms(fn, warmup=2, reps=a.reps)
+                tf = w.flops / (ms * 1e-3) / 1e12
+                res.setdefault(label, {}).setdefault(name, []).append(tf)
+                print("round %d  %-24s %-36s %7.3f ms %5.0f TFLOP/s" % (r, label, name, ms, tf), flush=True)
+            del t
+    names = [n for n, _ in configs] + (["flashinfer fa2"] if fi else [])
+    print("\n| workload | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for label, *_ in WORK:
+        cells = ["%.0f" % statistics.median(res[label][n]) if n in res.get(label, {}) else "-" for n in names]
+        print("| %s | %s |" % (label, " | ".join(cells)))
+
+
+if __name__ == "__main__":
+    main()
