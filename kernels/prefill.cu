@@ -101,13 +101,6 @@
 /* How far (log2 units) a row's max may grow past the running max before O is rescaled: scores
  * then reach 2^8 at most, far inside fp16's and bf16's range for P. */
 #define RESCALE_SLACK 8.0f
-/* ROWSUM_MMA 1: the softmax denominators summed by the tensor cores, one m16n8k16 per 16 KV columns with
- * P (the P V operand, already packed) times a ones matrix, instead of 2 FADDs per pair of scores: every
- * lane of a quad then holds its rows' whole sums (no quad reduction at the end), and the sums are of the
- * same rounded P that multiplies V. FlashInfer's fa2 kernel sums this way. */
-#ifndef ROWSUM_MMA
-#define ROWSUM_MMA 0
-#endif
 #if SOFT_CAP || ALIBI
 #undef FOLD_SCALE
 #define FOLD_SCALE 0
@@ -139,16 +132,6 @@
 
 /* Element (row, d) of a swizzled tile. */
 static __device__ __forceinline__ int swz(int row, int chunk) { return row * HEAD_DIM + ((chunk ^ (row & 7)) << 3); }
-
-/* A row's whole softmax denominator from this lane's DROW: with ROWSUM_MMA every lane holds it already;
- * otherwise the four lanes of the quad hold parts that add up. */
-static __device__ __forceinline__ float quad_row_sum(float v) {
-#if !ROWSUM_MMA
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  v += __shfl_xor_sync(0xffffffffu, v, 2);
-#endif
-  return v;
-}
 
 static __device__ __forceinline__ void mma16816(float *d, const u32 *a, const u32 *b) {
 #if DTYPE == KV_BF16
@@ -356,8 +339,25 @@ static __device__ __forceinline__ void load_kv_rows(u32 kt, const char *kr, cons
 }
 
 /* The item's Q tile, packed rows [row_start, row_start + CTA_Q), into a swizzled tile; rows past
- * the request's queries become zeros. */
+ * the request's queries become zeros. When the group size divides LD_RSTEP (1, 2, 4, 8 with head_dim
+ * 128), a thread copies chunk c of rows r0 + i * LD_RSTEP, so its head stays and its token steps by
+ * LD_RSTEP / GROUP_SIZE: each copy is one pointer step and one compare instead of a division and two
+ * 64-bit products (the general loop: ~3% of the stall samples of full ragged 16 x 1024 on the H200). */
 static __device__ __forceinline__ void load_q_tile(u16 *sq, const struct prefill_params &p, const struct prefill_item &it) {
+#if (CTA_Q * CH) % NUM_THREADS == 0 && LD_RSTEP % GROUP_SIZE == 0
+  const int c = threadIdx.x % CH, r0 = threadIdx.x / CH;
+  const int pr0 = it.row_start + r0, tok0 = pr0 / GROUP_SIZE, g = pr0 - tok0 * GROUP_SIZE;
+  const int left = it.qo_len - tok0; /* copy i is a query row while i * (LD_RSTEP / GROUP_SIZE) < left */
+  const u16 *src =
+      p.q + (i64)(it.q_start + tok0) * p.q_stride_tok + (i64)(it.kv_head * GROUP_SIZE + g) * p.q_stride_head + c * 8;
+  const i64 step = (i64)(LD_RSTEP / GROUP_SIZE) * p.q_stride_tok;
+#pragma unroll 1 /* unrolled, the 128-row kernels spill (NVRTC, sm_90a) */
+  for (int i = 0; i < CTA_Q * CH / NUM_THREADS; i++) {
+    const bool ok = i * (LD_RSTEP / GROUP_SIZE) < left;
+    cp_async16(sq + swz(r0 + i * LD_RSTEP, c), ok ? src : p.q, ok ? 16 : 0);
+    src += step;
+  }
+#else
   for (int idx = threadIdx.x; idx < CTA_Q * CH; idx += NUM_THREADS) {
     int row = idx / CH, c = idx % CH;
     int pr = it.row_start + row;
@@ -370,6 +370,7 @@ static __device__ __forceinline__ void load_q_tile(u16 *sq, const struct prefill
     }
     cp_async16(sq + swz(row, c), src, bytes);
   }
+#endif
 }
 
 /* Everything an item needs before its first tile, issued by the whole block: its Q tile, the row
@@ -523,24 +524,18 @@ prefill_kernel(const struct prefill_params p) {
 #endif
 
     float o[MF][DF][4];
-    float m[MF][2];
-#if ROWSUM_MMA
-    float dacc[MF][4]; /* rows lane/4 (element 0) and lane/4 + 8 (element 2), whole; 1 and 3 unused */
-#define DROW(mf, h) dacc[mf][2 * (h)]
-#else
-    float d[MF][2]; /* this lane's part of its rows' sums (the quad's four parts add up at the end) */
-#define DROW(mf, h) d[mf][h]
-#endif
+    /* The softmax denominators are summed by the tensor cores: one m16n8k16 per 16 KV columns, P (the
+     * P V operand, already packed) times a ones matrix, instead of two FADDs per pair of scores. Every
+     * lane then holds its two rows' whole sums (d[mf][0]: row lane/4, d[mf][2]: row lane/4 + 8; 1 and 3
+     * are the same sums again, unused), and the sums are of the rounded P that multiplies V.
+     * FlashInfer's fa2 kernel sums this way; H200, same run: +3-7% on every prefill row (docs/perf.md). */
+    float m[MF][2], d[MF][4];
 #pragma unroll
     for (int mf = 0; mf < MF; mf++) {
 #pragma unroll
       for (int df = 0; df < DF; df++) o[mf][df][0] = o[mf][df][1] = o[mf][df][2] = o[mf][df][3] = 0.f;
       m[mf][0] = m[mf][1] = KV_NEG_INF;
-#if ROWSUM_MMA
-      dacc[mf][0] = dacc[mf][1] = dacc[mf][2] = dacc[mf][3] = 0.f;
-#else
-      d[mf][0] = d[mf][1] = 0.f;
-#endif
+      d[mf][0] = d[mf][1] = d[mf][2] = d[mf][3] = 0.f;
     }
 
     int slot = 0; /* tile t's table slot: t % 3 */
@@ -710,7 +705,7 @@ prefill_kernel(const struct prefill_params p) {
             const float mn = fmaxf(m[mf][h], mx[mf][h]);
             const float corr = fast_exp2(m[mf][h] - (mn == KV_NEG_INF ? 0.f : mn)); /* m = -inf: 0 */
             m[mf][h] = mn;
-            DROW(mf, h) *= corr;
+            d[mf][2 * h] *= corr;
 #pragma unroll
             for (int df = 0; df < DF; df++) {
               o[mf][df][2 * h] *= corr;
@@ -733,9 +728,6 @@ prefill_kernel(const struct prefill_params p) {
 #endif
             s[mf][nf][2 * h] = p0;
             s[mf][nf][2 * h + 1] = p1;
-#if !ROWSUM_MMA
-            d[mf][h] += p0 + p1;
-#endif
           }
         }
 
@@ -749,10 +741,8 @@ prefill_kernel(const struct prefill_params p) {
           a[mf][1] = pack2(DTYPE, s[mf][2 * kb][2], s[mf][2 * kb][3]);
           a[mf][2] = pack2(DTYPE, s[mf][2 * kb + 1][0], s[mf][2 * kb + 1][1]);
           a[mf][3] = pack2(DTYPE, s[mf][2 * kb + 1][2], s[mf][2 * kb + 1][3]);
-#if ROWSUM_MMA
           const u32 ones[2] = {DTYPE == KV_BF16 ? 0x3F803F80u : 0x3C003C00u, DTYPE == KV_BF16 ? 0x3F803F80u : 0x3C003C00u};
-          mma16816(dacc[mf], a[mf], ones);
-#endif
+          mma16816(d[mf], a[mf], ones); /* row sums of P */
         }
 #pragma unroll
         for (int db = 0; db < HEAD_DIM / 16; db++) {
@@ -791,7 +781,7 @@ prefill_kernel(const struct prefill_params p) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
           const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
-          const float dd = quad_row_sum(DROW(mf, h));
+          const float dd = d[mf][2 * h];
           float *ro = red_o + (warp_kv * CTA_Q + local) * HEAD_DIM + 2 * (lane & 3);
 #pragma unroll
           for (int df = 0; df < DF; df++) *(float2 *)(ro + df * 8) = make_float2(o[mf][df][2 * h], o[mf][df][2 * h + 1]);
@@ -830,11 +820,7 @@ prefill_kernel(const struct prefill_params p) {
               o[mf][df][2 * h + 1] = a1;
             }
             m[mf][h] = mx;
-#if ROWSUM_MMA
-            DROW(mf, h) = dsum;
-#else
-            d[mf][h] = (lane & 3) == 0 ? dsum : 0.f; /* the epilogue sums the quad */
-#endif
+            d[mf][2 * h] = dsum;
           }
       }
     }
@@ -846,7 +832,7 @@ prefill_kernel(const struct prefill_params p) {
     for (int mf = 0; mf < MF; mf++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const float dd = quad_row_sum(DROW(mf, h));
+        const float dd = d[mf][2 * h];
         const float inv = dd > 0.f ? 1.f / dd : 0.f;
         const float lse = dd > 0.f ? (m[mf][h] + __log2f(dd)) * KV_LN2 : KV_NEG_INF;
         const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;

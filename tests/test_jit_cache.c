@@ -230,6 +230,11 @@ static int parse_ptxas_reports(const char *log, kernel_figures *out, int max) {
   return n;
 }
 
+/* The 128-row causal prefill kernel measured fastest on the H200 (2026-12-03, docs/perf.md) spills 12 bytes
+ * on sm_90a, all of them in its prologue and epilogue (nvdisasm: no spill access inside the tile loop); the
+ * source that cost every prefill row 10-13% spilled 24. More than this fails, and asks for a look at where. */
+#define PREFILL128_CAUSAL_SPILL_MAX 12
+
 TEST(timed_kernels_compile_without_spills) {
   NEED_NVRTC();
   char dir[64], logpath[64] = "/tmp/kvattn-test-ptxas-XXXXXX";
@@ -241,20 +246,21 @@ TEST(timed_kernels_compile_without_spills) {
   d.num_kv_heads = 8;
   d.head_dim = 128;
   d.q_dtype = (DLDataType){kDLBfloat, 16, 1};
-  d.causal = 1;
   const char *arches[2] = {"sm_80", "sm_90a"};
-  kvattn_status st[2];
+  kvattn_status st[4];
   fflush(stderr);
   const int saved = dup(2);
   dup2(fd, 2);
   setenv("KVATTN_JIT_VERBOSE", "2", 1);
-  for (int i = 0; i < 2; i++) st[i] = kvattn_warmup(&d, arches[i], dir, NULL, NULL);
+  for (int i = 0; i < 4; i++) { /* causal, then full attention (the decode kernel: compiled once per arch) */
+    d.causal = i < 2;
+    st[i] = kvattn_warmup(&d, arches[i % 2], dir, NULL, NULL);
+  }
   unsetenv("KVATTN_JIT_VERBOSE");
   fflush(stderr);
   dup2(saved, 2);
   close(saved);
-  CHECK_OK(st[0]);
-  CHECK_OK(st[1]);
+  for (int i = 0; i < 4; i++) CHECK_OK(st[i]);
 
   char *log = NULL;
   size_t size = 0;
@@ -270,19 +276,26 @@ TEST(timed_kernels_compile_without_spills) {
 
   kernel_figures k[64];
   const int n = parse_ptxas_reports(log, k, 64);
-  int decode = 0, prefill128 = 0;
+  int decode = 0, prefill128 = 0, prefill128_full = 0;
   for (int i = 0; i < n; i++) {
     const int is_decode = !strcmp(k[i].function, "decode_paged_kernel");
-    const int is_prefill128 = !strcmp(k[i].function, "prefill_kernel") && strstr(k[i].defines, "-DCTA_Q=128 ") &&
-                              strstr(k[i].defines, "-DCAUSAL=1 ");
+    const int is_p128 = !strcmp(k[i].function, "prefill_kernel") && strstr(k[i].defines, "-DCTA_Q=128 ");
+    const int is_prefill128 = is_p128 && strstr(k[i].defines, "-DCAUSAL=1 ");
+    const int is_prefill128_full = is_p128 && strstr(k[i].defines, "-DCAUSAL=0 ");
+    const int timed = is_decode || is_prefill128 || is_prefill128_full;
     printf("  %-6s %-20s %3d registers, %3d bytes spilled%s  [%.60s...]\n", k[i].arch, k[i].function, k[i].registers,
-           k[i].spill_bytes, is_decode || is_prefill128 ? " (timed)" : "", k[i].defines);
+           k[i].spill_bytes, timed ? " (timed)" : "", k[i].defines);
     CHECK(k[i].registers > 0 && k[i].spill_bytes >= 0);
-    if (is_decode || is_prefill128) CHECK_MSG(k[i].spill_bytes == 0, "%s %s spills", k[i].arch, k[i].function);
+    if (is_decode || is_prefill128_full) CHECK_MSG(k[i].spill_bytes == 0, "%s %s spills", k[i].arch, k[i].function);
+    if (is_prefill128)
+      CHECK_MSG(k[i].spill_bytes <= PREFILL128_CAUSAL_SPILL_MAX, "%s 128-row causal prefill spills %d bytes", k[i].arch,
+                k[i].spill_bytes);
     decode += is_decode;
     prefill128 += is_prefill128;
+    prefill128_full += is_prefill128_full;
   }
-  CHECK_MSG(decode == 2 && prefill128 == 2, "found %d decode and %d 128-row causal prefill reports", decode, prefill128);
+  CHECK_MSG(decode == 2 && prefill128 == 2 && prefill128_full == 2,
+            "found %d decode, %d 128-row causal and %d 128-row full prefill reports", decode, prefill128, prefill128_full);
   free(log);
   remove_dir(dir);
 }
