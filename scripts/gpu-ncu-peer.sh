@@ -14,14 +14,9 @@ mkdir -p "$L"
 export KVATTN_CACHE_DIR=/tmp/kvattn-cache PYTHONUNBUFFERED=1 PATH=$PATH:/usr/local/cuda/bin
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache MAX_JOBS=8
 WORK=${*:-b64_L4096 b16_L4096}
-if [ ! -f "${KVATTN_LIBRARY:-}" ]; then  # a library built earlier in the same call is used as is
-  cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$L/build.log" 2>&1 &&
-    cmake --build build-gpu -j"$(nproc)" --target kvattn >>"$L/build.log" 2>&1 || { tail -30 "$L/build.log"; exit 1; }
-  export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >"$L/pip.log" 2>&1 || { echo "FlashInfer wheels not installable"; tail -5 "$L/pip.log"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+. scripts/device-common.sh
+use_kvattn_library "$L" || exit 1  # a library built earlier in the same call is used as is
+use_flashinfer_wheels "$L" || exit 1
 M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
 M=$M,lts__t_sector_hit_rate.pct,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size
 M=$M,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers

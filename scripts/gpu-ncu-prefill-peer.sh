@@ -14,15 +14,10 @@ export KVATTN_CACHE_DIR=/tmp/kvattn-cache PYTHONUNBUFFERED=1 PATH=$PATH:/usr/loc
 export FLASHINFER_WORKSPACE_BASE=/tmp/fi-cache MAX_JOBS=16
 t0=$(date +%s)
 phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
-if [ ! -f "${KVATTN_LIBRARY:-}" ]; then  # a library built earlier in the same call is used as is
-  phase build
-  cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release >"$L/build.log" 2>&1 &&
-    cmake --build build-gpu -j"$(nproc)" --target kvattn >>"$L/build.log" 2>&1 || { tail -30 "$L/build.log"; exit 1; }
-  export KVATTN_LIBRARY=$PWD/build-gpu/libkvattn.so
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >"$L/pip.log" 2>&1 || { echo "FlashInfer wheels not installable"; tail -5 "$L/pip.log"; exit 1; }
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+. scripts/device-common.sh
+phase build
+use_kvattn_library "$L" || exit 1  # a library built earlier in the same call is used as is
+use_flashinfer_wheels "$L" || exit 1
 phase "FlashInfer fa2 JIT"
 timeout 300 python3 bench/prefill.py --warmup-peers --fi-backends fa2 2>&1 | tail -4
 CASES=("$@")
