@@ -741,7 +741,7 @@ prefill_kernel(const struct prefill_params p) {
           a[mf][1] = pack2(DTYPE, s[mf][2 * kb][2], s[mf][2 * kb][3]);
           a[mf][2] = pack2(DTYPE, s[mf][2 * kb + 1][0], s[mf][2 * kb + 1][1]);
           a[mf][3] = pack2(DTYPE, s[mf][2 * kb + 1][2], s[mf][2 * kb + 1][3]);
-          const u32 ones[2] = {DTYPE == KV_BF16 ? 0x3F803F80u : 0x3C003C00u, DTYPE == KV_BF16 ? 0x3F803F80u : 0x3C003C00u};
+          const u32 one2 = DTYPE == KV_BF16 ? 0x3F803F80u : 0x3C003C00u, ones[2] = {one2, one2}; /* 1.0 pairs */
           mma16816(d[mf], a[mf], ones); /* row sums of P */
         }
 #pragma unroll

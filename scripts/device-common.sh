@@ -1,4 +1,5 @@
-# device-common.sh - sourced by the device-call scripts: the steps several of them share.
+# device-common.sh - sourced by the device-call scripts (gpu-profile.sh, gpu-ncu-peer.sh,
+# gpu-ncu-prefill-peer.sh): the steps they share.
 #
 # use_kvattn_library LOGDIR: export KVATTN_LIBRARY, building build-gpu/ first unless a library built
 #   earlier in the same call is preset (so scripts chained in one call build once).

@@ -13,11 +13,8 @@ t0=$(date +%s)
 phase() { echo "=== $1 ($(( $(date +%s) - t0 )) s)"; }
 phase build
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
-if [ ! -f "${KVATTN_LIBRARY:-}" ]; then  # a library built earlier in the same call is used as is
-  cmake -S . -B build-prof -DCMAKE_BUILD_TYPE=Release -DKVATTN_BUILD_TOOLS=OFF >"$L/build.log" 2>&1 &&
-    cmake --build build-prof -j"$(nproc)" --target kvattn >>"$L/build.log" 2>&1 || { tail -30 "$L/build.log"; exit 1; }
-  export KVATTN_LIBRARY=$PWD/build-prof/libkvattn.so
-fi
+. scripts/device-common.sh
+use_kvattn_library "$L" || exit 1  # a library built earlier in the same call is used as is
 SECTIONS="--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats --section InstructionStats --section SourceCounters"
 KEY="Duration|Throughput|Achieved Occupancy|Registers Per|Theoretical Occ|Warp Cycles Per Issued|Issued Ipc|Issue Slots Busy|No Eligible|Eligible Warps|Block Limit|L2 Hit|Bank|Stall|Grid Size|Executed Ipc|Pipe|Dynamic Shared"
 prof() {  # name regex command...
