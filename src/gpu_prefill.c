@@ -72,6 +72,8 @@ static int warps128_for(int head_dim) {
  * epilogue (KVATTN_PREFILL_STAGE, off: it spills on sm_90a and measured -3% to +3%). */
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
 static int stage_next_on(void) { return env_int("KVATTN_PREFILL_STAGE", 0, 0, 1); }
+/* The ragged loader's per-item K/V base in registers (kernels/prefill.cu ITEM_BASE; A/B runs). */
+static int item_base_on(void) { return env_int("KVATTN_PREFILL_ITEM_BASE", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
@@ -150,6 +152,8 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   c->fixed_split_tokens = 0; /* fixed_split_size counts pages: set per plan from the page size */
   /* tokens; 1024 measured best of 256/1024/4096 on the append rows (H100, 2026-11-24); a sweep knob */
   c->min_chunk = env_int("KVATTN_PREFILL_MIN_CHUNK", 1024, 16, 1 << 30);
+  /* the tail balance (src/plan_prefill.c); 0 = whole items only (A/B runs) */
+  c->balance_tail = env_int("KVATTN_PREFILL_BALANCE", 1, 0, 1);
   c->max_batch = b->max_batch;
   c->max_qo_tokens = b->max_qo_tokens;
   c->max_kv_entries = b->max_kv_entries;
@@ -166,7 +170,7 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
 static int64_t part_rows_reachable(const prefill_layout *l, const prefill_config *c, const int reachable[]) {
   int64_t rows = 0;
   for (int k = 0; k < PREFILL_TILE_KINDS; k++)
-    if (reachable[k]) rows = l->part_base[k] + (int64_t)c->grid[k] * prefill_tile_rows[k];
+    if (reachable[k]) rows = l->part_base[k] + l->part_budget[k];
   return rows;
 }
 
@@ -228,9 +232,10 @@ static void make_defines(const kvattn_attention_desc *d, int group, int kind, in
   int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DFOLD_SCALE=%d -DSTAGE_NEXT=%d "
-           "-DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
+           "-DITEM_BASE=%d -DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d "
+           "-DROPE=%d",
            d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim, d->rope, optin), warps128_for(d->head_dim),
-           fold_scale_on(), stage_next_on(), dtype_code(d->q_dtype),
+           fold_scale_on(), stage_next_on(), item_base_on(), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
 }

@@ -9,8 +9,14 @@
  * Split-KV: when a tile kind has fewer items than its grid has CTAs (few query rows against long
  * KV: chunked prefill, speculative verification), the smallest chunk size that keeps the items
  * within the grid is found by bisection; each chunk writes a partial (o, lse) and a merge entry
- * combines them. The partial rows of a kind never exceed grid * tile rows, which sizes the
- * workspace from the bounds alone.
+ * combines them. The partial rows of a kind never exceed grid * tile rows.
+ * Tail balance (config balance_tail): with more items than CTAs, whole items go longest first onto
+ * the least loaded CTA while they fit under the mean load; the rest (the "tail": for 4096 equal items
+ * on 264 CTAs, the 136 of a 16th round that would leave 128 CTAs idle for one item's time) are laid
+ * end to end and cut in whole KV tiles to fill every CTA to one water level, the pieces of a cut item
+ * merged like split-KV chunks. It is kept only where it lowers the heaviest CTA's load by >= 1%. Its
+ * pieces use at most 2 * grid * tile partial rows, the kind's budget (prefill_layout.part_budget),
+ * which sizes the workspace from the bounds alone.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -45,7 +51,8 @@ kvattn_status prefill_layout_compute(const prefill_config *c, prefill_layout *l)
     grid_sum += c->grid[k];
   }
   /* Every request's tiles: ceil(qo * group / T) <= qo * group / 16 + 1 whatever T is. Splitting
-   * happens only for a kind with fewer items than its grid and keeps it within the grid. */
+   * happens only for a kind with fewer items than its grid and keeps it within the grid; the tail
+   * balance cuts fewer than grid times, so it adds fewer than grid items and merges. */
   int64_t tiles = c->max_qo_tokens * c->group_size / 16 + c->max_batch;
   l->max_items = tiles * c->num_kv_heads + grid_sum;
   l->max_merges = grid_sum;
@@ -69,11 +76,13 @@ kvattn_status prefill_layout_compute(const prefill_config *c, prefill_layout *l)
   int64_t rows = 0;
   for (int k = 0; k < PREFILL_TILE_KINDS; k++) {
     l->part_base[k] = rows;
-    rows += (int64_t)c->grid[k] * prefill_tile_rows[k];
+    l->part_budget[k] = 2 * (int64_t)c->grid[k] * prefill_tile_rows[k];
+    rows += l->part_budget[k];
   }
   l->part_rows = rows;
+  /* items (base, expanded), keys x2, owners; per CTA: heap, loads, order, fill */
   l->scratch_bytes = (size_t)l->max_items * (2 * sizeof(prefill_item) + 2 * sizeof(sort_key) + sizeof(int32_t)) +
-                     (size_t)(grid_max(c) + 1) * (sizeof(int64_t) + sizeof(int32_t) * 2);
+                     (size_t)(grid_max(c) + 1) * (2 * sizeof(int64_t) + sizeof(int32_t) * 2);
   return KVATTN_SUCCESS;
 }
 
@@ -117,6 +126,149 @@ static void sort_cost_desc(sort_key *keys, sort_key *tmp, int64_t n) {
   if (src != keys) memcpy(keys, src, (size_t)n * sizeof *keys);
 }
 
+/* Longest first onto the least loaded CTA: keys (sorted by cost, largest first) dealt over `grid` CTAs;
+ * owner[item] = its CTA. Returns the heaviest CTA's load. */
+static int64_t lpt_deal(const sort_key *keys, int64_t m, int grid, uint64_t *heap, int32_t *owner) {
+  for (int b = 0; b < grid; b++) heap[b] = (uint64_t)b; /* load 0: already a heap */
+  const uint64_t cta_mask = (1ull << HEAP_CTA_BITS) - 1;
+  for (int64_t t = 0; t < m; t++) {
+    owner[keys[t].index] = (int32_t)(heap[0] & cta_mask);
+    heap[0] += (uint64_t)keys[t].cost << HEAP_CTA_BITS;
+    heap_sift_down(heap, grid, 0);
+  }
+  uint64_t mx = 0;
+  for (int b = 0; b < grid; b++)
+    if (heap[b] > mx) mx = heap[b];
+  return (int64_t)(mx >> HEAP_CTA_BITS);
+}
+
+/* The tail balance's state (see the header comment): exp/keys/owner as in prefill_plan_build, the
+ * kind's partial-row budget and the merge entries it may still write. */
+typedef struct tail_plan {
+  prefill_item *exp;
+  sort_key *keys;
+  int32_t *owner;
+  uint64_t *heap;
+  int64_t *loads;
+  int32_t *order;
+  int64_t m;         /* items; on success, the items after the cut */
+  int64_t max_items; /* room in exp, keys, owner */
+  int T, kv_tile;
+  int64_t part_base, part_budget;
+  prefill_merge_entry *merge;
+  int64_t max_merges;
+  int64_t merges, part_used, pieces; /* out */
+} tail_plan;
+
+/* The tail (keys[t_tail, m)) laid end to end over the CTAs in ascending load order, each CTA filled up
+ * to `water`: a piece costs its tokens plus the fixed cost F, and is cut at whole KV tiles from its
+ * item's start. apply 0: whether the tail fits; 1: also write the pieces (exp[m, ...), owner[]), the
+ * merge entries and partial rows of the items cut, and the CTAs' loads. Returns whether it fits (and,
+ * applied, the budgets held). */
+static int tail_walk(tail_plan *tp, int grid, int64_t t_tail, int64_t water, int apply) {
+  const int64_t kt = tp->kv_tile, F = 2 * kt;
+  int64_t e = tp->m, k = t_tail, off = 0, first = tp->m;
+  if (apply) tp->merges = tp->part_used = 0;
+  for (int i = 0; i < grid && k < tp->m; i++) {
+    const int b = tp->order[i];
+    int64_t room = water - tp->loads[b];
+    while (room >= F + kt && k < tp->m) {
+      const int64_t cap = (room - F) / kt * kt;
+      const prefill_item *src = &tp->exp[tp->keys[k].index];
+      const int64_t len = src->kv_end - src->kv_begin, left = len - off;
+      const int64_t whole = (left > 0 ? ceil_div64(left, kt) : 1) * kt;
+      const int64_t piece = whole <= cap ? left : cap;
+      room -= (whole <= cap ? whole : cap) + F;
+      off += piece;
+      if (apply) {
+        if (e >= tp->max_items) return 0;
+        prefill_item *it = &tp->exp[e];
+        *it = *src;
+        it->kv_begin = (int32_t)(src->kv_begin + off - piece);
+        it->kv_end = (int32_t)(it->kv_begin + piece);
+        it->part = -1;
+        tp->owner[e] = (int32_t)b;
+        tp->loads[b] += piece + F;
+      }
+      e++;
+      if (off < len) continue;
+      /* the item is done: its pieces [first, e) */
+      const int64_t chunks = e - first;
+      if (apply && chunks > 1) {
+        if (tp->merges >= tp->max_merges || tp->part_used + chunks * tp->T > tp->part_budget) return 0;
+        const int64_t part = tp->part_base + tp->part_used;
+        for (int64_t x = 0; x < chunks; x++) tp->exp[first + x].part = (int32_t)(part + x * tp->T);
+        prefill_merge_entry *me = &tp->merge[tp->merges++];
+        memset(me, 0, sizeof *me);
+        me->part = (int32_t)part;
+        me->chunks = (int32_t)chunks;
+        me->q_start = src->q_start;
+        me->qo_len = src->qo_len;
+        me->kv_head = src->kv_head;
+        me->row_start = src->row_start;
+        me->rows = tp->T;
+        tp->part_used += chunks * tp->T;
+      }
+      first = e;
+      off = 0;
+      k++;
+    }
+  }
+  if (apply) tp->pieces = e - tp->m;
+  return k == tp->m;
+}
+
+/* Whole items longest first while they fit under the mean load, then the rest cut to the lowest water
+ * level that holds them. Returns 1 when it pays (the heaviest CTA >= 1% lighter than lpt_max), with
+ * owner[], keys[0, m) (the whole items, then the pieces), the merge entries and the partial rows
+ * written; 0 (nothing kept but owner[]) otherwise. */
+static int tail_balance(tail_plan *tp, int grid, int64_t cost_sum, int64_t lpt_max) {
+  const int64_t level = (cost_sum + grid - 1) / grid;
+  const uint64_t cta_mask = (1ull << HEAP_CTA_BITS) - 1;
+  uint64_t *heap = tp->heap;
+  sort_key *keys = tp->keys;
+  for (int b = 0; b < grid; b++) heap[b] = (uint64_t)b;
+  int64_t t_tail = 0;
+  for (; t_tail < tp->m; t_tail++) {
+    const int64_t load = (int64_t)(heap[0] >> HEAP_CTA_BITS);
+    if (load + keys[t_tail].cost > level) break;
+    tp->owner[keys[t_tail].index] = (int32_t)(heap[0] & cta_mask);
+    heap[0] += (uint64_t)keys[t_tail].cost << HEAP_CTA_BITS;
+    heap_sift_down(heap, grid, 0);
+  }
+  if (t_tail == tp->m) return 0;
+  int64_t tail_cost = 0;
+  for (int64_t t = t_tail; t < tp->m; t++) tail_cost += keys[t].cost;
+  /* CTAs in ascending load order (popped off the min-heap) */
+  for (int i = 0, n = grid; i < grid; i++) {
+    const uint64_t top = heap[0];
+    tp->order[i] = (int32_t)(top & cta_mask);
+    tp->loads[top & cta_mask] = (int64_t)(top >> HEAP_CTA_BITS);
+    heap[0] = heap[--n];
+    heap_sift_down(heap, n, 0);
+  }
+  /* the lowest water level that holds the tail; at hi every piece fits on the lightest CTA alone */
+  int64_t lo = tp->loads[tp->order[0]], hi = lo + tail_cost + (tp->m - t_tail) * tp->kv_tile;
+  if (hi >= lpt_max) hi = lpt_max; /* above it the balance cannot pay */
+  if (!tail_walk(tp, grid, t_tail, hi, 0)) return 0;
+  while (lo < hi) {
+    const int64_t w = lo + (hi - lo) / 2;
+    if (tail_walk(tp, grid, t_tail, w, 0))
+      hi = w;
+    else
+      lo = w + 1;
+  }
+  if (!tail_walk(tp, grid, t_tail, lo, 1)) return 0;
+  int64_t new_max = 0;
+  for (int b = 0; b < grid; b++)
+    if (tp->loads[b] > new_max) new_max = tp->loads[b];
+  if (new_max * 100 > lpt_max * 99) return 0;
+  /* keys: the whole items as dealt, then the pieces */
+  for (int64_t x = 0; x < tp->pieces; x++) keys[t_tail + x].index = tp->m + x;
+  tp->m = t_tail + tp->pieces;
+  return 1;
+}
+
 /* Items of ranges `len` split in chunks of `chunk` tokens (0: unsplit). */
 static int64_t count_chunks(const prefill_item *base, int64_t n, int64_t chunk) {
   int64_t total = 0;
@@ -144,9 +296,12 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
   /* the 8-byte heap goes before the 4-byte arrays, so an odd item count cannot misalign it */
   uint64_t *heap = (uint64_t *)sp;
   sp += (size_t)(grid_max(c) + 1) * sizeof(uint64_t);
+  int64_t *loads = (int64_t *)sp;
+  sp += (size_t)(grid_max(c) + 1) * sizeof(int64_t);
   int32_t *owner = (int32_t *)sp;
   sp += (size_t)l->max_items * sizeof(int32_t);
-  sp += (size_t)(grid_max(c) + 1) * sizeof(int32_t); /* (spare) */
+  int32_t *order = (int32_t *)sp;
+  sp += (size_t)(grid_max(c) + 1) * sizeof(int32_t);
   int32_t *fill = (int32_t *)sp;
 
   memset(lists, 0, (size_t)PREFILL_META_WORDS * 4);
@@ -260,7 +415,6 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
       part_used += chunks * T;
       out->split_tiles++;
     }
-    out->part_rows_used += part_used;
 
     /* ---- longest first onto the least loaded CTA; the fixed cost stands for Q load + epilogue */
     int64_t cost_sum = 0;
@@ -275,18 +429,23 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
     if (cost_shift)
       for (int64_t t = 0; t < m; t++) keys[t].cost = (keys[t].cost >> cost_shift) + 1;
     sort_cost_desc(keys, keys_tmp, m);
-    for (int b = 0; b < grid; b++) {
-      heap[b] = (uint64_t)b; /* load 0: already a heap */
-      fill[b] = 0;
+    const int64_t lpt_max = lpt_deal(keys, m, grid, heap, owner);
+    if (c->balance_tail && !c->disable_split && chunk == 0 && !cost_shift && m > grid) {
+      tail_plan tp = {exp, keys, owner, heap, loads, order, m, l->max_items, T, c->kv_tile,
+                      l->part_base[kind], l->part_budget[kind], merge + merges, l->max_merges - merges, 0, 0, 0};
+      if (tail_balance(&tp, grid, cost_sum, lpt_max)) {
+        m = tp.m;
+        merges += tp.merges;
+        part_used = tp.part_used;
+        out->split_tiles += tp.merges;
+        out->balanced_tiles += tp.merges;
+      } else {
+        lpt_deal(keys, m, grid, heap, owner); /* tail_balance changed owner[]: deal again */
+      }
     }
-    const uint64_t cta_mask = (1ull << HEAP_CTA_BITS) - 1;
-    for (int64_t t = 0; t < m; t++) {
-      const int32_t b = (int32_t)(heap[0] & cta_mask);
-      owner[keys[t].index] = b;
-      fill[b]++;
-      heap[0] += (uint64_t)keys[t].cost << HEAP_CTA_BITS;
-      heap_sift_down(heap, grid, 0);
-    }
+    out->part_rows_used += part_used;
+    for (int b = 0; b < grid; b++) fill[b] = 0;
+    for (int64_t t = 0; t < m; t++) fill[owner[keys[t].index]]++;
     /* CTA b's items are contiguous: an exclusive scan of the counts, then a scatter in LPT order */
     RETURN_IF(next_item + m > l->max_items, KVATTN_ERROR_BOUNDS_EXCEEDED,
               "kvattn_plan: the batch needs more than %lld prefill work items (bounds)", (long long)l->max_items);

@@ -63,6 +63,7 @@ typedef struct prefill_config {
   int32_t disable_split;
   int32_t fixed_split_tokens; /* > 0: split every range at multiples of this (within the budget) */
   int32_t min_chunk;      /* smallest split chunk in tokens */
+  int32_t balance_tail;   /* 1: cut the items that do not fit evenly into the grid into KV pieces (see plan_prefill.c) */
   /* bounds */
   int64_t max_batch, max_qo_tokens, max_kv_entries;
 } prefill_config;
@@ -80,6 +81,7 @@ typedef struct prefill_layout {
   int64_t list_words;      /* the whole region */
   int64_t max_items, max_merges;
   int64_t part_base[PREFILL_TILE_KINDS]; /* first partial row of each kind's budget */
+  int64_t part_budget[PREFILL_TILE_KINDS]; /* its rows: 2 x grid x tile rows */
   int64_t part_rows;       /* rows of partial states */
   size_t scratch_bytes;    /* host scratch the planner needs */
 } prefill_layout;
@@ -94,6 +96,7 @@ typedef struct prefill_plan_out {
   int64_t items_off[PREFILL_TILE_KINDS]; /* word offset of each kind's first item */
   int64_t merges;
   int64_t split_tiles;
+  int64_t balanced_tiles;                /* of those, split by the tail balance */
   int64_t part_rows_used;
   int64_t copy_words;                    /* the used prefix of the list region */
 } prefill_plan_out;

@@ -139,7 +139,7 @@ static int check_plan(const prefill_config *c, const prefill_layout *l, const ba
         if (it->row_start % T || it->row_start >= qo * G) FAIL("row_start %d (T %d, packed %lld)", it->row_start, T, (long long)(qo * G));
         if (it->kv_begin < 0 || it->kv_end > kv || it->kv_begin > it->kv_end) FAIL("kv range [%d, %d) of %lld", it->kv_begin, it->kv_end, (long long)kv);
         if (it->part >= 0) {
-          if (it->part < l->part_base[k] || it->part + T > l->part_base[k] + (int64_t)c->grid[k] * T)
+          if (it->part < l->part_base[k] || it->part + T > l->part_base[k] + l->part_budget[k])
             FAIL("partial rows [%d, +%d) outside kind %d's budget", it->part, T, k);
           for (int rr = 0; rr < T; rr++) {
             if (part_used[it->part + rr]) FAIL("partial row %d used twice", it->part + rr);
@@ -233,6 +233,7 @@ static int fuzz_one(test_rng *r, int64_t *items_total, int64_t *splits_total) {
   c.disable_split = rng_uniform(r) < 0.1;
   c.fixed_split_tokens = rng_uniform(r) < 0.1 ? (int)rng_int(r, 1, 4096) : 0;
   c.min_chunk = (int)rng_int(r, 1, 512);
+  c.balance_tail = rng_uniform(r) < 0.7;
   int batch = (int)rng_int(r, 0, rng_uniform(r) < 0.01 ? 1100 : 24);
   int qo_max = (int)rng_int(r, 1, rng_uniform(r) < 0.05 ? 8192 : 160);
   int kv_max = (int)rng_int(r, 0, rng_uniform(r) < 0.1 ? 1000000 : 20000);
@@ -322,6 +323,75 @@ TEST(split_happens_for_few_rows_against_long_kv) {
   c.disable_split = 1;
   CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
   CHECK(out.items[2] == 32 && out.merges == 0);
+  free(lists);
+  free(scratch);
+}
+
+/* 16 requests of 1024 tokens, full attention, Llama-3-8B heads: 4096 equal 128-row items on 264 CTAs.
+ * Whole, the 136 items of a 16th round leave 128 CTAs idle for one item's time (heaviest CTA 16
+ * items, mean 15.5); the tail balance cuts those 136 into pieces that fill every CTA to one level. */
+TEST(tail_of_equal_items_is_cut_to_one_water_level) {
+  prefill_config c;
+  memset(&c, 0, sizeof c);
+  c.group_size = 4, c.num_kv_heads = 8, c.num_qo_heads = 32, c.head_dim = 128, c.kv_tile = 64;
+  c.grid[0] = 132 * 8, c.grid[1] = 132 * 3, c.grid[2] = 132 * 2;
+  c.causal = 0, c.window_left = -1, c.min_chunk = 1024;
+  c.max_batch = 16, c.max_qo_tokens = 16 * 1024, c.max_kv_entries = 16 * 1024;
+  int32_t qo[17], kv[17];
+  for (int i = 0; i <= 16; i++) qo[i] = kv[i] = 1024 * i;
+  batch_view bv;
+  memset(&bv, 0, sizeof bv);
+  bv.format = KVATTN_FORMAT_RAGGED, bv.batch = 16, bv.page_size = 1, bv.qo_indptr = qo, bv.kv_indptr = kv;
+  bv.kv_token_limit = INT64_MAX, bv.qo_tokens = 16 * 1024, bv.kv_entries = 16 * 1024;
+  prefill_layout l;
+  CHECK_OK(prefill_layout_compute(&c, &l));
+  int32_t *lists = calloc((size_t)l.list_words, 4);
+  void *scratch = malloc(l.scratch_bytes);
+  prefill_plan_out out;
+  int64_t heaviest[2];
+  for (int on = 0; on < 2; on++) {
+    c.balance_tail = on;
+    CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
+    char why[256];
+    CHECK_MSG(check_plan(&c, &l, &bv, NULL, lists, &out, why, sizeof why), "%s", why);
+    const int32_t *cta = lists + l.cta_off[2];
+    const prefill_item *it = (const prefill_item *)(lists + out.items_off[2]);
+    heaviest[on] = 0;
+    for (int b = 0; b < c.grid[2]; b++) {
+      int64_t load = 0;
+      for (int x = cta[b]; x < cta[b + 1]; x++) load += it[x].kv_end - it[x].kv_begin + 2 * c.kv_tile;
+      if (load > heaviest[on]) heaviest[on] = load;
+    }
+    fprintf(stderr, "  balance %d: %lld items, %lld merges, heaviest CTA %lld tokens of cost (mean %lld)\n", on,
+            (long long)out.items[2], (long long)out.merges, (long long)heaviest[on],
+            (long long)(4096 * (1024 + 128) / 264));
+    if (!on) CHECK(out.items[2] == 4096 && out.merges == 0 && heaviest[0] == 16 * (1024 + 128));
+  }
+  /* whole: 16 items; cut: at most the mean plus two fixed costs and a tile */
+  CHECK(out.merges > 0 && out.merges <= 136 && out.balanced_tiles == out.merges);
+  CHECK(heaviest[1] <= 4096 * (1024 + 128) / 264 + 2 * 128 + 64);
+  /* the GPU test's shape (tests/gpu/test_gpu_prefill.c, tail_balance_...): one request of 500 rows onto 900,
+   * 8 / 2 heads, a 5-CTA grid, KV tiles of 64 and 32: 32 equal items, cut */
+  for (int kt = 64; kt >= 32; kt /= 2) {
+    c.kv_tile = kt;
+    c.grid[0] = c.grid[1] = c.grid[2] = 5;
+    c.num_kv_heads = 2, c.num_qo_heads = 8;
+    c.max_batch = 1, c.max_qo_tokens = 500, c.max_kv_entries = 900;
+    c.balance_tail = 1;
+    qo[1] = 500, kv[1] = 900;
+    bv.batch = 1, bv.qo_tokens = 500, bv.kv_entries = 900;
+    prefill_layout l5;
+    CHECK_OK(prefill_layout_compute(&c, &l5));
+    int32_t *lists5 = calloc((size_t)l5.list_words, 4);
+    void *scratch5 = malloc(l5.scratch_bytes);
+    CHECK_OK(prefill_plan_build(&c, &l5, &bv, NULL, NULL, NULL, lists5, scratch5, &out));
+    char why[256];
+    CHECK_MSG(check_plan(&c, &l5, &bv, NULL, lists5, &out, why, sizeof why), "%s", why);
+    fprintf(stderr, "  grid 5, kv tile %d: %lld items, %lld cut\n", kt, (long long)out.items[2], (long long)out.balanced_tiles);
+    CHECK(out.items[2] > 32 && out.balanced_tiles > 0);
+    free(lists5);
+    free(scratch5);
+  }
   free(lists);
   free(scratch);
 }
