@@ -32,7 +32,10 @@ HQ, HK, D = 32, 8, 128
 DT = torch.bfloat16
 
 
-def median_ms(fn, warmup=3, reps=15):
+def median_ms(fn, warmup=3, reps=15, calls=1):
+    """Median over reps of the event-timed time of `calls` back-to-back calls, per call. calls 1: one call
+    between the events, so the host's time to enqueue it (the Python wrapper, argument checks) counts;
+    calls > 1: the queue stays ahead of the GPU and the figure is the kernels' own throughput."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -40,12 +43,28 @@ def median_ms(fn, warmup=3, reps=15):
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(calls):
+            fn()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls)
     times.sort()
     return times[len(times) // 2]
+
+
+def host_us(fn, n=200):
+    """Host time per call (microseconds) of `fn` on a problem small enough that the GPU keeps up: what
+    the wrapper costs the caller's thread."""
+    import time
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
 
 
 def bf16_ceiling():

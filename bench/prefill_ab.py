@@ -32,6 +32,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--no-flashinfer", action="store_true")
+    ap.add_argument("--calls", type=int, default=1, help="back-to-back calls per timed sample (bench/prefill.py median_ms)")
+    ap.add_argument("--only", default=None, help="workloads whose label contains this")
+    ap.add_argument("--host", action="store_true", help="first, the host time per run() call of each contender")
     a = ap.parse_args()
     configs = [("default", {})] + [(c, dict(kv.split("=", 1) for kv in c.split(","))) for c in a.configs.split()]
     fi = not a.no_flashinfer
@@ -41,9 +44,20 @@ def main():
         except Exception as e:  # noqa: BLE001
             print("flashinfer not importable: %s" % e)
             fi = False
+    work = [w for w in WORK if a.only is None or a.only in w[0]]
+    if a.host:  # a small problem (the GPU keeps up): the wrappers' own cost per call
+        w = prefill.Workload("host", [128] * 2, [128] * 2, False)
+        t = w.tensors(1)
+        for name, env in list(configs) + ([("flashinfer fa2", None)] if fi else []):
+            if env is None:
+                fn, _ = prefill.run_flashinfer(w, t, "ragged", 1, "fa2")
+            else:
+                fn, _ = prefill.with_env(env, lambda: prefill.run_kvattn(w, t, "ragged", 1))
+            print("host time per run() call, %-36s %6.1f us" % (name, prefill.host_us(fn)), flush=True)
+        del t
     res = {}
     for r in range(a.rounds):
-        for label, b, L, causal, fmt in WORK:
+        for label, b, L, causal, fmt in work:
             w = prefill.Workload(label, [L] * b, [L] * b, causal)
             P = 16 if fmt == "paged16" else 1
             t = w.tensors(P)
@@ -53,7 +67,7 @@ def main():
                     fn, _ = prefill.run_flashinfer(w, t, fmt, P, "fa2")
                 else:
                     fn, _ = prefill.with_env(env, lambda: prefill.run_kvattn(w, t, fmt, P))
-                ms = prefill.median_ms(fn, warmup=2, reps=a.reps)
+                ms = prefill.median_ms(fn, warmup=2, reps=a.reps, calls=a.calls)
                 tf = w.flops / (ms * 1e-3) / 1e12
                 res.setdefault(label, {}).setdefault(name, []).append(tf)
                 print("round %d  %-24s %-36s %7.3f ms %5.0f TFLOP/s" % (r, label, name, ms, tf), flush=True)
@@ -61,7 +75,8 @@ def main():
     names = [n for n, _ in configs] + (["flashinfer fa2"] if fi else [])
     print("\n| workload | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for label, *_ in WORK:
+    print("(%d call%s per timed sample)" % (a.calls, "s" if a.calls > 1 else ""))
+    for label, *_ in work:
         cells = ["%.0f" % statistics.median(res[label][n]) if n in res.get(label, {}) else "-" for n in names]
         print("| %s | %s |" % (label, " | ".join(cells)))
 

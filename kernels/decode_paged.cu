@@ -223,19 +223,10 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 }
 
 /* Shared memory: the K/V ring, a query slot per stage, and the cross-group reduction area.
- * Rows padded by ROW_PAD 16-bit elements. 8 (16 bytes, the default): the 8 rows an ldmatrix reads fall
- * in distinct banks, but every odd row starts 16 bytes off a 32-byte boundary, so a warp's copy of it
- * asks L2 for 1.5x the sectors (Nsight Compute, docs/perf.md). 16 (32 bytes, KVATTN_DECODE_ROW_PAD):
- * every row 32-byte aligned, at the price of 2-way ldmatrix conflicts (rows r and r + 4 share banks).
- * (Unpadded rows with chunk c of row r at c ^ (r & 7), the prefill kernel's layout, measured 7-8%
- * slower here on the H200: docs/perf.md, 2026-12-03.) */
-#ifndef ROW_PAD
-#define ROW_PAD 8
-#endif
-#if ROW_PAD % 8
-#error "ROW_PAD must keep rows 16-byte aligned"
-#endif
-#define ROW_ELEMS (HEAD_DIM + ROW_PAD)
+ * Rows padded by 16 bytes: the 8 rows an ldmatrix reads fall in distinct banks. (Unpadded rows with
+ * chunk c of row r at c ^ (r & 7), the prefill kernel's layout, measured 7-8% slower here on the
+ * H200: docs/perf.md, 2026-12-03.) */
+#define ROW_ELEMS (HEAD_DIM + 8)
 #define STAGE_ELEMS (2 * TILE * ROW_ELEMS)              /* K tile then V tile */
 #define QSLOT_ELEMS (QROWS * ROW_ELEMS)
 #define SMEM_RING_BYTES (STAGES * (STAGE_ELEMS + QSLOT_ELEMS) * 2)

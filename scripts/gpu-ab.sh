@@ -5,8 +5,8 @@
 # alone with the configurations in DECODE_SWEEP (bench/decode.py --sweep letters), and the prefill A/B
 # (bench/prefill_ab.py: the default, each of PREFILL_CONFIGS, FlashInfer fa2, alternating, 2 rounds).
 # Needs .whl (FlashInfer's wheels) carried for the prefill peer column.
-#   OUT=... DECODE_SWEEP="r16" PREFILL_CONFIGS="KVATTN_PREFILL_BALANCE=0 ..." SAN_ENVS="KVATTN_DECODE_ROW_PAD=16" \
-#     bash scripts/gpu-ab.sh
+#   OUT=... DECODE_SWEEP="c1s4" PREFILL_CONFIGS="KVATTN_PREFILL_BALANCE=0 ..." PREFILL_AB_ARGS="--calls 8 --host" \
+#     SAN_ENVS="KVATTN_PREFILL_STAGE=1" bash scripts/gpu-ab.sh
 # Returns console.log, decode.json, prefill_ab.log and logs/ under $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -78,8 +78,10 @@ fi
 if [ -n "${PREFILL_CONFIGS:-}" ]; then
   phase "prefill A/B (FlashInfer JIT waiting)"
   [ -n "$PW" ] && wait $PW
-  timeout ${PREFILL_AB:-240} python3 bench/prefill_ab.py --configs "$PREFILL_CONFIGS" --rounds 2 >"$OUT/prefill_ab.log" 2>&1 ||
+  timeout ${PREFILL_AB:-240} python3 bench/prefill_ab.py --configs "$PREFILL_CONFIGS" --rounds 2 ${PREFILL_AB_ARGS:-} \
+    >"$OUT/prefill_ab.log" 2>&1 ||
     echo "prefill A/B rc=$?"
+  grep "^host time" "$OUT/prefill_ab.log"
   sed -n '/^| /,$p' "$OUT/prefill_ab.log" | tail -20
 fi
 phase done

@@ -14,7 +14,8 @@
  * the least loaded CTA while they fit under the mean load; the rest (the "tail": for 4096 equal items
  * on 264 CTAs, the 136 of a 16th round that would leave 128 CTAs idle for one item's time) are laid
  * end to end and cut in whole KV tiles to fill every CTA to one water level, the pieces of a cut item
- * merged like split-KV chunks. It is kept only where it lowers the heaviest CTA's load by >= 1%. Its
+ * merged like split-KV chunks, when the tail's items average 32 KV tiles or more (shorter ones cost
+ * more in partial states and the merge than they gain) and it lowers the heaviest CTA's load by >= 1%. Its
  * pieces use at most 2 * grid * tile partial rows, the kind's budget (prefill_layout.part_budget),
  * which sizes the workspace from the bounds alone.
  */
@@ -142,6 +143,8 @@ static int64_t lpt_deal(const sort_key *keys, int64_t m, int grid, uint64_t *hea
   return (int64_t)(mx >> HEAP_CTA_BITS);
 }
 
+#define TAIL_MIN_TILES 32
+
 /* The tail balance's state (see the header comment): exp/keys/owner as in prefill_plan_build, the
  * kind's partial-row budget and the merge entries it may still write. */
 typedef struct tail_plan {
@@ -239,6 +242,10 @@ static int tail_balance(tail_plan *tp, int grid, int64_t cost_sum, int64_t lpt_m
   if (t_tail == tp->m) return 0;
   int64_t tail_cost = 0;
   for (int64_t t = t_tail; t < tp->m; t++) tail_cost += keys[t].cost;
+  /* a cut item's pieces write fp32 partial states (2x its output bytes) that a second launch merges:
+   * against items of 16 KV tiles that cost more than the balance gained (H200, full 16x1024: -1%; 64
+   * and 256 tiles: +1%), so only a tail of items of TAIL_MIN_TILES tiles or more on average is cut */
+  if (tail_cost - (tp->m - t_tail) * 2 * tp->kv_tile < (tp->m - t_tail) * TAIL_MIN_TILES * tp->kv_tile) return 0;
   /* CTAs in ascending load order (popped off the min-heap) */
   for (int i = 0, n = grid; i < grid; i++) {
     const uint64_t top = heap[0];

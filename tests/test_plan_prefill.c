@@ -327,9 +327,10 @@ TEST(split_happens_for_few_rows_against_long_kv) {
   free(scratch);
 }
 
-/* 16 requests of 1024 tokens, full attention, Llama-3-8B heads: 4096 equal 128-row items on 264 CTAs.
- * Whole, the 136 items of a 16th round leave 128 CTAs idle for one item's time (heaviest CTA 16
- * items, mean 15.5); the tail balance cuts those 136 into pieces that fill every CTA to one level. */
+/* 4 requests of 4096 tokens, full attention, Llama-3-8B heads: 4096 equal 128-row items of 64 KV tiles on
+ * 264 CTAs. Whole, the 136 items of a 16th round leave 128 CTAs idle for one item's time (heaviest CTA
+ * 16 items, mean 15.5); the tail balance cuts those 136 into pieces that fill every CTA to one level.
+ * 16 requests of 1024 (items of 16 tiles) are left whole: too short to pay for the merge. */
 TEST(tail_of_equal_items_is_cut_to_one_water_level) {
   prefill_config c;
   memset(&c, 0, sizeof c);
@@ -338,48 +339,55 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
   c.causal = 0, c.window_left = -1, c.min_chunk = 1024;
   c.max_batch = 16, c.max_qo_tokens = 16 * 1024, c.max_kv_entries = 16 * 1024;
   int32_t qo[17], kv[17];
-  for (int i = 0; i <= 16; i++) qo[i] = kv[i] = 1024 * i;
   batch_view bv;
   memset(&bv, 0, sizeof bv);
-  bv.format = KVATTN_FORMAT_RAGGED, bv.batch = 16, bv.page_size = 1, bv.qo_indptr = qo, bv.kv_indptr = kv;
+  bv.format = KVATTN_FORMAT_RAGGED, bv.page_size = 1, bv.qo_indptr = qo, bv.kv_indptr = kv;
   bv.kv_token_limit = INT64_MAX, bv.qo_tokens = 16 * 1024, bv.kv_entries = 16 * 1024;
   prefill_layout l;
   CHECK_OK(prefill_layout_compute(&c, &l));
   int32_t *lists = calloc((size_t)l.list_words, 4);
   void *scratch = malloc(l.scratch_bytes);
   prefill_plan_out out;
-  int64_t heaviest[2];
-  for (int on = 0; on < 2; on++) {
-    c.balance_tail = on;
-    CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
-    char why[256];
-    CHECK_MSG(check_plan(&c, &l, &bv, NULL, lists, &out, why, sizeof why), "%s", why);
-    const int32_t *cta = lists + l.cta_off[2];
-    const prefill_item *it = (const prefill_item *)(lists + out.items_off[2]);
-    heaviest[on] = 0;
-    for (int b = 0; b < c.grid[2]; b++) {
-      int64_t load = 0;
-      for (int x = cta[b]; x < cta[b + 1]; x++) load += it[x].kv_end - it[x].kv_begin + 2 * c.kv_tile;
-      if (load > heaviest[on]) heaviest[on] = load;
+  for (int shape = 0; shape < 2; shape++) {
+    const int batch = shape ? 16 : 4, len = 16384 / batch;
+    for (int i = 0; i <= batch; i++) qo[i] = kv[i] = len * i;
+    bv.batch = batch;
+    const int64_t item = len + 2 * c.kv_tile, mean = 4096 * item / 264;
+    int64_t heaviest[2];
+    for (int on = 0; on < 2; on++) {
+      c.balance_tail = on;
+      CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
+      char why[256];
+      CHECK_MSG(check_plan(&c, &l, &bv, NULL, lists, &out, why, sizeof why), "%s", why);
+      const int32_t *cta = lists + l.cta_off[2];
+      const prefill_item *it = (const prefill_item *)(lists + out.items_off[2]);
+      heaviest[on] = 0;
+      for (int b = 0; b < c.grid[2]; b++) {
+        int64_t load = 0;
+        for (int x = cta[b]; x < cta[b + 1]; x++) load += it[x].kv_end - it[x].kv_begin + 2 * c.kv_tile;
+        if (load > heaviest[on]) heaviest[on] = load;
+      }
+      fprintf(stderr, "  %dx%d, balance %d: %lld items, %lld merges, heaviest CTA %lld tokens of cost (mean %lld)\n",
+              batch, len, on, (long long)out.items[2], (long long)out.merges, (long long)heaviest[on], (long long)mean);
+      if (!on || shape) CHECK(out.items[2] == 4096 && out.merges == 0 && heaviest[on] == 16 * item);
     }
-    fprintf(stderr, "  balance %d: %lld items, %lld merges, heaviest CTA %lld tokens of cost (mean %lld)\n", on,
-            (long long)out.items[2], (long long)out.merges, (long long)heaviest[on],
-            (long long)(4096 * (1024 + 128) / 264));
-    if (!on) CHECK(out.items[2] == 4096 && out.merges == 0 && heaviest[0] == 16 * (1024 + 128));
+    if (shape) continue;
+    /* whole: 16 items; cut: at most the mean plus two fixed costs and a tile */
+    CHECK(out.merges > 0 && out.merges <= 136 && out.balanced_tiles == out.merges);
+    CHECK(heaviest[1] <= mean + 2 * 128 + 64);
   }
-  /* whole: 16 items; cut: at most the mean plus two fixed costs and a tile */
-  CHECK(out.merges > 0 && out.merges <= 136 && out.balanced_tiles == out.merges);
-  CHECK(heaviest[1] <= 4096 * (1024 + 128) / 264 + 2 * 128 + 64);
-  /* the GPU test's shape (tests/gpu/test_gpu_prefill.c, tail_balance_...): one request of 500 rows onto 900,
-   * 8 / 2 heads, a 5-CTA grid, KV tiles of 64 and 32: 32 equal items, cut */
+  free(lists);
+  free(scratch);
+  /* the GPU test's shape (tests/gpu/test_gpu_prefill.c, tail_balance_...): one request of 500 rows onto
+   * 2200, 8 / 2 heads, a 5-CTA grid, KV tiles of 64 and 32: 32 equal items, cut */
   for (int kt = 64; kt >= 32; kt /= 2) {
     c.kv_tile = kt;
     c.grid[0] = c.grid[1] = c.grid[2] = 5;
     c.num_kv_heads = 2, c.num_qo_heads = 8;
-    c.max_batch = 1, c.max_qo_tokens = 500, c.max_kv_entries = 900;
+    c.max_batch = 1, c.max_qo_tokens = 500, c.max_kv_entries = 2200;
     c.balance_tail = 1;
-    qo[1] = 500, kv[1] = 900;
-    bv.batch = 1, bv.qo_tokens = 500, bv.kv_entries = 900;
+    qo[0] = kv[0] = 0, qo[1] = 500, kv[1] = 2200;
+    bv.batch = 1, bv.qo_tokens = 500, bv.kv_entries = 2200;
     prefill_layout l5;
     CHECK_OK(prefill_layout_compute(&c, &l5));
     int32_t *lists5 = calloc((size_t)l5.list_words, 4);
@@ -392,8 +400,6 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
     free(lists5);
     free(scratch5);
   }
-  free(lists);
-  free(scratch);
 }
 
 TEST(short_queries_get_short_tiles) {

@@ -684,26 +684,6 @@ TEST(decode_options_and_split_modes) {
   }
 }
 
-/* The ring with 32-byte row padding (KVATTN_DECODE_ROW_PAD=16, an A/B configuration of the benchmark):
- * both paths, page sizes 1/3/16, group sizes 1/4/8, head dims 64/128, both layouts. */
-TEST(decode_with_32_byte_ring_padding_matches_the_reference) {
-  NEED_GPU();
-  setenv("KVATTN_DECODE_ROW_PAD", "16", 1);
-  const int page_sizes[3] = {1, 3, 16}, groups[3] = {1, 4, 8};
-  for (int k = 0; k < 9; k++) {
-    int64_t len[40];
-    dcase c;
-    random_case(&c, len, "row_pad16", 40, page_sizes[k % 3], groups[k / 3], k % 2 ? 64 : 128, 0);
-    random_lengths(len, c.batch, 3000, 20000);
-    c.kernel = k % 4 == 3 ? KVATTN_KERNEL_CUDA_CORE : KVATTN_KERNEL_AUTO;
-    double rel = 0, lse = 0;
-    int bad = run_case(&c, &rel, &lse);
-    print_case(&c, rel, lse);
-    CHECK(bad == 0);
-  }
-  unsetenv("KVATTN_DECODE_ROW_PAD");
-}
-
 /* Small cases that still take every path (split pieces and their merge, empty requests, each
  * option): the subset the sanitizer pass runs (compute-sanitizer slows kernels by 10-100x). */
 TEST(decode_small_cases_for_the_sanitizers) {
