@@ -28,7 +28,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, ITEM_BASE, DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -120,12 +120,6 @@
 #if WKV > 1
 #undef STAGE_NEXT
 #define STAGE_NEXT 0
-#endif
-/* ITEM_BASE 1 (host knob KVATTN_PREFILL_ITEM_BASE, A/B runs): the ragged loader's K and V row-0
- * pointers of an item are computed once before its tile loop and held in registers; 0: re-derived
- * from the item (shared memory) every tile (ragged_row), which costs no registers across the loop. */
-#ifndef ITEM_BASE
-#define ITEM_BASE 0
 #endif
 #define CH (HEAD_DIM / 8)   /* 16-byte chunks per row */
 #define NF (KVW / 8)        /* n-fragments of S per warp */
@@ -544,9 +538,6 @@ prefill_kernel(const struct prefill_params p) {
       d[mf][0] = d[mf][1] = d[mf][2] = d[mf][3] = 0.f;
     }
 
-#if ITEM_BASE
-    const char *kr_item = contig ? ragged_row(p, it, kc, 0, 0) : kc, *vr_item = contig ? ragged_row(p, it, vc, 1, 0) : vc;
-#endif
     int slot = 0; /* tile t's table slot: t % 3 */
     for (int t = 0; t < n_tiles; t++) {
       const int t0 = it.kv_begin + t * KV_TILE, t1 = t0 + KV_TILE;
@@ -561,13 +552,8 @@ prefill_kernel(const struct prefill_params p) {
       if (t + 1 < n_tiles) {
         const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
         if (contig)
-#if ITEM_BASE
-          load_kv_rows(buf, row_ptr(kr_item, t1, p.k_row_bytes), row_ptr(vr_item, t1, p.v_row_bytes), p.k_row_bytes,
-                       p.v_row_bytes, ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
-#else
           load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
                        ld_r0, kv_end - t1, ld_dst, ld_dst_odd);
-#endif
         else
           load_kv_tile(buf, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0, tposs + slot1 * KV_TILE + ld_r0, v_col,
                        ld_dst, ld_dst_odd);

@@ -72,8 +72,6 @@ static int warps128_for(int head_dim) {
  * epilogue (KVATTN_PREFILL_STAGE, off: it spills on sm_90a and measured -3% to +3%). */
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
 static int stage_next_on(void) { return env_int("KVATTN_PREFILL_STAGE", 0, 0, 1); }
-/* The ragged loader's per-item K/V base in registers (kernels/prefill.cu ITEM_BASE; A/B runs). */
-static int item_base_on(void) { return env_int("KVATTN_PREFILL_ITEM_BASE", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
@@ -154,6 +152,8 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   c->min_chunk = env_int("KVATTN_PREFILL_MIN_CHUNK", 1024, 16, 1 << 30);
   /* the tail balance (src/plan_prefill.c); 0 = whole items only (A/B runs) */
   c->balance_tail = env_int("KVATTN_PREFILL_BALANCE", 1, 0, 1);
+  c->tail_min_tiles = env_int("KVATTN_PREFILL_TAIL_MIN", 32, 1, 1 << 20);
+  c->tail_first = env_int("KVATTN_PREFILL_TAIL_FIRST", 1, 0, 1);
   c->max_batch = b->max_batch;
   c->max_qo_tokens = b->max_qo_tokens;
   c->max_kv_entries = b->max_kv_entries;
@@ -232,10 +232,9 @@ static void make_defines(const kvattn_attention_desc *d, int group, int kind, in
   int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DFOLD_SCALE=%d -DSTAGE_NEXT=%d "
-           "-DITEM_BASE=%d -DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d "
-           "-DROPE=%d",
+           "-DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d",
            d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim, d->rope, optin), warps128_for(d->head_dim),
-           fold_scale_on(), stage_next_on(), item_base_on(), dtype_code(d->q_dtype),
+           fold_scale_on(), stage_next_on(), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0);
 }

@@ -15,7 +15,8 @@
  * on 264 CTAs, the 136 of a 16th round that would leave 128 CTAs idle for one item's time) are laid
  * end to end and cut in whole KV tiles to fill every CTA to one water level, the pieces of a cut item
  * merged like split-KV chunks, when the tail's items average 32 KV tiles or more (shorter ones cost
- * more in partial states and the merge than they gain) and it lowers the heaviest CTA's load by >= 1%. Its
+ * more in partial states and the merge than they gain; config tail_min_tiles) and it lowers the
+ * heaviest CTA's load by >= 1%. A CTA runs its pieces first (tail_first). Its
  * pieces use at most 2 * grid * tile partial rows, the kind's budget (prefill_layout.part_budget),
  * which sizes the workspace from the bounds alone.
  */
@@ -143,8 +144,6 @@ static int64_t lpt_deal(const sort_key *keys, int64_t m, int grid, uint64_t *hea
   return (int64_t)(mx >> HEAP_CTA_BITS);
 }
 
-#define TAIL_MIN_TILES 32
-
 /* The tail balance's state (see the header comment): exp/keys/owner as in prefill_plan_build, the
  * kind's partial-row budget and the merge entries it may still write. */
 typedef struct tail_plan {
@@ -157,6 +156,8 @@ typedef struct tail_plan {
   int64_t m;         /* items; on success, the items after the cut */
   int64_t max_items; /* room in exp, keys, owner */
   int T, kv_tile;
+  int64_t min_tiles; /* the tail's items must average this many KV tiles */
+  int first;         /* 1: the pieces go first in their CTAs' lists */
   int64_t part_base, part_budget;
   prefill_merge_entry *merge;
   int64_t max_merges;
@@ -244,8 +245,8 @@ static int tail_balance(tail_plan *tp, int grid, int64_t cost_sum, int64_t lpt_m
   for (int64_t t = t_tail; t < tp->m; t++) tail_cost += keys[t].cost;
   /* a cut item's pieces write fp32 partial states (2x its output bytes) that a second launch merges:
    * against items of 16 KV tiles that cost more than the balance gained (H200, full 16x1024: -1%; 64
-   * and 256 tiles: +1%), so only a tail of items of TAIL_MIN_TILES tiles or more on average is cut */
-  if (tail_cost - (tp->m - t_tail) * 2 * tp->kv_tile < (tp->m - t_tail) * TAIL_MIN_TILES * tp->kv_tile) return 0;
+   * and 256 tiles: +1%), so only a tail whose items average min_tiles tiles or more is cut */
+  if (tail_cost - (tp->m - t_tail) * 2 * tp->kv_tile < (tp->m - t_tail) * tp->min_tiles * tp->kv_tile) return 0;
   /* CTAs in ascending load order (popped off the min-heap) */
   for (int i = 0, n = grid; i < grid; i++) {
     const uint64_t top = heap[0];
@@ -270,8 +271,14 @@ static int tail_balance(tail_plan *tp, int grid, int64_t cost_sum, int64_t lpt_m
   for (int b = 0; b < grid; b++)
     if (tp->loads[b] > new_max) new_max = tp->loads[b];
   if (new_max * 100 > lpt_max * 99) return 0;
-  /* keys: the whole items as dealt, then the pieces */
-  for (int64_t x = 0; x < tp->pieces; x++) keys[t_tail + x].index = tp->m + x;
+  /* keys (the order of each CTA's list): the whole items as dealt, then the pieces; or (first) the pieces
+   * first, so their partial states are written while other CTAs still compute, not in a burst at the end */
+  if (tp->first) {
+    memmove(keys + tp->pieces, keys, (size_t)t_tail * sizeof *keys);
+    for (int64_t x = 0; x < tp->pieces; x++) keys[x].index = tp->m + x;
+  } else {
+    for (int64_t x = 0; x < tp->pieces; x++) keys[t_tail + x].index = tp->m + x;
+  }
   tp->m = t_tail + tp->pieces;
   return 1;
 }
@@ -439,7 +446,8 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
     const int64_t lpt_max = lpt_deal(keys, m, grid, heap, owner);
     if (c->balance_tail && !c->disable_split && chunk == 0 && !cost_shift && m > grid) {
       tail_plan tp = {exp, keys, owner, heap, loads, order, m, l->max_items, T, c->kv_tile,
-                      l->part_base[kind], l->part_budget[kind], merge + merges, l->max_merges - merges, 0, 0, 0};
+                      c->tail_min_tiles > 0 ? c->tail_min_tiles : 32, c->tail_first, l->part_base[kind],
+                      l->part_budget[kind], merge + merges, l->max_merges - merges, 0, 0, 0};
       if (tail_balance(&tp, grid, cost_sum, lpt_max)) {
         m = tp.m;
         merges += tp.merges;

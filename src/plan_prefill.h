@@ -64,6 +64,8 @@ typedef struct prefill_config {
   int32_t fixed_split_tokens; /* > 0: split every range at multiples of this (within the budget) */
   int32_t min_chunk;      /* smallest split chunk in tokens */
   int32_t balance_tail;   /* 1: cut the items that do not fit evenly into the grid into KV pieces (see plan_prefill.c) */
+  int32_t tail_min_tiles; /* ... when the tail's items average at least this many KV tiles (0: 32) */
+  int32_t tail_first;     /* 1: a CTA runs its tail pieces before its whole items */
   /* bounds */
   int64_t max_batch, max_qo_tokens, max_kv_entries;
 } prefill_config;

@@ -415,19 +415,19 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
   CHECK(all_ok);
 }
 
-/* The tail balance (src/plan_prefill.c, on by default): on a 5-CTA grid, 32 equal items (one request of
- * 500 rows onto 2200 x 2 KV heads, 16 query tiles each) are 6.4 per CTA; the last two are cut into KV pieces at
+/* The tail balance (src/plan_prefill.c, on by default): on a 5-CTA grid, 14 equal items (one request of
+ * 200 rows onto 2200 x 2 KV heads, 7 query tiles each) are 2.8 per CTA; the last four are cut into KV pieces at
  * whole tiles and merged (tests/test_plan_prefill.c checks that this shape is cut). Full and causal,
  * ragged and paged, KV tiles of 64 and 32. */
 TEST(tail_balance_cuts_the_last_items_and_merges_them) {
   NEED_GPU();
   int all_ok = 1;
   setenv("KVATTN_PREFILL_GRID", "5", 1);
-  all_ok &= run_case("grid 5, tail cut: ragged full", RAGGED, NHD, 0, 1, 1, 500, 2200, 8, 2, 128, TDT_BF16, V_PLAIN, 120, 0);
-  all_ok &= run_case("grid 5, tail cut: paged16 full", PAGED, NHD, 0, 16, 3, 300, 3000, 8, 2, 128, TDT_BF16, V_PLAIN, 121, 1);
-  all_ok &= run_case("grid 5, tail cut: ragged causal", RAGGED, NHD, 0, 1, 2, 400, 4000, 8, 2, 128, TDT_F16, V_CAUSAL, 122, 0);
+  all_ok &= run_case("grid 5, tail cut: ragged full", RAGGED, NHD, 0, 1, 1, 200, 2200, 8, 2, 128, TDT_BF16, V_PLAIN, 120, 0);
+  all_ok &= run_case("grid 5, tail cut: paged16 full", PAGED, NHD, 0, 16, 3, 150, 3000, 8, 2, 128, TDT_BF16, V_PLAIN, 121, 1);
+  all_ok &= run_case("grid 5, tail cut: ragged causal", RAGGED, NHD, 0, 1, 2, 200, 4000, 8, 2, 128, TDT_F16, V_CAUSAL, 122, 0);
   setenv("KVATTN_PREFILL_KV_TILE", "32", 1);
-  all_ok &= run_case("grid 5, kv tile 32, tail cut: ragged full", RAGGED, NHD, 0, 1, 1, 500, 2200, 8, 2, 128, TDT_BF16,
+  all_ok &= run_case("grid 5, kv tile 32, tail cut: ragged full", RAGGED, NHD, 0, 1, 1, 200, 2200, 8, 2, 128, TDT_BF16,
                      V_PLAIN, 123, 0);
   unsetenv("KVATTN_PREFILL_KV_TILE");
   unsetenv("KVATTN_PREFILL_GRID");
