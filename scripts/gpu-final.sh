@@ -73,6 +73,7 @@ if [ "${R[build]}" = ok ]; then
     san memcheck "$DEC" merge_states & m4=$!
     san memcheck "$DEC" append_paged_kv & m5=$!
     san memcheck "$PRE" k_and_v_with_different_strides & m6=$!
+    san memcheck "$PRE" tail_balance & m7=$!
     san racecheck "$DEC" decode_small_cases & r1=$!
     san racecheck "$PRE" tiny_grid & r2=$!
   fi
@@ -88,7 +89,7 @@ if [ "${R[build]}" = ok ]; then
 
   phase "compute-sanitizer (waiting)"
   if [ $SANS = 1 ]; then
-    ok=1; for x in $m1 $m2 $m3 $m4 $m5 $m6; do wait $x || ok=0; done
+    ok=1; for x in $m1 $m2 $m3 $m4 $m5 $m6 $m7; do wait $x || ok=0; done
     [ $ok = 1 ] && result memcheck ok || result memcheck FAIL
     ok=1; for x in $r1 $r2; do wait $x || ok=0; done
     [ $ok = 1 ] && result racecheck ok || result racecheck FAIL
