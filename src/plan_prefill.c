@@ -224,7 +224,7 @@ static int tail_walk(tail_plan *tp, int grid, int64_t t_tail, int64_t water, int
 
 /* Whole items longest first while they fit under the mean load, then the rest cut to the lowest water
  * level that holds them. Returns 1 when it pays (the heaviest CTA >= 1% lighter than lpt_max), with
- * owner[], keys[0, m) (the whole items, then the pieces), the merge entries and the partial rows
+ * owner[], keys[0, m) (the whole items and the pieces, in list order), the merge entries and the partial rows
  * written; 0 (nothing kept but owner[]) otherwise. */
 static int tail_balance(tail_plan *tp, int grid, int64_t cost_sum, int64_t lpt_max) {
   const int64_t level = (cost_sum + grid - 1) / grid;
