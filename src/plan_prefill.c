@@ -128,6 +128,18 @@ static void sort_cost_desc(sort_key *keys, sort_key *tmp, int64_t n) {
   if (src != keys) memcpy(keys, src, (size_t)n * sizeof *keys);
 }
 
+/* The merge entry of a tile whose `chunks` pieces (of item `b`) wrote partial rows from `part`. */
+static void merge_entry_of(prefill_merge_entry *e, const prefill_item *b, int64_t part, int64_t chunks, int T) {
+  memset(e, 0, sizeof *e);
+  e->part = (int32_t)part;
+  e->chunks = (int32_t)chunks;
+  e->q_start = b->q_start;
+  e->qo_len = b->qo_len;
+  e->kv_head = b->kv_head;
+  e->row_start = b->row_start;
+  e->rows = T;
+}
+
 /* Longest first onto the least loaded CTA: keys (sorted by cost, largest first) dealt over `grid` CTAs;
  * owner[item] = its CTA. Returns the heaviest CTA's load. */
 static int64_t lpt_deal(const sort_key *keys, int64_t m, int grid, uint64_t *heap, int32_t *owner) {
@@ -202,15 +214,7 @@ static int tail_walk(tail_plan *tp, int grid, int64_t t_tail, int64_t water, int
         if (tp->merges >= tp->max_merges || tp->part_used + chunks * tp->T > tp->part_budget) return 0;
         const int64_t part = tp->part_base + tp->part_used;
         for (int64_t x = 0; x < chunks; x++) tp->exp[first + x].part = (int32_t)(part + x * tp->T);
-        prefill_merge_entry *me = &tp->merge[tp->merges++];
-        memset(me, 0, sizeof *me);
-        me->part = (int32_t)part;
-        me->chunks = (int32_t)chunks;
-        me->q_start = src->q_start;
-        me->qo_len = src->qo_len;
-        me->kv_head = src->kv_head;
-        me->row_start = src->row_start;
-        me->rows = tp->T;
+        merge_entry_of(&tp->merge[tp->merges++], src, part, chunks, tp->T);
         tp->part_used += chunks * tp->T;
       }
       first = e;
@@ -417,15 +421,7 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
         it->kv_end = (int32_t)(b->kv_begin + (ch + 1) * chunk < b->kv_end ? b->kv_begin + (ch + 1) * chunk : b->kv_end);
         it->part = (int32_t)(part + ch * T);
       }
-      prefill_merge_entry *e = &merge[merges++];
-      memset(e, 0, sizeof *e);
-      e->part = (int32_t)part;
-      e->chunks = (int32_t)chunks;
-      e->q_start = b->q_start;
-      e->qo_len = b->qo_len;
-      e->kv_head = b->kv_head;
-      e->row_start = b->row_start;
-      e->rows = T;
+      merge_entry_of(&merge[merges++], b, part, chunks, T);
       part_used += chunks * T;
       out->split_tiles++;
     }
