@@ -207,4 +207,22 @@ static __device__ __forceinline__ void mma_f16_16816(float *d, const u32 *a, con
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+/* Programmatic dependent launch (sm_90+; both are no-ops when the launch did not ask for it, and
+ * compiled out below sm_90). A kernel launched with programmatic stream serialization may start while
+ * the kernel before it in the stream still runs; pdl_wait() returns once that grid has completed and
+ * its writes are visible, so before it a kernel may read only what no kernel writes (its work lists,
+ * written by plan's host-to-device copy) and must write nothing. pdl_launch_dependents() lets the next
+ * kernel's CTAs be scheduled as this grid's CTAs retire; it promises nothing about this kernel's writes
+ * (the next kernel's own wait covers those). */
+static __device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 #endif /* KVATTN_COMMON_CUH */

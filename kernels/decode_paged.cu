@@ -468,27 +468,9 @@ static __device__ __forceinline__ void store4(u16 *dst, float4 o) {
   }
 }
 
-/* Programmatic dependent launch (sm_90+; both are no-ops when the launch did not ask for it, and
- * compiled out below sm_90). The host launches this kernel with programmatic stream serialization
- * (src/gpu_attention.c, KVATTN_DECODE_PDL), so its CTAs may start while the kernel before it in the
- * stream still runs: before pdl_wait() the kernel reads only its work lists (cta_indptr, items: written
- * by plan's host-to-device copy, never by a kernel, and a copy in the stream is a full dependency) and
- * writes nothing; q, K/V, the page ids, the outputs, the partial states and the split counters (all of
- * which an earlier kernel may write or read) are touched only after it, when the earlier grid has
- * completed and its writes are visible. pdl_launch_dependents() lets the next kernel's CTAs be
- * scheduled as this grid's CTAs retire; it promises nothing about this kernel's writes (the next
- * kernel's own wait covers those). */
-static __device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-static __device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
+/* Programmatic dependent launch (common.cuh; the host asks for it with KVATTN_DECODE_PDL): before
+ * pdl_wait() the kernel reads only its work lists (cta_indptr, items) and writes nothing; q, K/V, the
+ * page ids, the outputs, the partial states and the split counters are touched only after it. */
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 decode_paged_kernel(const struct decode_params p) {
   extern __shared__ __align__(16) unsigned char smem[];

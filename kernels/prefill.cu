@@ -447,9 +447,13 @@ prefill_kernel(const struct prefill_params p) {
    * dependent global load. */
   __shared__ __align__(16) struct prefill_item s_item, s_next;
   const struct prefill_item &it = s_item;
+  pdl_launch_dependents();
   if (tid < 3 && item_begin < item_end)
     cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * item_begin + 4 * tid, 16);
   cp_async_commit();
+  /* Programmatic dependent launch (common.cuh; KVATTN_PREFILL_PDL): the work lists above are plan's
+   * copy; q, K/V, the page ids, the outputs and the partial states are touched only after this. */
+  pdl_wait();
   /* Cross-item staging (STAGE_NEXT): once an item's last tile is done, the next item is staged
    * (tables, Q, tile 0) before this item's epilogue, whose work then covers the copies' latency.
    * gpar: the K/V buffer of the item's tile 0 (tiles alternate buffers across items); staged: the

@@ -86,8 +86,10 @@ static __device__ __forceinline__ void page_split(const struct prefill_params &p
 /* Merge the KV chunks of split tiles: one warp per (entry, local row), grid-stride over the
  * entries the plan wrote (their count is read from the list region, so the grid is fixed). */
 extern "C" __global__ void __launch_bounds__(128) prefill_merge(const struct prefill_params p) {
+  pdl_launch_dependents();
   const int count = p.lists[p.merge_count_word];
   const struct prefill_merge_entry *entries = (const struct prefill_merge_entry *)(p.lists + p.merge_off);
+  pdl_wait(); /* the partial states are the prefill kernels' (PDL: common.cuh) */
   const int lane = threadIdx.x & 31;
   const i64 warps = (i64)gridDim.x * (blockDim.x / 32);
   /* every entry claims 128 rows of the index space (the largest tile); rows past its tile skip */

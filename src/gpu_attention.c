@@ -359,27 +359,7 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
 
   TRY(gpu_make_current(a->ctx->gpu));
   void *args[] = {&p};
-  if (ga->pdl) {
-    CUlaunchAttribute attr;
-    memset(&attr, 0, sizeof attr);
-    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attr.value.programmaticStreamSerializationAllowed = 1;
-    CUlaunchConfig cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.gridDimX = (unsigned)ga->cfg.grid;
-    cfg.gridDimY = cfg.gridDimZ = 1;
-    cfg.blockDimX = DECODE_THREADS;
-    cfg.blockDimY = cfg.blockDimZ = 1;
-    cfg.sharedMemBytes = (unsigned)ga->smem_bytes;
-    cfg.hStream = (CUstream)stream;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    CU_TRY(g->api, cuLaunchKernelEx(&cfg, ga->fn, args, NULL));
-    return KVATTN_SUCCESS;
-  }
-  CU_TRY(g->api, cuLaunchKernel(ga->fn, (unsigned)ga->cfg.grid, 1, 1, DECODE_THREADS, 1, 1, (unsigned)ga->smem_bytes,
-                                (CUstream)stream, args, NULL));
-  return KVATTN_SUCCESS;
+  return gpu_launch(g, ga->fn, ga->cfg.grid, DECODE_THREADS, ga->smem_bytes, stream, args, ga->pdl);
 }
 
 /* ---------------------------------------------------------------- merge_states */

@@ -235,6 +235,31 @@ kvattn_status gpu_get_kernel(struct gpu_context *g, const char *source, const ch
   return KVATTN_SUCCESS;
 }
 
+kvattn_status gpu_launch(const struct gpu_context *g, CUfunction fn, int grid, int threads, int smem_bytes, void *stream,
+                         void **args, int pdl) {
+  if (pdl && g->cc_major >= 9 && g->api->cuLaunchKernelEx) {
+    CUlaunchAttribute attr;
+    memset(&attr, 0, sizeof attr);
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    CUlaunchConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.gridDimX = (unsigned)grid;
+    cfg.gridDimY = cfg.gridDimZ = 1;
+    cfg.blockDimX = (unsigned)threads;
+    cfg.blockDimY = cfg.blockDimZ = 1;
+    cfg.sharedMemBytes = (unsigned)smem_bytes;
+    cfg.hStream = (CUstream)stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    CU_TRY(g->api, cuLaunchKernelEx(&cfg, fn, args, NULL));
+    return KVATTN_SUCCESS;
+  }
+  CU_TRY(g->api, cuLaunchKernel(fn, (unsigned)grid, 1, 1, (unsigned)threads, 1, 1, (unsigned)smem_bytes,
+                                (CUstream)stream, args, NULL));
+  return KVATTN_SUCCESS;
+}
+
 /* ---------------------------------------------------------------- memory */
 
 kvattn_status gpu_alloc(kvattn_context *ctx, size_t device_bytes, size_t host_bytes, kvattn_workspace *ws) {

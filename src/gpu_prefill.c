@@ -41,6 +41,7 @@ struct gpu_prefill {
   CUdeviceptr lists, part_o, part_lse;
   int32_t page_size;
   int contig_ok; /* KVATTN_PREFILL_CONTIG (read once, at create): ragged rows may be addressed directly */
+  int pdl;       /* KVATTN_PREFILL_PDL (at create): programmatic dependent launch where the device has it */
 };
 
 static int dtype_code(DLDataType t) {
@@ -302,6 +303,10 @@ kvattn_status gpu_prefill_init(kvattn_attention *a) {
     }
   p->merge_grid = g->sm_count * 4;
   p->contig_ok = env_int("KVATTN_PREFILL_CONTIG", 1, 0, 1);
+  /* Programmatic dependent launch (sm_90+): a launch may start while the kernel before it in the
+   * stream finishes (the kernels read only their work lists before pdl_wait()), so back-to-back calls
+   * lose the launch gap, and the merge kernel's launch overlaps the prefill kernel's last CTAs. */
+  p->pdl = env_int("KVATTN_PREFILL_PDL", 1, 0, 1);
   a->gpu_prefill = p;
   return KVATTN_SUCCESS;
 fail:
@@ -458,13 +463,11 @@ kvattn_status gpu_prefill_run(kvattn_attention *a, const run_tensors *t, kvattn_
     pp.cta_indptr_off = (int32_t)p->lay.cta_off[k];
     pp.items_off_word = PREFILL_META_ITEMS_OFF + k;
     void *args[] = {&pp};
-    CU_TRY(g->api, cuLaunchKernel(p->fn[k], (unsigned)p->cfg.grid[k], 1, 1, (unsigned)p->threads[k], 1, 1,
-                                  (unsigned)p->smem[k], (CUstream)stream, args, NULL));
+    TRY(gpu_launch(g, p->fn[k], p->cfg.grid[k], p->threads[k], p->smem[k], stream, args, p->pdl));
   }
   if (!p->cfg.disable_split && (all || p->out.merges > 0)) {
     void *args[] = {&pp};
-    CU_TRY(g->api, cuLaunchKernel(p->merge_fn, (unsigned)p->merge_grid, 1, 1, 128, 1, 1, 0, (CUstream)stream, args,
-                                  NULL));
+    TRY(gpu_launch(g, p->merge_fn, p->merge_grid, 128, 0, stream, args, p->pdl));
   }
   return KVATTN_SUCCESS;
 }

@@ -568,6 +568,134 @@ TEST(graph_replays_fifty_varlen_batches) {
   kvattn_attention_destroy(attn);
 }
 
+/* Programmatic dependent launch (KVATTN_PREFILL_PDL, default on sm_90+) lets a prefill kernel, and
+ * the merge kernel after it, start while the kernel before it in the stream finishes; each must still
+ * see everything that kernel wrote. A chain of prefills in which each one's query is the previous
+ * one's output (a grid of 5 CTAs: the tail balance cuts items, so every step also launches the merge
+ * kernel and reuses the workspace's partial states), launched back to back on one stream with no
+ * synchronization, eagerly and as one captured graph, must give the bits of the same chain run one
+ * launch at a time; so must the plain launch (PDL off). The last step is checked against the float64
+ * reference too. */
+TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
+  NEED_GPU();
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  CHECK(lib);
+  fn_stream_create stream_create = (fn_stream_create)dlsym(lib, "cuStreamCreate");
+  fn_begin begin = (fn_begin)dlsym(lib, "cuStreamBeginCapture_v2");
+  fn_end end = (fn_end)dlsym(lib, "cuStreamEndCapture");
+  fn_inst inst = (fn_inst)dlsym(lib, "cuGraphInstantiateWithFlags");
+  fn_launch launch = (fn_launch)dlsym(lib, "cuGraphLaunch");
+  CHECK(stream_create && begin && end && inst && launch);
+  CUstream st;
+  CHECK(stream_create(&st, 1 /* non-blocking */) == 0);
+
+  enum { STEPS = 6 };
+  test_rng r = rng_seed(131);
+  int32_t qo[4] = {200, 77, 0, 150}, kv[4] = {2200, 900, 40, 1500};
+  test_spec sp = test_spec_default();
+  sp.format = KVATTN_FORMAT_PAGED, sp.layout = NHD, sp.page_size = 16, sp.extra_pages = 3;
+  sp.batch_size = 4, sp.qo_lens = qo, sp.kv_lens = kv;
+  sp.num_qo_heads = 8, sp.num_kv_heads = 2, sp.head_dim = 128;
+  sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
+  test_batch tb;
+  CHECK(tb_build(&tb, &sp, &r));
+  kvattn_attention_desc d = tb_desc(&sp);
+  d.causal = 1;
+  dev_batch db;
+  CHECK(dev_batch_make(&db, &tb));
+  const size_t on = (size_t)tb.qo_tokens * 8 * 128 * 2;
+  CHECK(tb.q.alloc_bytes == on && tb.out.alloc_bytes == on); /* compact q and out: a step's out is the next q */
+  CUdeviceptr buf[STEPS];
+  for (int i = 0; i < STEPS; i++) CHECK(!api()->cuMemAlloc(&buf[i], on));
+  uint8_t *want = malloc(on * STEPS), *got = malloc(on * STEPS);
+  CHECK(want && got);
+
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = tb.rows, bounds.max_qo_tokens = tb.qo_tokens, bounds.max_kv_entries = tb.kv_entries;
+  /* [0] the defaults (PDL where the device has it), [1] PDL off; both on a grid of 5 */
+  kvattn_attention *a[2];
+  kvattn_workspace ws[2];
+  setenv("KVATTN_PREFILL_GRID", "5", 1);
+  for (int i = 0; i < 2; i++) {
+    if (i == 1) setenv("KVATTN_PREFILL_PDL", "0", 1);
+    CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &a[i]));
+    size_t dev = 0, host = 0;
+    CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
+    CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws[i]));
+    CHECK_OK(kvattn_plan(a[i], &tb.batch, &ws[i], st));
+  }
+  unsetenv("KVATTN_PREFILL_PDL");
+  unsetenv("KVATTN_PREFILL_GRID");
+  CHECK(!api()->cuStreamSynchronize(st));
+
+  DLTensor qt[STEPS], ot[STEPS];
+  for (int i = 0; i < STEPS; i++) {
+    qt[i] = db.out.t, ot[i] = db.out.t;
+    qt[i].data = i ? (void *)(uintptr_t)buf[i - 1] : db.q.t.data;
+    ot[i].data = (void *)(uintptr_t)buf[i];
+  }
+#define POISON()                                                                       \
+  do {                                                                                 \
+    for (int i_ = 0; i_ < STEPS; i_++) CHECK(!api()->cuMemsetD8Async(buf[i_], 0xFF, on, st)); /* NaN */ \
+    CHECK(!api()->cuStreamSynchronize(st));                                            \
+  } while (0)
+#define CHAIN(att, sync_each)                                                     \
+  for (int i_ = 0; i_ < STEPS; i_++) {                                            \
+    CHECK_OK(kvattn_run(att, &qt[i_], &db.kv, NULL, &ot[i_], NULL, st));          \
+    if (sync_each) CHECK(!api()->cuStreamSynchronize(st));                        \
+  }
+#define COLLECT(dst)                                                                          \
+  do {                                                                                        \
+    for (int i_ = 0; i_ < STEPS; i_++) CHECK(!api()->cuMemcpyDtoHAsync((dst) + on * i_, buf[i_], on, st)); \
+    CHECK(!api()->cuStreamSynchronize(st));                                                   \
+  } while (0)
+  POISON();
+  CHAIN(a[0], 1);
+  COLLECT(want);
+  for (int i = 0; i < 2; i++) {
+    POISON();
+    CHAIN(a[i], 0);
+    COLLECT(got);
+    for (int s = 0; s < STEPS; s++)
+      CHECK_MSG(memcmp(want + on * s, got + on * s, on) == 0, "attention %d, step %d: back to back differs", i, s);
+  }
+  {
+    void *graph = NULL, *exec = NULL;
+    CHECK(begin(st, 2 /* relaxed */) == 0);
+    kvattn_status s = KVATTN_SUCCESS;
+    for (int i = 0; i < STEPS && s == KVATTN_SUCCESS; i++) s = kvattn_run(a[0], &qt[i], &db.kv, NULL, &ot[i], NULL, st);
+    CHECK(end(st, &graph) == 0);
+    CHECK_OK(s);
+    CHECK(inst(&exec, graph, 0) == 0);
+    for (int rep = 0; rep < 2; rep++) {
+      POISON();
+      CHECK(launch(exec, st) == 0);
+      COLLECT(got);
+      for (int s2 = 0; s2 < STEPS; s2++)
+        CHECK_MSG(memcmp(want + on * s2, got + on * s2, on) == 0, "graph replay %d, step %d differs", rep, s2);
+    }
+  }
+#undef POISON
+#undef CHAIN
+#undef COLLECT
+  /* the last step against the float64 reference, its query the step before's output */
+  memcpy(tb.q.alloc, want + on * (STEPS - 2), on);
+  CHECK_OK(tb_run(g_ref, &d, &tb, &tb.ref, NULL));
+  memcpy(tb.out.alloc, want + on * (STEPS - 1), on);
+  const double err = rel_error(&tb.out, &tb.ref);
+  fprintf(stderr, "  chained prefills: %d steps back to back (PDL, no PDL, graph) bitwise equal to one at a time; "
+          "last step vs reference %.2e\n", STEPS, err);
+  CHECK(err < 1e-2);
+  for (int i = 0; i < 2; i++) {
+    kvattn_workspace_free(g_gpu, &ws[i]);
+    kvattn_attention_destroy(a[i]);
+  }
+  for (int i = 0; i < STEPS; i++) api()->cuMemFree(buf[i]);
+  free(want), free(got);
+  dev_batch_free(&db);
+  tb_free(&tb);
+}
+
 /* Ragged rows addressed directly (params.contig) past 2^31 elements: a leading request with no
  * queries and N0 tokens puts the real requests' K/V rows above 2^31 elements (2^32 bytes) of
  * tensors of 4.3 GB each; the result must equal the reference on the compact batch. */
