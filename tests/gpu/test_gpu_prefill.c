@@ -402,24 +402,17 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
                        NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_CAUSAL, 36 + kt, 0);
   }
   unsetenv("KVATTN_PREFILL_KV_TILE");
-  /* the cross-item staging knob (off by default): 1, the next item's tables, Q and tile 0 issued
-   * before an item's epilogue; 2, for ragged rows, its tile 0 at the item's last tile and its Q after
-   * it; the K/V buffers alternate across items */
-  for (int st = 1; st <= 2; st++) {
-    setenv("KVATTN_PREFILL_STAGE", st == 1 ? "1" : "2", 1);
-    all_ok &= run_case("grid 5, staged: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL,
-                       96, 1);
-    all_ok &= run_case("grid 5, staged: ragged causal", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_CAUSAL,
-                       97, 0);
-    all_ok &= run_case("grid 5, staged: ragged full", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_PLAIN,
-                       100 + st, 0);
-    all_ok &= run_case("grid 5, staged: ragged full, empty kv mix", RAGGED, NHD, 0, 1, 12, 60, 70, 8, 2, 128,
-                       TDT_BF16, V_PLAIN, 102 + st, 0);
-    all_ok &= run_case("grid 5, staged: ragged rope window", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16,
-                       (variant){1, 70, 0, 1, 0, 0.f}, 98, 0);
-    all_ok &= run_case("grid 5, staged: empty kv mix", PAGED, NHD, 0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 99,
-                       1);
-  }
+  /* the cross-item staging knob (off by default): the next item's tables, Q and tile 0 issued
+   * before an item's epilogue, the K/V buffers alternating across items */
+  setenv("KVATTN_PREFILL_STAGE", "1", 1);
+  all_ok &= run_case("grid 5, staged: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL, 96, 1);
+  all_ok &= run_case("grid 5, staged: ragged causal", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_CAUSAL, 97, 0);
+  all_ok &= run_case("grid 5, staged: ragged full", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_PLAIN, 101, 0);
+  all_ok &= run_case("grid 5, staged: ragged full, empty kv mix", RAGGED, NHD, 0, 1, 12, 60, 70, 8, 2, 128, TDT_BF16,
+                     V_PLAIN, 103, 0);
+  all_ok &= run_case("grid 5, staged: ragged rope window", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16,
+                     (variant){1, 70, 0, 1, 0, 0.f}, 98, 0);
+  all_ok &= run_case("grid 5, staged: empty kv mix", PAGED, NHD, 0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 99, 1);
   unsetenv("KVATTN_PREFILL_STAGE");
   unsetenv("KVATTN_PREFILL_GRID");
   CHECK(all_ok);
