@@ -4,6 +4,7 @@ FlashInfer (fa2) on the same problems when it is importable. One process, so the
 not the Python start-up, decides what shares the GPU's state.
 
     python3 bench/prefill_ab.py --configs "KVATTN_PREFILL_ROWSUM_MMA=1" [--rounds 2] [--reps 9] [--no-flashinfer]
+        [--calls 8] [--work 32x512,16x1024c:paged16] [--only TEXT] [--host]
 A configuration is "NAME=V[,NAME=V...]"; several are separated by spaces. Prints one line per timing
 (TFLOP/s) and a table of medians over the rounds last.
 """
@@ -28,13 +29,16 @@ WORK = [  # (label, batch, length, causal, format)
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", required=True)
+    ap.add_argument("--configs", default="", help="configurations besides the default (none: the default alone)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--no-flashinfer", action="store_true")
     ap.add_argument("--calls", type=int, default=1, help="back-to-back calls per timed sample (bench/prefill.py median_ms)")
     ap.add_argument("--only", default=None, help="workloads whose label contains this")
     ap.add_argument("--host", action="store_true", help="first, the host time per run() call of each contender")
+    ap.add_argument("--work", default=None,
+                    help="workloads instead of the built-in list: BxL[c][:FORMAT],... e.g. 32x512,16x1024c:paged16 "
+                         "(c: causal; FORMAT ragged (default), paged16, paged1)")
     a = ap.parse_args()
     configs = [("default", {})] + [(c, dict(kv.split("=", 1) for kv in c.split(","))) for c in a.configs.split()]
     fi = not a.no_flashinfer
@@ -44,7 +48,16 @@ def main():
         except Exception as e:  # noqa: BLE001
             print("flashinfer not importable: %s" % e)
             fi = False
-    work = [w for w in WORK if a.only is None or a.only in w[0]]
+    work = WORK
+    if a.work:
+        work = []
+        for spec in a.work.split(","):
+            shape, _, fmt = spec.partition(":")
+            causal = shape.endswith("c")
+            b, L = (int(x) for x in shape.rstrip("c").split("x"))
+            fmt = fmt or "ragged"
+            work.append(("%s %dx%d %s" % ("causal" if causal else "full", b, L, fmt), b, L, causal, fmt))
+    work = [w for w in work if a.only is None or a.only in w[0]]
     if a.host:  # a small problem (the GPU keeps up): the wrappers' own cost per call
         w = prefill.Workload("host", [128] * 2, [128] * 2, False)
         t = w.tensors(1)
