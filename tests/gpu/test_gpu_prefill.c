@@ -458,24 +458,31 @@ TEST(empty_requests_give_zero_and_minus_inf) {
 
 /* ---------------------------------------------------------------- CUDA graph: capture once, replay 50 batches */
 
-typedef int (*fn_stream_create)(CUstream *, unsigned);
-typedef int (*fn_begin)(CUstream, int);
-typedef int (*fn_end)(CUstream, void **);
-typedef int (*fn_inst)(void **, void *, unsigned long long);
-typedef int (*fn_launch)(void *, CUstream);
+/* The driver's stream and graph calls the tests need beyond kvattn's cuda_api. */
+typedef struct graph_api {
+  int (*stream_create)(CUstream *, unsigned);
+  int (*begin)(CUstream, int);
+  int (*end)(CUstream, void **);
+  int (*inst)(void **, void *, unsigned long long);
+  int (*launch)(void *, CUstream);
+} graph_api;
+static int graph_api_load(graph_api *g) {
+  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+  if (!lib) return 0;
+  *(void **)&g->stream_create = dlsym(lib, "cuStreamCreate");
+  *(void **)&g->begin = dlsym(lib, "cuStreamBeginCapture_v2");
+  *(void **)&g->end = dlsym(lib, "cuStreamEndCapture");
+  *(void **)&g->inst = dlsym(lib, "cuGraphInstantiateWithFlags");
+  *(void **)&g->launch = dlsym(lib, "cuGraphLaunch");
+  return g->stream_create && g->begin && g->end && g->inst && g->launch;
+}
 
 TEST(graph_replays_fifty_varlen_batches) {
   NEED_GPU();
-  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  CHECK(lib);
-  fn_stream_create stream_create = (fn_stream_create)dlsym(lib, "cuStreamCreate");
-  fn_begin begin = (fn_begin)dlsym(lib, "cuStreamBeginCapture_v2");
-  fn_end end = (fn_end)dlsym(lib, "cuStreamEndCapture");
-  fn_inst inst = (fn_inst)dlsym(lib, "cuGraphInstantiateWithFlags");
-  fn_launch launch = (fn_launch)dlsym(lib, "cuGraphLaunch");
-  CHECK(stream_create && begin && end && inst && launch);
+  graph_api ga;
+  CHECK(graph_api_load(&ga));
   CUstream st;
-  CHECK(stream_create(&st, 1) == 0);
+  CHECK(ga.stream_create(&st, 1) == 0);
 
   /* bounds: 6 requests, 160 query tokens, 80 pages of 16; fixed device buffers sized to them */
   const int B = 6, QMAX = 160, Hq = 8, Hk = 2, D = 128, P = 16;
@@ -544,13 +551,13 @@ TEST(graph_replays_fifty_varlen_batches) {
       kvattn_kv kvv = KVATTN_KV_INIT;
       kvv.k = &k, kvv.v = &v, kvv.indices = &ix;
       void *graph = NULL;
-      CHECK(begin(st, 2 /* relaxed */) == 0);
+      CHECK(ga.begin(st, 2 /* relaxed */) == 0);
       kvattn_status s = kvattn_run(attn, &q, &kvv, NULL, &o, &l, st);
-      CHECK(end(st, &graph) == 0);
+      CHECK(ga.end(st, &graph) == 0);
       CHECK_OK(s);
-      CHECK(inst(&exec, graph, 0) == 0);
+      CHECK(ga.inst(&exec, graph, 0) == 0);
     }
-    CHECK(launch(exec, st) == 0);
+    CHECK(ga.launch(exec, st) == 0);
     CHECK(!api()->cuStreamSynchronize(st));
     CHECK(!api()->cuMemcpyDtoHAsync(tb.out.alloc, dout, (size_t)tb.qo_tokens * Hq * D * 2, st));
     CHECK(!api()->cuMemcpyDtoHAsync(tb.out_lse.alloc, dlse, (size_t)tb.qo_tokens * Hq * 4, st));
@@ -581,16 +588,10 @@ TEST(graph_replays_fifty_varlen_batches) {
  * reference too. */
 TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
   NEED_GPU();
-  void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  CHECK(lib);
-  fn_stream_create stream_create = (fn_stream_create)dlsym(lib, "cuStreamCreate");
-  fn_begin begin = (fn_begin)dlsym(lib, "cuStreamBeginCapture_v2");
-  fn_end end = (fn_end)dlsym(lib, "cuStreamEndCapture");
-  fn_inst inst = (fn_inst)dlsym(lib, "cuGraphInstantiateWithFlags");
-  fn_launch launch = (fn_launch)dlsym(lib, "cuGraphLaunch");
-  CHECK(stream_create && begin && end && inst && launch);
+  graph_api ga;
+  CHECK(graph_api_load(&ga));
   CUstream st;
-  CHECK(stream_create(&st, 1 /* non-blocking */) == 0);
+  CHECK(ga.stream_create(&st, 1 /* non-blocking */) == 0);
 
   enum { STEPS = 6 };
   test_rng r = rng_seed(131);
@@ -664,15 +665,15 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
   }
   {
     void *graph = NULL, *exec = NULL;
-    CHECK(begin(st, 2 /* relaxed */) == 0);
+    CHECK(ga.begin(st, 2 /* relaxed */) == 0);
     kvattn_status s = KVATTN_SUCCESS;
     for (int i = 0; i < STEPS && s == KVATTN_SUCCESS; i++) s = kvattn_run(a[0], &qt[i], &db.kv, NULL, &ot[i], NULL, st);
-    CHECK(end(st, &graph) == 0);
+    CHECK(ga.end(st, &graph) == 0);
     CHECK_OK(s);
-    CHECK(inst(&exec, graph, 0) == 0);
+    CHECK(ga.inst(&exec, graph, 0) == 0);
     for (int rep = 0; rep < 2; rep++) {
       POISON();
-      CHECK(launch(exec, st) == 0);
+      CHECK(ga.launch(exec, st) == 0);
       COLLECT(got);
       for (int s2 = 0; s2 < STEPS; s2++)
         CHECK_MSG(memcmp(want + on * s2, got + on * s2, on) == 0, "graph replay %d, step %d differs", rep, s2);
