@@ -111,11 +111,9 @@
 #define WKV 1
 #endif
 #define KVW (KV_TILE / WKV) /* KV columns of a tile per warp */
-/* STAGE_NEXT (host knob KVATTN_PREFILL_STAGE, off): 1, an item's successor is staged before its
- * epilogue (the extra live state spills on sm_90a); 2, ragged rows addressed directly (contig): the
- * successor's tile 0 is issued at the item's last tile, into the K/V buffer that tile leaves free, and
- * its Q after the last tile, so both fly during the last tile and the epilogue (else unstaged). Never
- * with the 16-row tile, whose end-of-item merge reuses the K/V buffers. */
+/* STAGE_NEXT 1 (host knob KVATTN_PREFILL_STAGE, off: the extra live state spills on sm_90a): an
+ * item's successor is staged before its epilogue (see the item loop). Never with the 16-row tile,
+ * whose end-of-item merge reuses the K/V buffers. */
 #ifndef STAGE_NEXT
 #define STAGE_NEXT 0
 #endif
@@ -475,21 +473,12 @@ prefill_kernel(const struct prefill_params p) {
     __syncthreads(); /* the previous item is done with s_item */
     if (tid < 3) ((int4 *)&s_item)[tid] = ((const int4 *)&s_next)[tid];
     __syncthreads();
-#if STAGE_NEXT != 2
     if (tid < 3 && item_i + 1 < item_end) /* lands by this item's first tile, or its end */
       cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
     cp_async_commit();
-#endif
     const int qo_heads_base = it.kv_head * GROUP_SIZE;
     const int kv_end = it.kv_end;
     const int n_tiles = kv_end > it.kv_begin ? (kv_end - it.kv_begin + KV_TILE - 1) / KV_TILE : 0;
-#if STAGE_NEXT == 2
-    /* the next descriptor: an item of several tiles fetches it with tile 1's copies (tile 0's wait
-     * would otherwise wait for it, a global round trip, where the staged Q and tile 0 are already here) */
-    if (tid < 3 && item_i + 1 < item_end && n_tiles <= 1)
-      cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
-    cp_async_commit();
-#endif
 
     /* ---- row tables of tiles 0 and 1, the page of tile 2's row in a register; then Q and tile 0 */
 #if STAGE_NEXT
@@ -564,10 +553,6 @@ prefill_kernel(const struct prefill_params p) {
        * whose buffer tile t+1 now fills, and with the table slot tile t+2 now takes */
       cp_async_wait<0>();
       __syncthreads();
-#if STAGE_NEXT == 2
-      if (t == 0 && tid < 3 && n_tiles > 1 && item_i + 1 < item_end)
-        cp_async16(&s_next.q_start + 4 * tid, p.lists + items_off + 16 * (item_i + 1) + 4 * tid, 16);
-#endif
       if (t + 1 < n_tiles) {
         const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
         if (contig)
@@ -578,17 +563,6 @@ prefill_kernel(const struct prefill_params p) {
                        ld_dst, ld_dst_odd);
         cp_async_commit();
       }
-#if STAGE_NEXT == 2
-      else if (contig && item_i + 1 < item_end && s_next.kv_end > s_next.kv_begin) {
-        /* the last tile: the next item's tile 0 into the buffer tile t + 1 would have taken (s_next
-         * landed with tile 0's wait). The same test after the loop finds it again: a flag held
-         * through the loop spilled (NVRTC, sm_90a). */
-        load_kv_rows(s_kv + (par ^ 1) * 4 * SMEM_KV, ragged_row(p, s_next, kc, 0, s_next.kv_begin),
-                     ragged_row(p, s_next, vc, 1, s_next.kv_begin), p.k_row_bytes, p.v_row_bytes, ld_r0,
-                     s_next.kv_end - s_next.kv_begin, ld_dst, ld_dst_odd);
-        cp_async_commit();
-      }
-#endif
       if (!contig && t + 2 < n_tiles && tid < tab_writers) {
         write_row_table(p, it, tabs + slot2 * TAB_SLOT_WORDS, tposs + slot2 * KV_TILE, t + 2, tid, pf_page);
         if (t + 3 < n_tiles) pf_page = row_page(p, it, t + 3, tid % KV_TILE);
@@ -789,15 +763,6 @@ prefill_kernel(const struct prefill_params p) {
     }
 #if STAGE_NEXT
     gpar = (gpar + n_tiles) & 1;
-#if STAGE_NEXT == 2
-    if (contig && n_tiles > 0 && item_i + 1 < item_end && s_next.kv_end > s_next.kv_begin) {
-      /* the next item's tile 0 is in flight; Q's buffer is free once every warp is past the last S */
-      __syncthreads();
-      load_q_tile(sq, p, s_next);
-      cp_async_commit();
-      staged = true;
-    }
-#else
     if (item_i + 1 < item_end) { /* stage the next item; this item's epilogue reads only registers and s_item */
       cp_async_wait<0>();
       __syncthreads(); /* every warp is done with Q, the K/V buffers and the tables; s_next landed */
@@ -805,7 +770,6 @@ prefill_kernel(const struct prefill_params p) {
                            v_col, ld_r0, ld_dst, ld_dst_odd);
       staged = true;
     }
-#endif
 #endif
 
 #if WKV > 1

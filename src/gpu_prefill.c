@@ -72,7 +72,7 @@ static int warps128_for(int head_dim) {
  * folded into the exponent (KVATTN_PREFILL_FOLD, on), the next item staged before an item's
  * epilogue (KVATTN_PREFILL_STAGE, off: it spills on sm_90a and measured -3% to +3%). */
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
-static int stage_next_on(void) { return env_int("KVATTN_PREFILL_STAGE", 0, 0, 2); }
+static int stage_next_on(void) { return env_int("KVATTN_PREFILL_STAGE", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
   return 128;
