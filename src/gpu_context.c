@@ -235,8 +235,8 @@ kvattn_status gpu_get_kernel(struct gpu_context *g, const char *source, const ch
   return KVATTN_SUCCESS;
 }
 
-kvattn_status gpu_launch(const struct gpu_context *g, CUfunction fn, int grid, int threads, int smem_bytes, void *stream,
-                         void **args, int pdl) {
+kvattn_status gpu_launch(const struct gpu_context *g, CUfunction fn, int grid, int threads, int smem_bytes,
+                         void *stream, void **args, int pdl) {
   if (pdl && g->cc_major >= 9 && g->api->cuLaunchKernelEx) {
     CUlaunchAttribute attr;
     memset(&attr, 0, sizeof attr);

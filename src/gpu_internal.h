@@ -179,8 +179,8 @@ kvattn_status gpu_get_kernel(struct gpu_context *g, const char *source, const ch
 /* Launch a 1-D grid on `stream`; pdl: with programmatic stream serialization where the device
  * (sm_90+) and the driver (cuLaunchKernelEx) have it, so the kernel may start while the one before it
  * finishes (it must call pdl_wait(), kernels/common.cuh, before touching what that one may write). */
-kvattn_status gpu_launch(const struct gpu_context *g, CUfunction fn, int grid, int threads, int smem_bytes, void *stream,
-                         void **args, int pdl);
+kvattn_status gpu_launch(const struct gpu_context *g, CUfunction fn, int grid, int threads, int smem_bytes,
+                         void *stream, void **args, int pdl);
 
 
 /* ---------------------------------------------------------------- kernel families

@@ -153,7 +153,7 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   c->min_chunk = env_int("KVATTN_PREFILL_MIN_CHUNK", 1024, 16, 1 << 30);
   /* the tail balance (src/plan_prefill.c); 0 = whole items only (A/B runs) */
   c->balance_tail = env_int("KVATTN_PREFILL_BALANCE", 1, 0, 1);
-  c->tail_min_tiles = env_int("KVATTN_PREFILL_TAIL_MIN", 32, 1, 1 << 20);
+  c->tail_min_tiles = env_int("KVATTN_PREFILL_TAIL_MIN", PREFILL_TAIL_MIN_TILES, 1, 1 << 20);
   c->tail_first = env_int("KVATTN_PREFILL_TAIL_FIRST", 1, 0, 1);
   c->max_batch = b->max_batch;
   c->max_qo_tokens = b->max_qo_tokens;

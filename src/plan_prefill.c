@@ -442,8 +442,8 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
     const int64_t lpt_max = lpt_deal(keys, m, grid, heap, owner);
     if (c->balance_tail && !c->disable_split && chunk == 0 && !cost_shift && m > grid) {
       tail_plan tp = {exp, keys, owner, heap, loads, order, m, l->max_items, T, c->kv_tile,
-                      c->tail_min_tiles > 0 ? c->tail_min_tiles : 32, c->tail_first, l->part_base[kind],
-                      l->part_budget[kind], merge + merges, l->max_merges - merges, 0, 0, 0};
+                      c->tail_min_tiles > 0 ? c->tail_min_tiles : PREFILL_TAIL_MIN_TILES, c->tail_first,
+                      l->part_base[kind], l->part_budget[kind], merge + merges, l->max_merges - merges, 0, 0, 0};
       if (tail_balance(&tp, grid, cost_sum, lpt_max)) {
         m = tp.m;
         merges += tp.merges;

@@ -51,6 +51,10 @@ typedef struct prefill_merge_entry {
 } prefill_merge_entry;
 
 /* What the planner needs to know about the attention (fixed at creation). */
+/* The tail balance cuts only tails whose items average this many KV tiles or more: on the H200, pieces
+ * of ~8 tiles (16 x 1024) cost more in partial states and the merge than they balanced (docs/perf.md). */
+#define PREFILL_TAIL_MIN_TILES 32
+
 typedef struct prefill_config {
   int32_t group_size;     /* qo_heads / kv_heads */
   int32_t num_kv_heads;
@@ -64,7 +68,7 @@ typedef struct prefill_config {
   int32_t fixed_split_tokens; /* > 0: split every range at multiples of this (within the budget) */
   int32_t min_chunk;      /* smallest split chunk in tokens */
   int32_t balance_tail;   /* 1: cut the items that do not fit evenly into the grid into KV pieces (see plan_prefill.c) */
-  int32_t tail_min_tiles; /* ... when the tail's items average at least this many KV tiles (0: 32) */
+  int32_t tail_min_tiles; /* ... when the tail's items average >= this many KV tiles (0: PREFILL_TAIL_MIN_TILES) */
   int32_t tail_first;     /* 1: a CTA runs its tail pieces before its whole items */
   /* bounds */
   int64_t max_batch, max_qo_tokens, max_kv_entries;
