@@ -50,11 +50,11 @@ typedef struct prefill_merge_entry {
   int32_t pad;
 } prefill_merge_entry;
 
-/* What the planner needs to know about the attention (fixed at creation). */
 /* The tail balance cuts only tails whose items average this many KV tiles or more: on the H200, pieces
  * of ~8 tiles (16 x 1024) cost more in partial states and the merge than they balanced (docs/perf.md). */
 #define PREFILL_TAIL_MIN_TILES 32
 
+/* What the planner needs to know about the attention (fixed at creation). */
 typedef struct prefill_config {
   int32_t group_size;     /* qo_heads / kv_heads */
   int32_t num_kv_heads;
