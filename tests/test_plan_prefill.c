@@ -404,6 +404,43 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
   }
 }
 
+/* The chained-prefill GPU test's shape (tests/gpu/test_gpu_prefill.c, chained_prefills_...): causal, page
+ * 16, requests of 200 / 8 / 0 / 3 query rows onto 2200 / 3000 / 40 / 2500 tokens, 8 / 2 heads, a 5-CTA
+ * grid: all three tile kinds have items, and the short requests are split over KV, so each step of that
+ * chain launches the three prefill kernels and the merge kernel. */
+TEST(the_chained_prefill_tests_shape_is_cut_and_merged) {
+  prefill_config c;
+  memset(&c, 0, sizeof c);
+  c.group_size = 4, c.num_kv_heads = 2, c.num_qo_heads = 8, c.head_dim = 128, c.kv_tile = 64;
+  c.grid[0] = c.grid[1] = c.grid[2] = 5;
+  c.causal = 1, c.window_left = -1, c.min_chunk = 1024, c.balance_tail = 1, c.tail_first = 1;
+  const int32_t qo_len[4] = {200, 8, 0, 3}, kv_len[4] = {2200, 3000, 40, 2500};
+  int32_t qo[5] = {0}, kv[5] = {0}, last[4];
+  for (int i = 0; i < 4; i++) {
+    qo[i + 1] = qo[i] + qo_len[i];
+    kv[i + 1] = kv[i] + (kv_len[i] + 15) / 16;
+    last[i] = kv_len[i] - ((kv_len[i] + 15) / 16 - 1) * 16;
+  }
+  c.max_batch = 4, c.max_qo_tokens = qo[4], c.max_kv_entries = kv[4];
+  batch_view bv;
+  memset(&bv, 0, sizeof bv);
+  bv.format = KVATTN_FORMAT_PAGED, bv.batch = 4, bv.page_size = 16, bv.qo_indptr = qo, bv.kv_indptr = kv;
+  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = qo[4], bv.kv_entries = kv[4];
+  prefill_layout l;
+  CHECK_OK(prefill_layout_compute(&c, &l));
+  int32_t *lists = calloc((size_t)l.list_words, 4);
+  void *scratch = malloc(l.scratch_bytes);
+  prefill_plan_out out;
+  CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
+  char why[256];
+  CHECK_MSG(check_plan(&c, &l, &bv, NULL, lists, &out, why, sizeof why), "%s", why);
+  fprintf(stderr, "  chained test's shape: %lld / %lld / %lld items (16 / 64 / 128-row tiles), %lld merges\n",
+          (long long)out.items[0], (long long)out.items[1], (long long)out.items[2], (long long)out.merges);
+  CHECK(out.items[0] > 0 && out.items[1] > 0 && out.items[2] > 0 && out.merges > 0);
+  free(lists);
+  free(scratch);
+}
+
 TEST(short_queries_get_short_tiles) {
   CHECK(prefill_tile_kind(1) == 0 && prefill_tile_kind(16) == 0);
   CHECK(prefill_tile_kind(17) == 1 && prefill_tile_kind(64) == 1);

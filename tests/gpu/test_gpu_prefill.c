@@ -465,6 +465,8 @@ typedef struct graph_api {
   int (*end)(CUstream, void **);
   int (*inst)(void **, void *, unsigned long long);
   int (*launch)(void *, CUstream);
+  int (*exec_destroy)(void *);
+  int (*destroy)(void *);
 } graph_api;
 static int graph_api_load(graph_api *g) {
   void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
@@ -474,7 +476,9 @@ static int graph_api_load(graph_api *g) {
   *(void **)&g->end = dlsym(lib, "cuStreamEndCapture");
   *(void **)&g->inst = dlsym(lib, "cuGraphInstantiateWithFlags");
   *(void **)&g->launch = dlsym(lib, "cuGraphLaunch");
-  return g->stream_create && g->begin && g->end && g->inst && g->launch;
+  *(void **)&g->exec_destroy = dlsym(lib, "cuGraphExecDestroy");
+  *(void **)&g->destroy = dlsym(lib, "cuGraphDestroy");
+  return g->stream_create && g->begin && g->end && g->inst && g->launch && g->exec_destroy && g->destroy;
 }
 
 TEST(graph_replays_fifty_varlen_batches) {
@@ -581,8 +585,9 @@ TEST(graph_replays_fifty_varlen_batches) {
 /* Programmatic dependent launch (KVATTN_PREFILL_PDL, default on sm_90+) lets a prefill kernel, and
  * the merge kernel after it, start while the kernel before it in the stream finishes; each must still
  * see everything that kernel wrote. A chain of prefills in which each one's query is the previous
- * one's output (a grid of 5 CTAs: the tail balance cuts items, so every step also launches the merge
- * kernel and reuses the workspace's partial states), launched back to back on one stream with no
+ * one's output (on a grid of 5 CTAs this batch has items of all three tile kinds and KV splits, so every
+ * step launches three prefill kernels and the merge kernel, which reuses the workspace's partial states:
+ * tests/test_plan_prefill.c checks the plan), launched back to back on one stream with no
  * synchronization, eagerly and as one captured graph, must give the bits of the same chain run one
  * launch at a time; so must the plain launch (PDL off). The last step is checked against the float64
  * reference too. */
@@ -595,7 +600,7 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
 
   enum { STEPS = 6 };
   test_rng r = rng_seed(131);
-  int32_t qo[4] = {200, 77, 0, 150}, kv[4] = {2200, 900, 40, 1500};
+  int32_t qo[4] = {200, 8, 0, 3}, kv[4] = {2200, 3000, 40, 2500};
   test_spec sp = test_spec_default();
   sp.format = KVATTN_FORMAT_PAGED, sp.layout = NHD, sp.page_size = 16, sp.extra_pages = 3;
   sp.batch_size = 4, sp.qo_lens = qo, sp.kv_lens = kv;
@@ -678,6 +683,8 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
       for (int s2 = 0; s2 < STEPS; s2++)
         CHECK_MSG(memcmp(want + on * s2, got + on * s2, on) == 0, "graph replay %d, step %d differs", rep, s2);
     }
+    ga.exec_destroy(exec);
+    ga.destroy(graph);
   }
 #undef POISON
 #undef CHAIN
