@@ -404,6 +404,15 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
   }
 }
 
+/* A paged batch's view: `batch` requests, qo_indptr in tokens, kv_indptr in pages. */
+static batch_view paged_view(int batch, int page_size, const int32_t *qo, const int32_t *kv, const int32_t *last) {
+  batch_view bv;
+  memset(&bv, 0, sizeof bv);
+  bv.format = KVATTN_FORMAT_PAGED, bv.batch = batch, bv.page_size = page_size, bv.qo_indptr = qo, bv.kv_indptr = kv;
+  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = qo[batch], bv.kv_entries = kv[batch];
+  return bv;
+}
+
 /* The chained-prefill GPU test's shape (tests/gpu/test_gpu_prefill.c, chained_prefills_...): causal, page
  * 16, requests of 200 / 8 / 0 / 3 query rows onto 2200 / 3000 / 40 / 2500 tokens, 8 / 2 heads, a 5-CTA
  * grid: all three tile kinds have items, and the short requests are split over KV, so each step of that
@@ -422,10 +431,7 @@ TEST(the_chained_prefill_tests_shape_is_cut_and_merged) {
     last[i] = kv_len[i] - ((kv_len[i] + 15) / 16 - 1) * 16;
   }
   c.max_batch = 4, c.max_qo_tokens = qo[4], c.max_kv_entries = kv[4];
-  batch_view bv;
-  memset(&bv, 0, sizeof bv);
-  bv.format = KVATTN_FORMAT_PAGED, bv.batch = 4, bv.page_size = 16, bv.qo_indptr = qo, bv.kv_indptr = kv;
-  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = qo[4], bv.kv_entries = kv[4];
+  const batch_view bv = paged_view(4, 16, qo, kv, last);
   prefill_layout l;
   CHECK_OK(prefill_layout_compute(&c, &l));
   int32_t *lists = calloc((size_t)l.list_words, 4);
@@ -458,10 +464,7 @@ TEST(plan_time_batch_256_prefill) {
   int32_t qo[257], kv[257], last[256];
   qo[0] = kv[0] = 0;
   for (int i = 0; i < 256; i++) qo[i + 1] = qo[i] + 64, kv[i + 1] = kv[i] + 128, last[i] = 16;
-  batch_view bv;
-  memset(&bv, 0, sizeof bv);
-  bv.format = KVATTN_FORMAT_PAGED, bv.batch = 256, bv.page_size = 16, bv.qo_indptr = qo, bv.kv_indptr = kv;
-  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = qo[256], bv.kv_entries = kv[256];
+  const batch_view bv = paged_view(256, 16, qo, kv, last);
   prefill_layout l;
   CHECK_OK(prefill_layout_compute(&c, &l));
   int32_t *lists = calloc((size_t)l.list_words, 4);
