@@ -414,6 +414,21 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
                      (variant){1, 70, 0, 1, 0, 0.f}, 98, 0);
   all_ok &= run_case("grid 5, staged: empty kv mix", PAGED, NHD, 0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 99, 1);
   unsetenv("KVATTN_PREFILL_STAGE");
+  /* the split issue knob (off by default): tile t+1's V copies after tile t's S, its K copies at the top */
+  setenv("KVATTN_PREFILL_SPLIT_ISSUE", "1", 1);
+  all_ok &= run_case("grid 5, split issue: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL,
+                     104, 1);
+  all_ok &= run_case("grid 5, split issue: ragged full", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16, V_PLAIN,
+                     105, 0);
+  all_ok &= run_case("grid 5, split issue: ragged rope window d64", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16,
+                     (variant){1, 70, 0, 1, 0, 0.f}, 106, 0);
+  all_ok &= run_case("grid 5, split issue: paged1 causal g8 d256", PAGED, NHD, 0, 1, 5, 60, 260, 8, 1, 256, TDT_BF16,
+                     V_CAUSAL, 107, 1);
+  setenv("KVATTN_PREFILL_KV_TILE", "32", 1);
+  all_ok &= run_case("grid 5, split issue, kv tile 32: ragged causal", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128,
+                     TDT_BF16, V_CAUSAL, 108, 0);
+  unsetenv("KVATTN_PREFILL_KV_TILE");
+  unsetenv("KVATTN_PREFILL_SPLIT_ISSUE");
   unsetenv("KVATTN_PREFILL_GRID");
   CHECK(all_ok);
 }
