@@ -290,8 +290,8 @@ static __device__ __forceinline__ void load_kv_tile(u32 kt, const char *kc, cons
   bool ok[LD_ROWS];
 #pragma unroll
   for (int k = 0; k < LD_ROWS; k++) {
-    if (part != KV_V) ko[k] = tab_row[k * LD_RSTEP];
-    if (part != KV_K) vo[k] = tab_row[v_col + k * LD_RSTEP];
+    ko[k] = tab_row[k * LD_RSTEP]; /* the part not copied is never read: its loads are dead code */
+    vo[k] = tab_row[v_col + k * LD_RSTEP];
     ok[k] = pos_row[k * LD_RSTEP] != NO_ROW;
   }
 #pragma unroll
@@ -351,6 +351,20 @@ static __device__ __forceinline__ void load_kv_rows(u32 kt, const char *kr, cons
     if (part != KV_V) cp_async16_if(dst, row_ptr(kr, rr, k_row_bytes), ok);
     if (part != KV_K) cp_async16_if(dst + SMEM_KV * 2, row_ptr(vr, rr, v_row_bytes), ok);
   }
+}
+
+/* The copies (`part` of them) of the item's tile whose first token is t1 into the buffer at `buf`: ragged
+ * rows addressed directly (contig; rows from kv_end on are zero-filled), else through the tile's row table
+ * (tab / tpos: its slot). */
+static __device__ __forceinline__ void load_next_tile(const struct prefill_params &p, const struct prefill_item &it,
+                                                      bool contig, u32 buf, const char *kc, const char *vc, int t1,
+                                                      int kv_end, const long long *tab, const int *tpos, int v_col,
+                                                      int ld_r0, u32 ld_dst, u32 ld_dst_odd, int part) {
+  if (contig)
+    load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes, ld_r0,
+                 kv_end - t1, ld_dst, ld_dst_odd, part);
+  else
+    load_kv_tile(buf, kc, vc, tab + ld_r0, tpos + ld_r0, v_col, ld_dst, ld_dst_odd, part);
 }
 
 /* The item's Q tile, packed rows [row_start, row_start + CTA_Q), into a swizzled tile; rows past
@@ -569,14 +583,9 @@ prefill_kernel(const struct prefill_params p) {
       cp_async_wait<0>();
       __syncthreads();
       if (t + 1 < n_tiles) {
-        const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
-        const int part = SPLIT_ISSUE ? KV_K : KV_BOTH;
-        if (contig)
-          load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
-                       ld_r0, kv_end - t1, ld_dst, ld_dst_odd, part);
-        else
-          load_kv_tile(buf, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0, tposs + slot1 * KV_TILE + ld_r0, v_col,
-                       ld_dst, ld_dst_odd, part);
+        load_next_tile(p, it, contig, s_kv + (par ^ 1) * 4 * SMEM_KV, kc, vc, t1, kv_end,
+                       tabs + slot1 * TAB_SLOT_WORDS, tposs + slot1 * KV_TILE, v_col, ld_r0, ld_dst, ld_dst_odd,
+                       SPLIT_ISSUE ? KV_K : KV_BOTH);
         cp_async_commit();
       }
       if (!contig && t + 2 < n_tiles && tid < tab_writers) {
@@ -617,13 +626,8 @@ prefill_kernel(const struct prefill_params p) {
       /* tile t+1's V copies, after its K copies by the length of S: two bursts of copies per tile
        * instead of one (table slot1 and the buffer stay tile t+1's until tile t+1's top) */
       if (t + 1 < n_tiles) {
-        const u32 buf = s_kv + (par ^ 1) * 4 * SMEM_KV;
-        if (contig)
-          load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes,
-                       ld_r0, kv_end - t1, ld_dst, ld_dst_odd, KV_V);
-        else
-          load_kv_tile(buf, kc, vc, tabs + slot1 * TAB_SLOT_WORDS + ld_r0, tposs + slot1 * KV_TILE + ld_r0, v_col,
-                       ld_dst, ld_dst_odd, KV_V);
+        load_next_tile(p, it, contig, s_kv + (par ^ 1) * 4 * SMEM_KV, kc, vc, t1, kv_end,
+                       tabs + slot1 * TAB_SLOT_WORDS, tposs + slot1 * KV_TILE, v_col, ld_r0, ld_dst, ld_dst_odd, KV_V);
         cp_async_commit();
       }
 #endif
