@@ -58,7 +58,7 @@ struct gpu_attention {
   decode_config cfg;
   decode_layout lay;
   int tensor_core;  /* 1: the mma.sync kernel (DECODE_TC) */
-  int pdl;          /* 1: launched with programmatic stream serialization (see decode_pdl) */
+  int pdl;          /* 1: ask gpu_launch for programmatic stream serialization (see decode_pdl) */
   int narrow;       /* 1: the narrow loader where the strides allow it (see decode_narrow) */
   int stages;
   char defines[512];
@@ -98,13 +98,12 @@ static int decode_l2_prefetch(void) {
   const int v = env_int("KVATTN_DECODE_L2_PREFETCH", 128, 0, 256);
   return v >= 256 ? 256 : v >= 128 ? 128 : 0;
 }
-/* Programmatic dependent launch (sm_90+, a driver with cuLaunchKernelEx): the decode kernel may start
- * while the kernel before it in the stream finishes; it reads only its work lists (written by plan's
- * copy, which no kernel writes) before `griddepcontrol.wait`, and everything else after it, so the
- * launch and the CTAs' first dependent loads overlap the previous kernel's tail. 0 = plain launch. */
-static int decode_pdl(const struct gpu_context *g) {
-  return g->cc_major >= 9 && g->api->cuLaunchKernelEx && env_int("KVATTN_DECODE_PDL", 1, 0, 1);
-}
+/* Programmatic dependent launch (gpu_launch takes it where the device is sm_90+ and the driver has
+ * cuLaunchKernelEx): the decode kernel may start while the kernel before it in the stream finishes; it
+ * reads only its work lists (written by plan's copy, which no kernel writes) before `griddepcontrol.wait`,
+ * and everything else after it, so the launch and the CTAs' first dependent loads overlap the previous
+ * kernel's tail. 0 = plain launch. */
+static int decode_pdl(void) { return env_int("KVATTN_DECODE_PDL", 1, 0, 1); }
 /* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
  * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
 static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
@@ -199,7 +198,7 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   struct gpu_attention *ga = calloc(1, sizeof *ga);
   RETURN_IF(!ga, KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
   ga->tensor_core = decode_use_tc(&a->desc);
-  ga->pdl = decode_pdl(g);
+  ga->pdl = decode_pdl();
   ga->narrow = decode_narrow();
   decode_config_for(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
   decode_layout_init(&ga->lay, &ga->cfg);

@@ -229,7 +229,8 @@ static int tail_walk(tail_plan *tp, int grid, int64_t t_tail, int64_t water, int
 /* Whole items longest first while they fit under the mean load, then the rest cut to the lowest water
  * level that holds them. Returns 1 when it pays (the heaviest CTA >= 1% lighter than lpt_max), with
  * owner[], keys[0, m) (the whole items and the pieces, in list order), the merge entries and the partial rows
- * written; 0 (nothing kept but owner[]) otherwise. */
+ * written; 0 otherwise, with owner[], keys[0, m) and exp[0, m) as lpt_deal left them (its whole-item deal
+ * repeats lpt_deal's first steps, so the owners it writes are the same; pieces go past m). */
 static int tail_balance(tail_plan *tp, int grid, int64_t cost_sum, int64_t lpt_max) {
   const int64_t level = (cost_sum + grid - 1) / grid;
   const uint64_t cta_mask = (1ull << HEAP_CTA_BITS) - 1;
@@ -450,8 +451,6 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
         part_used = tp.part_used;
         out->split_tiles += tp.merges;
         out->balanced_tiles += tp.merges;
-      } else {
-        lpt_deal(keys, m, grid, heap, owner); /* tail_balance changed owner[]: deal again */
       }
     }
     out->part_rows_used += part_used;
