@@ -110,6 +110,11 @@
 #ifndef DECODE_L2_PREFETCH
 #define DECODE_L2_PREFETCH 128
 #endif
+/* DECODE_KV_ORDER: the tensor-core loader issues a tile's copies K row, V row, K row, ... (0), or all
+ * of K's rows then all of V's (1; A/B runs, docs/perf.md) */
+#ifndef DECODE_KV_ORDER
+#define DECODE_KV_ORDER 0
+#endif
 #if DECODE_L2_PREFETCH == 256
 #define DECODE_L2_HINT ".L2::256B"
 #elif DECODE_L2_PREFETCH == 128
@@ -397,6 +402,29 @@ static __device__ __forceinline__ void issue_tile_narrow(const struct decode_par
   int off;
   int page_idx = split_pos(p, ti->tok + tg, &off);
   const int first = page_of(p, ti->tok); /* p.narrow implies p.indices */
+#if DECODE_KV_ORDER
+  /* K's rows first, then V's (the same walk twice): each warp's requests stay in one tensor at a time */
+  const int off0 = off, page_idx0 = page_idx;
+#pragma unroll
+  for (int kv = 0; kv < 2; kv++) {
+    off = off0;
+    page_idx = page_idx0;
+#pragma unroll
+    for (int j = 0; j < TPG; j++) {
+      const int valid = TG * j < left;
+      const unsigned page = valid ? (unsigned)slot[page_idx - first] : 0u;
+      const char *src = kv == 0 ? kb + ((unsigned long long)page * (unsigned)p.k_page_bytes + (unsigned)(off * p.k_tok_bytes))
+                                : vb + ((unsigned long long)page * (unsigned)p.v_page_bytes + (unsigned)(off * p.v_tok_bytes));
+      decode_cp16_zfill((kv == 0 ? sk : sv) + TG * j * ROW_ELEMS * 2, src, valid);
+      off += p.tg_slots;
+      page_idx += p.tg_pages;
+      if (off >= p.page_size) {
+        off -= p.page_size;
+        page_idx++;
+      }
+    }
+  }
+#else
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
     const int valid = TG * j < left;
@@ -413,6 +441,7 @@ static __device__ __forceinline__ void issue_tile_narrow(const struct decode_par
       page_idx++;
     }
   }
+#endif
   if (ti->first) issue_q(p, ti, ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + 2 * TILE * ROW_ELEMS, kv_head);
 }
 

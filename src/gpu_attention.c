@@ -107,6 +107,8 @@ static int decode_pdl(void) { return env_int("KVATTN_DECODE_PDL", 1, 0, 1); }
 /* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
  * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
 static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
+/* The tensor-core loader's copy order within a tile: 0 = K and V rows interleaved, 1 = K's rows then V's. */
+static int decode_kv_order(void) { return env_int("KVATTN_DECODE_KV_ORDER", 0, 0, 1); }
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
@@ -167,10 +169,10 @@ static void decode_defines(const decode_config *c, const kvattn_attention_desc *
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d -DDECODE_KV_ORDER=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch());
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(), decode_kv_order());
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
