@@ -28,7 +28,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, SPLIT_ISSUE, DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, SPLIT_ISSUE, O_STAGE, DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -123,9 +123,19 @@
 #ifndef SPLIT_ISSUE
 #define SPLIT_ISSUE 0
 #endif
+/* O_STAGE 1 (host knob KVATTN_PREFILL_O_STAGE, off until measured): a finished item's O goes through
+ * the warp's own rows of the Q tile into whole 16-byte row chunks (half the L2 write requests of the
+ * fragments' 4-byte stores, every sector whole), where the output is 16-byte aligned; 128-row tiles. */
+#ifndef O_STAGE
+#define O_STAGE 0
+#endif
 #if WKV > 1
 #undef STAGE_NEXT
 #define STAGE_NEXT 0
+#endif
+#if WKV > 1 || STAGE_NEXT
+#undef O_STAGE
+#define O_STAGE 0
 #endif
 #define CH (HEAD_DIM / 8)   /* 16-byte chunks per row */
 #define NF (KVW / 8)        /* n-fragments of S per warp */
@@ -464,6 +474,10 @@ prefill_kernel(const struct prefill_params p) {
   frag_bases(qa_base, smem_addr(sq) + (u32)(warp * 16 * MF + (lane & 15)) * HEAD_DIM * 2, lane >> 4, lane);
   frag_bases(kb_base, (u32)(warp_kv * KVW + (lane & 7) + ((lane >> 4) << 3)) * HEAD_DIM * 2, (lane >> 3) & 1, lane);
   frag_bases(vb_base, (u32)(warp_kv * KVW + (lane & 7) + (((lane >> 3) & 1) << 3)) * HEAD_DIM * 2, lane >> 4, lane);
+#if O_STAGE
+  const bool o_vec = ((unsigned long long)p.out | (unsigned long long)(p.o_stride_tok * 2) |
+                      (unsigned long long)(p.o_stride_head * 2)) % 16 == 0;
+#endif
   const int *cta = p.lists + p.cta_indptr_off;
   const int item_begin = cta[blockIdx.x], item_end = cta[blockIdx.x + 1];
   const int items_off = p.lists[p.items_off_word];
@@ -867,6 +881,39 @@ prefill_kernel(const struct prefill_params p) {
 #endif
 
     /* ---- epilogue: o / d, lse = (m + log2 d) * ln 2; a row with nothing visible: 0 and -inf */
+#if O_STAGE
+    /* Staged: the warp's rows of the Q tile are read by this warp alone (its S fragments), and every
+     * Q copy landed before tile 0 (an item with no tile takes the direct path: its Q may be landing). */
+    if (n_tiles > 0 && it.part < 0 && o_vec) {
+#pragma unroll
+      for (int mf = 0; mf < MF; mf++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const float dd = d[mf][2 * h];
+          const float inv = dd > 0.f ? 1.f / dd : 0.f;
+          const int local = warp * 16 * MF + mf * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+          for (int df = 0; df < DF; df++)
+            *(u32 *)(sq + swz(local, df) + 2 * (lane & 3)) =
+                pack2(O_DTYPE, o[mf][df][2 * h] * inv, o[mf][df][2 * h + 1] * inv);
+          const int pr = it.row_start + local;
+          const int tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
+          if (p.lse && (lane & 3) == 0 && tok < it.qo_len)
+            p.lse[(i64)(it.q_start + tok) * p.lse_stride_tok + (i64)(qo_heads_base + g) * p.lse_stride_head] =
+                dd > 0.f ? (m[mf][h] + __log2f(dd)) * KV_LN2 : KV_NEG_INF;
+        }
+      __syncwarp();
+#pragma unroll 4
+      for (int i = 0; i < 16 * MF * CH / 32; i++) {
+        const int r = warp * 16 * MF + (i * 32 + lane) / CH, c = (i * 32 + lane) % CH;
+        const int pr = it.row_start + r, tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
+        if (tok < it.qo_len)
+          *(uint4 *)(p.out + (i64)(it.q_start + tok) * p.o_stride_tok + (i64)(qo_heads_base + g) * p.o_stride_head +
+                     c * 8) = *(const uint4 *)(sq + swz(r, c));
+      }
+      continue; /* the next item's Q copies follow the loop top's barrier */
+    }
+#endif
 #pragma unroll
     for (int mf = 0; mf < MF; mf++)
 #pragma unroll
