@@ -121,9 +121,11 @@ static int dtype_code(DLDataType t) {
 static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages, int pipe) {
   int tx = head_dim / 8, tg = DECODE_THREADS / tx, row = head_dim + 8;
   int tile = tc ? 64 : tg * (group_heads <= 4 ? 4 : 2);
-  int qrows = tc ? 16 : group_heads, groups = tc ? DECODE_WARPS : tg;
+  int ring3 = tc && stages >= 3; /* RING3: query slots of the heads + a zero row, reduction inside a stage */
+  int qrows = tc ? (ring3 ? (group_heads < 16 ? group_heads + 1 : 16) : 16) : group_heads;
+  int groups = tc ? DECODE_WARPS : tg;
   int ring = stages * (2 * tile * row + qrows * row) * 2;
-  int red = (groups * group_heads * head_dim + 2 * groups * group_heads) * 4;
+  int red = ring3 ? 0 : (groups * group_heads * head_dim + 2 * groups * group_heads) * 4;
   int ids = tc && pipe ? 2 * stages * tile * 4 : 0; /* ID_SLOTS x ID_SLOT int32 */
   return ring + red + ids;
 }
