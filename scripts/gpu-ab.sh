@@ -7,7 +7,7 @@
 # Needs .whl (FlashInfer's wheels) carried for the prefill peer column.
 #   OUT=... DECODE_SWEEP="c1s4" PREFILL_CONFIGS="KVATTN_PREFILL_BALANCE=0 ..." PREFILL_AB_ARGS="--calls 8 --host" \
 #     SAN_ENVS="KVATTN_PREFILL_STAGE=1" bash scripts/gpu-ab.sh
-# Returns console.log, decode.json, prefill_ab.log and logs/ under $OUT.
+# Returns console.log, decode.json, prefill_ab.log and logs.tgz under $OUT.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-ab}
@@ -85,3 +85,5 @@ if [ -n "${PREFILL_CONFIGS:-}" ]; then
   sed -n '/^| /,$p' "$OUT/prefill_ab.log" | tail -20
 fi
 phase done
+# the device tool returns a handful of files: the logs travel as one archive
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"

@@ -1169,12 +1169,14 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
     cu.cuGraphExecDestroy(exec);
     cu.cuGraphDestroy(graph);
   }
-  /* the last step against the float64 reference, with the query the step before produced */
+  /* every step against the float64 reference, with the query the step before produced (each step's
+   * non-finite outputs counted, and the first located: a NaN was seen once in the last step) */
   {
     const size_t page_elems = (size_t)S.P * S.kvh * S.hd, cache_elems = (size_t)S.pages * page_elems;
-    uint16_t *kh = malloc(cache_elems * 2), *vh = malloc(cache_elems * 2);
+    uint16_t *kh = malloc(cache_elems * 2), *vh = malloc(cache_elems * 2), *q0 = malloc(on);
     download(kh, S.dk, cache_elems * 2);
     download(vh, S.dv, cache_elems * 2);
+    download(q0, S.dq, on);
     const size_t n = on / 2;
     float *ref = malloc(n * 4);
     kvattn_attention_desc rd = S.desc;
@@ -1189,7 +1191,6 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
     const DLDataType bf = {kDLBfloat, 16, 1}, i32 = {kDLInt, 32, 1};
     int64_t q_shape[3] = {S.B, S.kvh * S.group, S.hd}, kv_shape[4] = {S.pages, S.P, S.kvh, S.hd};
     int64_t ix_shape[1] = {S.kv_indptr[S.B]};
-    DLTensor rq = make_tensor(want + on * (STEPS - 2), 0, 3, q_shape, NULL, bf);
     DLTensor rk = make_tensor(kh, 0, 4, kv_shape, NULL, bf);
     DLTensor rv = make_tensor(vh, 0, 4, kv_shape, NULL, bf);
     DLTensor rix = make_tensor(S.indices, 0, 1, ix_shape, NULL, i32);
@@ -1198,23 +1199,41 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
     rkv.k = &rk;
     rkv.v = &rv;
     rkv.indices = &rix;
-    CHECK_OK(kvattn_run(ra, &rq, &rkv, NULL, &ro, NULL, NULL));
-    const uint16_t *last = (const uint16_t *)(want + on * (STEPS - 1));
-    double num = 0, den = 0;
-    for (size_t i = 0; i < n; i++) {
-      const float g = bf16_to_float(last[i]);
-      if (!(g == g)) num += 1e30;
-      num += (double)(g - ref[i]) * (g - ref[i]);
-      den += (double)ref[i] * ref[i];
+    double worst = 0;
+    for (int st = 0; st < STEPS; st++) {
+      DLTensor rq = make_tensor(st ? (void *)(want + on * (st - 1)) : (void *)q0, 0, 3, q_shape, NULL, bf);
+      CHECK_OK(kvattn_run(ra, &rq, &rkv, NULL, &ro, NULL, NULL));
+      const uint16_t *got_st = (const uint16_t *)(want + on * st);
+      double num = 0, den = 0;
+      size_t bad = 0, first_bad = 0, bad_ref = 0;
+      for (size_t i = 0; i < n; i++) {
+        const float g = bf16_to_float(got_st[i]);
+        if (!isfinite(ref[i])) {
+          bad_ref++;
+          continue;
+        }
+        if (!isfinite(g)) {
+          if (bad++ == 0) first_bad = i;
+          continue;
+        }
+        num += (double)(g - ref[i]) * (g - ref[i]);
+        den += (double)ref[i] * ref[i];
+      }
+      const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+      if (bad || bad_ref || !(rel < 1e-2))
+        printf("  step %d: rel %.2e, %zu non-finite outputs (first: element %zu = row %zu, head %zu, dim %zu), "
+               "%zu non-finite in the reference\n", st, rel, bad, first_bad, first_bad / (n / S.B),
+               first_bad % (n / S.B) / S.hd, first_bad % S.hd, bad_ref);
+      CHECK_MSG(bad == 0 && bad_ref == 0 && rel < 1e-2, "step %d against the reference", st);
+      if (rel > worst) worst = rel;
     }
-    const double rel = den > 0 ? sqrt(num / den) : sqrt(num);
-    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, graph) bitwise equal to one at a "
-           "time; last step vs reference %.2e\n", STEPS, rel);
-    CHECK(rel < 1e-2);
+    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, K-then-V, 3 stages, graph) bitwise "
+           "equal to one at a time; worst step vs reference %.2e\n", STEPS, worst);
     kvattn_attention_destroy(ra);
     kvattn_workspace_free(ref_ctx, &rws);
     free(kh);
     free(vh);
+    free(q0);
     free(ref);
   }
 #undef POISON
