@@ -210,7 +210,7 @@ def with_env(cfg, fn):
             "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",),
             "p": ("KVATTN_DECODE_PIPE",), "n": ("KVATTN_DECODE_MIN_CHUNK_SMALL",),
             "e": ("KVATTN_DECODE_EARLY_REFILL",), "g": ("KVATTN_DECODE_PDL",), "w": ("KVATTN_DECODE_NARROW",),
-            "a": ("KVATTN_DECODE_TILE_PLAN",), "h": ("KVATTN_DECODE_L2_PREFETCH",), "k": ("KVATTN_DECODE_KV_ORDER",)}
+            "a": ("KVATTN_DECODE_TILE_PLAN",), "h": ("KVATTN_DECODE_L2_PREFETCH",)}
     saved = {k: os.environ.get(k) for ks in keys.values() for k in ks}
     try:
         for letter, value in re.findall(r"([scmitpnegwah])(\d+)", cfg):

@@ -81,21 +81,8 @@
 #endif
 #define TPG (64 / TG)
 #define NGROUPS NUM_WARPS            /* partial states merged at an item's end */
-/* RING3 (STAGES >= 3; host knob KVATTN_DECODE_TC_STAGES, 2 by default): three stages in the space
- * of two and a half, so that two CTAs still fit on an SM: a query slot holds the item's heads and
- * one row of zeros that all the A operand's padding rows read (not 16 rows), and the cross-warp
- * reduction area is the stage just consumed (the stage is then refilled after the item's end, not
- * before it). */
-#if STAGES >= 3
-#define RING3 1
-#define QROWS (GROUP_HEADS < 16 ? GROUP_HEADS + 1 : 16)
-#else
-#define RING3 0
 #define QROWS 16
-#endif
-#define QROW(r) (RING3 && (r) >= QROWS ? QROWS - 1 : (r)) /* the slot row that A operand row r reads */
 #else
-#define RING3 0
 #ifndef TPG
 #define TPG (GROUP_HEADS <= 4 ? 4 : 2) /* tokens per group per tile: bounded by registers */
 #endif
@@ -122,11 +109,6 @@
  * 128 measured 0.4-2.5% faster than none on every decode row, 256 up to 3.5% slower (docs/perf.md). */
 #ifndef DECODE_L2_PREFETCH
 #define DECODE_L2_PREFETCH 128
-#endif
-/* DECODE_KV_ORDER: the tensor-core loader issues a tile's copies K row, V row, K row, ... (0), or all
- * of K's rows then all of V's (1; A/B runs, docs/perf.md) */
-#ifndef DECODE_KV_ORDER
-#define DECODE_KV_ORDER 0
 #endif
 #if DECODE_L2_PREFETCH == 256
 #define DECODE_L2_HINT ".L2::256B"
@@ -254,15 +236,7 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
 #else
 #define SMEM_ID_BYTES 0
 #endif
-#if RING3
-#if SMEM_RED_BYTES > STAGE_ELEMS * 2
-#error "the reduction area must fit in one stage's K/V tiles"
-#endif
-#define SMEM_RED_OWN 0
-#else
-#define SMEM_RED_OWN SMEM_RED_BYTES
-#endif
-#define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_OWN + SMEM_ID_BYTES)
+#define SMEM_BYTES (SMEM_RING_BYTES + SMEM_RED_BYTES + SMEM_ID_BYTES)
 
 /* Token position `pos` of an item -> (its page's index from the item's first page, slot in the page);
  * a shift for power-of-two page sizes. */
@@ -423,29 +397,6 @@ static __device__ __forceinline__ void issue_tile_narrow(const struct decode_par
   int off;
   int page_idx = split_pos(p, ti->tok + tg, &off);
   const int first = page_of(p, ti->tok); /* p.narrow implies p.indices */
-#if DECODE_KV_ORDER
-  /* K's rows first, then V's (the same walk twice): each warp's requests stay in one tensor at a time */
-  const int off0 = off, page_idx0 = page_idx;
-#pragma unroll
-  for (int kv = 0; kv < 2; kv++) {
-    off = off0;
-    page_idx = page_idx0;
-#pragma unroll
-    for (int j = 0; j < TPG; j++) {
-      const int valid = TG * j < left;
-      const unsigned page = valid ? (unsigned)slot[page_idx - first] : 0u;
-      const char *src = kv == 0 ? kb + ((unsigned long long)page * (unsigned)p.k_page_bytes + (unsigned)(off * p.k_tok_bytes))
-                                : vb + ((unsigned long long)page * (unsigned)p.v_page_bytes + (unsigned)(off * p.v_tok_bytes));
-      decode_cp16_zfill((kv == 0 ? sk : sv) + TG * j * ROW_ELEMS * 2, src, valid);
-      off += p.tg_slots;
-      page_idx += p.tg_pages;
-      if (off >= p.page_size) {
-        off -= p.page_size;
-        page_idx++;
-      }
-    }
-  }
-#else
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
     const int valid = TG * j < left;
@@ -462,7 +413,6 @@ static __device__ __forceinline__ void issue_tile_narrow(const struct decode_par
       page_idx++;
     }
   }
-#endif
   if (ti->first) issue_q(p, ti, ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + 2 * TILE * ROW_ELEMS, kv_head);
 }
 
@@ -525,7 +475,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 decode_paged_kernel(const struct decode_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
   u16 *ring = (u16 *)smem;
-  float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [NGROUPS][GH][HEAD_DIM]; RING3: moved per item */
+  float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [NGROUPS][GH][HEAD_DIM] */
   float *red_m = red_acc + NGROUPS * GH * HEAD_DIM;   /* [NGROUPS][GH] */
   float *red_l = red_m + NGROUPS * GH;                /* [NGROUPS][GH] */
   __shared__ int sh_last;
@@ -541,7 +491,7 @@ decode_paged_kernel(const struct decode_params p) {
 
 #if PIPE_IDS
   /* the id loader runs STAGES tiles ahead of the K/V loader; tile m's ids live in slot m % ID_SLOTS */
-  int *ids = (int *)(smem + SMEM_RING_BYTES + SMEM_RED_OWN);
+  int *ids = (int *)(smem + SMEM_RING_BYTES + SMEM_RED_BYTES);
   struct tile_iter idl = ld;
   int ld_slot = 0, id_slot = 0;
 #pragma unroll
@@ -615,7 +565,7 @@ decode_paged_kernel(const struct decode_params p) {
     __syncthreads();
     if (cs.first) {
 #pragma unroll
-      for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + QROW(lane % 16) * ROW_ELEMS + ks * 16 + (lane / 16) * 8);
+      for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + (lane % 16) * ROW_ELEMS + ks * 16 + (lane / 16) * 8);
 #pragma unroll
       for (int nd = 0; nd < HEAD_DIM / 8; nd++) oacc[nd][0] = oacc[nd][1] = oacc[nd][2] = oacc[nd][3] = 0.0f;
       m2[0] = m2[1] = KV_NEG_INF;
@@ -821,12 +771,6 @@ decode_paged_kernel(const struct decode_params p) {
 
     if (iter_last(&cs)) {
       /* reduce the NGROUPS partial states; one thread per (head, dim) writes the result */
-#if RING3
-      __syncthreads(); /* every warp is done with this stage's K/V: it becomes the reduction area */
-      red_acc = (float *)(ring + stage * (STAGE_ELEMS + QSLOT_ELEMS));
-      red_m = red_acc + NGROUPS * GH * HEAD_DIM;
-      red_l = red_m + NGROUPS * GH;
-#endif
 #if DECODE_TC
 #pragma unroll
       for (int r = 0; r < 2; r++) {
@@ -857,7 +801,7 @@ decode_paged_kernel(const struct decode_params p) {
       }
 #endif
       __syncthreads();
-#if PIPE_IDS && DECODE_EARLY_REFILL && !RING3
+#if PIPE_IDS && DECODE_EARLY_REFILL
       /* every warp is past its last read of this stage: refill it before this item's partial state
        * is written and merged (a fence, an atomic, the merge's loads), so the next tiles' loads are in
        * flight meanwhile rather than after */
@@ -967,7 +911,7 @@ decode_paged_kernel(const struct decode_params p) {
         }
       }
       __syncthreads(); /* the reduction area is reused by the next item */
-#if PIPE_IDS && (!DECODE_EARLY_REFILL || RING3)
+#if PIPE_IDS && !DECODE_EARLY_REFILL
       refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, stage);
 #endif
     }

@@ -28,7 +28,7 @@
  * prefill_merge combines the chunks of a tile exactly (the (o, lse) merge); else it writes out.
  *
  * Specialization (-D): HEAD_DIM 64|128|256, GROUP_SIZE, CTA_Q 16|64|128, KV_TILE (16..64),
- * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, SPLIT_ISSUE, O_STAGE, DTYPE
+ * WARPS_128 (4|8: warps of the 128-row tile), FOLD_SCALE, STAGE_NEXT, O_STAGE, DTYPE
  * (KV_F16|KV_BF16: q and KV), O_DTYPE, CAUSAL, WINDOW, CUSTOM_MASK, SOFT_CAP, ALIBI, ROPE (0|1).
  * Positions: q_pos = q_pos_base + token; kv_pos = the token index in the request (paged, ragged)
  * or page * page_size + slot (block-sparse, params.bsr), masked at kv_token_limit.
@@ -116,12 +116,6 @@
  * whose end-of-item merge reuses the K/V buffers. */
 #ifndef STAGE_NEXT
 #define STAGE_NEXT 0
-#endif
-/* SPLIT_ISSUE 1 (host knob KVATTN_PREFILL_SPLIT_ISSUE, off until measured): tile t+1's K copies at tile
- * t's top, its V copies after tile t's S, where the 16 copies of a tile were issued back to back (the
- * H200 source view of full ragged 16 x 1024: the loader held 7.4% of the samples; docs/perf.md). */
-#ifndef SPLIT_ISSUE
-#define SPLIT_ISSUE 0
 #endif
 /* O_STAGE 1 (host knob KVATTN_PREFILL_O_STAGE, off until measured): a finished item's O goes through
  * the warp's own rows of the Q tile into whole 16-byte row chunks (half the L2 write requests of the
@@ -283,32 +277,25 @@ static __device__ __forceinline__ u32 ld_dst_of(int k, u32 ld_dst, u32 ld_dst_od
 #endif
 }
 
-/* Which copies of a tile a loader call issues (a constant at every call site): both, or K or V alone
- * (SPLIT_ISSUE: K at the top of the tile before, V after its S). */
-#define KV_BOTH 0
-#define KV_K 1
-#define KV_V 2
-
-/* Issue the copies of one KV tile (K and V, or the `part` of them) from its row table into the buffer
+/* Issue the copies of one KV tile from its row table into the buffer
  * at shared address `kt` (V at kt + SMEM_KV * 2). kc / vc: K and V base pointers advanced by this
  * thread's chunk; v_col: KV_TILE, or 0 when V reads the K offsets. Every table read comes first: an
  * LDGSTS right after an LDS costs three filler instructions on sm_90. */
 static __device__ __forceinline__ void load_kv_tile(u32 kt, const char *kc, const char *vc, const long long *tab_row,
-                                                    const int *pos_row, int v_col, u32 ld_dst, u32 ld_dst_odd,
-                                                    int part) {
+                                                    const int *pos_row, int v_col, u32 ld_dst, u32 ld_dst_odd) {
   long long ko[LD_ROWS], vo[LD_ROWS];
   bool ok[LD_ROWS];
 #pragma unroll
   for (int k = 0; k < LD_ROWS; k++) {
-    ko[k] = tab_row[k * LD_RSTEP]; /* the part not copied is never read: its loads are dead code */
+    ko[k] = tab_row[k * LD_RSTEP];
     vo[k] = tab_row[v_col + k * LD_RSTEP];
     ok[k] = pos_row[k * LD_RSTEP] != NO_ROW;
   }
 #pragma unroll
   for (int k = 0; k < LD_ROWS; k++) {
     const u32 dst = kt + ld_dst_of(k, ld_dst, ld_dst_odd);
-    if (part != KV_V) cp_async16_if(dst, kc + ko[k], ok[k]);
-    if (part != KV_K) cp_async16_if(dst + SMEM_KV * 2, vc + vo[k], ok[k]);
+    cp_async16_if(dst, kc + ko[k], ok[k]);
+    cp_async16_if(dst + SMEM_KV * 2, vc + vo[k], ok[k]);
   }
 }
 
@@ -336,17 +323,15 @@ static __device__ __forceinline__ const char *ragged_row(const struct prefill_pa
  * thread's first row once and steps LD_RSTEP rows per copy, a 32-bit add on a 64-bit pointer, with
  * no bound per row (the host keeps LD_RSTEP row steps, at most 32 rows, within an int). */
 static __device__ __forceinline__ void load_kv_rows(u32 kt, const char *kr, const char *vr, int k_row_bytes,
-                                                    int v_row_bytes, int ld_r0, int lim, u32 ld_dst, u32 ld_dst_odd,
-                                                    int part) {
+                                                    int v_row_bytes, int ld_r0, int lim, u32 ld_dst, u32 ld_dst_odd) {
   if (lim >= KV_TILE) {
-    const char *k = part != KV_V ? row_ptr(kr, ld_r0, k_row_bytes) : kr;
-    const char *v = part != KV_K ? row_ptr(vr, ld_r0, v_row_bytes) : vr;
+    const char *k = row_ptr(kr, ld_r0, k_row_bytes), *v = row_ptr(vr, ld_r0, v_row_bytes);
     const int ks = LD_RSTEP * k_row_bytes, vs = LD_RSTEP * v_row_bytes;
 #pragma unroll
     for (int j = 0; j < LD_ROWS; j++) {
       const u32 dst = kt + ld_dst_of(j, ld_dst, ld_dst_odd);
-      if (part != KV_V) cp_async16_s(dst, k, 16);
-      if (part != KV_K) cp_async16_s(dst + SMEM_KV * 2, v, 16);
+      cp_async16_s(dst, k, 16);
+      cp_async16_s(dst + SMEM_KV * 2, v, 16);
       k += ks;
       v += vs;
     }
@@ -358,23 +343,23 @@ static __device__ __forceinline__ void load_kv_rows(u32 kt, const char *kr, cons
     const bool ok = r < lim;
     const int rr = ok ? r : 0;
     const u32 dst = kt + ld_dst_of(k, ld_dst, ld_dst_odd);
-    if (part != KV_V) cp_async16_if(dst, row_ptr(kr, rr, k_row_bytes), ok);
-    if (part != KV_K) cp_async16_if(dst + SMEM_KV * 2, row_ptr(vr, rr, v_row_bytes), ok);
+    cp_async16_if(dst, row_ptr(kr, rr, k_row_bytes), ok);
+    cp_async16_if(dst + SMEM_KV * 2, row_ptr(vr, rr, v_row_bytes), ok);
   }
 }
 
-/* The copies (`part` of them) of the item's tile whose first token is t1 into the buffer at `buf`: ragged
+/* The copies of the item's tile whose first token is t1 into the buffer at `buf`: ragged
  * rows addressed directly (contig; rows from kv_end on are zero-filled), else through the tile's row table
  * (tab / tpos: its slot). */
 static __device__ __forceinline__ void load_next_tile(const struct prefill_params &p, const struct prefill_item &it,
                                                       bool contig, u32 buf, const char *kc, const char *vc, int t1,
                                                       int kv_end, const long long *tab, const int *tpos, int v_col,
-                                                      int ld_r0, u32 ld_dst, u32 ld_dst_odd, int part) {
+                                                      int ld_r0, u32 ld_dst, u32 ld_dst_odd) {
   if (contig)
     load_kv_rows(buf, ragged_row(p, it, kc, 0, t1), ragged_row(p, it, vc, 1, t1), p.k_row_bytes, p.v_row_bytes, ld_r0,
-                 kv_end - t1, ld_dst, ld_dst_odd, part);
+                 kv_end - t1, ld_dst, ld_dst_odd);
   else
-    load_kv_tile(buf, kc, vc, tab + ld_r0, tpos + ld_r0, v_col, ld_dst, ld_dst_odd, part);
+    load_kv_tile(buf, kc, vc, tab + ld_r0, tpos + ld_r0, v_col, ld_dst, ld_dst_odd);
 }
 
 /* The item's Q tile, packed rows [row_start, row_start + CTA_Q), into a swizzled tile; rows past
@@ -437,9 +422,9 @@ static __device__ __forceinline__ int stage_item(const struct prefill_params &p,
   if (n_tiles > 0) {
     if (contig)
       load_kv_rows(buf, ragged_row(p, it, kc, 0, it.kv_begin), ragged_row(p, it, vc, 1, it.kv_begin), p.k_row_bytes,
-                   p.v_row_bytes, ld_r0, it.kv_end - it.kv_begin, ld_dst, ld_dst_odd, KV_BOTH);
+                   p.v_row_bytes, ld_r0, it.kv_end - it.kv_begin, ld_dst, ld_dst_odd);
     else
-      load_kv_tile(buf, kc, vc, tabs + ld_r0, tposs + ld_r0, v_col, ld_dst, ld_dst_odd, KV_BOTH);
+      load_kv_tile(buf, kc, vc, tabs + ld_r0, tposs + ld_r0, v_col, ld_dst, ld_dst_odd);
   }
   cp_async_commit();
   return pf_page;
@@ -598,8 +583,7 @@ prefill_kernel(const struct prefill_params p) {
       __syncthreads();
       if (t + 1 < n_tiles) {
         load_next_tile(p, it, contig, s_kv + (par ^ 1) * 4 * SMEM_KV, kc, vc, t1, kv_end,
-                       tabs + slot1 * TAB_SLOT_WORDS, tposs + slot1 * KV_TILE, v_col, ld_r0, ld_dst, ld_dst_odd,
-                       SPLIT_ISSUE ? KV_K : KV_BOTH);
+                       tabs + slot1 * TAB_SLOT_WORDS, tposs + slot1 * KV_TILE, v_col, ld_r0, ld_dst, ld_dst_odd);
         cp_async_commit();
       }
       if (!contig && t + 2 < n_tiles && tid < tab_writers) {
@@ -636,15 +620,6 @@ prefill_kernel(const struct prefill_params p) {
         }
       }
 
-#if SPLIT_ISSUE
-      /* tile t+1's V copies, after its K copies by the length of S: two bursts of copies per tile
-       * instead of one (table slot1 and the buffer stay tile t+1's until tile t+1's top) */
-      if (t + 1 < n_tiles) {
-        load_next_tile(p, it, contig, s_kv + (par ^ 1) * 4 * SMEM_KV, kc, vc, t1, kv_end,
-                       tabs + slot1 * TAB_SLOT_WORDS, tposs + slot1 * KV_TILE, v_col, ld_r0, ld_dst, ld_dst_odd, KV_V);
-        cp_async_commit();
-      }
-#endif
 
       /* ---- scores: scale and variants (log2 domain); masks only on tiles that need them (the
        * chunk's last tile, the causal diagonal, the window edge, block-sparse, custom masks) */

@@ -107,8 +107,6 @@ static int decode_pdl(void) { return env_int("KVATTN_DECODE_PDL", 1, 0, 1); }
 /* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
  * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
 static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
-/* The tensor-core loader's copy order within a tile: 0 = K and V rows interleaved, 1 = K's rows then V's. */
-static int decode_kv_order(void) { return env_int("KVATTN_DECODE_KV_ORDER", 0, 0, 1); }
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
@@ -121,11 +119,9 @@ static int dtype_code(DLDataType t) {
 static int decode_smem_bytes(int tc, int head_dim, int group_heads, int stages, int pipe) {
   int tx = head_dim / 8, tg = DECODE_THREADS / tx, row = head_dim + 8;
   int tile = tc ? 64 : tg * (group_heads <= 4 ? 4 : 2);
-  int ring3 = tc && stages >= 3; /* RING3: query slots of the heads + a zero row, reduction inside a stage */
-  int qrows = tc ? (ring3 ? (group_heads < 16 ? group_heads + 1 : 16) : 16) : group_heads;
-  int groups = tc ? DECODE_WARPS : tg;
+  int qrows = tc ? 16 : group_heads, groups = tc ? DECODE_WARPS : tg;
   int ring = stages * (2 * tile * row + qrows * row) * 2;
-  int red = ring3 ? 0 : (groups * group_heads * head_dim + 2 * groups * group_heads) * 4;
+  int red = (groups * group_heads * head_dim + 2 * groups * group_heads) * 4;
   int ids = tc && pipe ? 2 * stages * tile * 4 : 0; /* ID_SLOTS x ID_SLOT int32 */
   return ring + red + ids;
 }
@@ -171,10 +167,10 @@ static void decode_defines(const decode_config *c, const kvattn_attention_desc *
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d -DDECODE_KV_ORDER=%d",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(), decode_kv_order());
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch());
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }

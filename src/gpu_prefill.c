@@ -73,7 +73,6 @@ static int warps128_for(int head_dim) {
  * epilogue (KVATTN_PREFILL_STAGE, off: it spills on sm_90a and measured -3% to +3%). */
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
 static int stage_next_on(void) { return env_int("KVATTN_PREFILL_STAGE", 0, 0, 1); }
-static int split_issue_on(void) { return env_int("KVATTN_PREFILL_SPLIT_ISSUE", 0, 0, 1); }
 static int o_stage_on(void) { return env_int("KVATTN_PREFILL_O_STAGE", 0, 0, 1); }
 static int threads_for(int kind, int head_dim) {
   if (kind == 2) return warps128_for(head_dim) * 32;
@@ -235,10 +234,10 @@ static void make_defines(const kvattn_attention_desc *d, int group, int kind, in
   int cta_q = prefill_tile_rows[kind];
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DCTA_Q=%d -DKV_TILE=%d -DWARPS_128=%d -DFOLD_SCALE=%d -DSTAGE_NEXT=%d "
-           "-DSPLIT_ISSUE=%d -DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d "
+           "-DDTYPE=%d -DO_DTYPE=%d -DCAUSAL=%d -DWINDOW=%d -DCUSTOM_MASK=%d -DSOFT_CAP=%d -DALIBI=%d "
            "-DROPE=%d -DO_STAGE=%d",
            d->head_dim, group, cta_q, kind_kv_tile(kind, d->head_dim, d->rope, optin), warps128_for(d->head_dim),
-           fold_scale_on(), stage_next_on(), split_issue_on(), dtype_code(d->q_dtype),
+           fold_scale_on(), stage_next_on(), dtype_code(d->q_dtype),
            dtype_code(d->o_dtype), d->causal != 0,
            d->window_left >= 0, d->custom_mask != 0, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0, o_stage_on());
 }

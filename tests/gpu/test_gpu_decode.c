@@ -595,35 +595,6 @@ TEST(decode_matches_the_reference_on_random_cases) {
   printf("random decode cases: %d passed\n", n);
 }
 
-/* The three-stage ring (KVATTN_DECODE_TC_STAGES=3, off by default): query slots of the item's heads plus
- * one zero row, the cross-warp reduction inside the stage just consumed. Tensor-core path, every group
- * size's slot height (2, 5, 9, 16 rows), head dims 64 / 128, page sizes 1 / 3 / 16, both layouts,
- * non-contiguous views, split pieces and many items per CTA. */
-TEST(decode_with_the_three_stage_ring_matches_the_reference) {
-  NEED_GPU();
-  const int groups[4] = {1, 4, 8, 16}, dims[2] = {64, 128}, pages[3] = {1, 3, 16};
-  setenv("KVATTN_DECODE_TC_STAGES", "3", 1); /* read when an attention is created */
-  int n = 0;
-  for (int gi = 0; gi < 4; gi++)
-    for (int di = 0; di < 2; di++) {
-      int64_t len[64];
-      dcase c;
-      random_case(&c, len, "three stages", 24, pages[(gi + di) % 3], groups[gi], dims[di], 1);
-      random_lengths(len, c.batch, rnd() % 2 ? 2000 : 6000, 20000);
-      c.kernel = KVATTN_KERNEL_TENSOR_CORE;
-      c.rope = 0; /* RoPE takes the CUDA-core path */
-      c.want_lse = 1;
-      c.noncontig = (gi + di) % 2;
-      double rel = 0, lse = 0;
-      int bad = run_case(&c, &rel, &lse);
-      print_case(&c, rel, lse);
-      CHECK(bad == 0);
-      n++;
-    }
-  unsetenv("KVATTN_DECODE_TC_STAGES");
-  printf("three-stage ring cases: %d passed\n", n);
-}
-
 TEST(decode_edge_shapes) {
   NEED_GPU();
   struct {
@@ -1083,9 +1054,8 @@ static kvattn_status simple_run_on(simple *S, kvattn_attention *a, CUdptr q_buf,
  * which each one's query is the previous one's output (and whose split pieces reuse the workspace's
  * partial states and counters launch after launch), launched back to back on one stream with no
  * synchronization, eagerly and as one captured graph, must give the bits of the same chain run one
- * launch at a time with the device idle in between; so must the plain launch (PDL off), the 64-bit
- * loader (KVATTN_DECODE_NARROW=0), the K-then-V copy order (KVATTN_DECODE_KV_ORDER=1) and the three-stage
- * ring (KVATTN_DECODE_TC_STAGES=3). The last step is checked against the float64 reference too. */
+ * launch at a time with the device idle in between; so must the plain launch (PDL off) and the 64-bit
+ * loader (KVATTN_DECODE_NARROW=0). Every step is checked against the float64 reference too. */
 TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   NEED_GPU();
   enum { STEPS = 8 };
@@ -1098,13 +1068,9 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   void *stream = NULL;
   CHECK(cu.cuStreamCreate(&stream, 1 /* non-blocking */) == 0);
   /* attentions: [0] the defaults (PDL where the device has it, the narrow loader), [1] PDL off,
-   * [2] the 64-bit loader, [3] K's rows copied before V's, [4] the three-stage ring */
-  enum { NATT = 5 };
-  const char *envs[NATT][2] = {{NULL, NULL},
-                               {"KVATTN_DECODE_PDL", "0"},
-                               {"KVATTN_DECODE_NARROW", "0"},
-                               {"KVATTN_DECODE_KV_ORDER", "1"},
-                               {"KVATTN_DECODE_TC_STAGES", "3"}};
+   * [2] the 64-bit loader */
+  enum { NATT = 3 };
+  const char *envs[NATT][2] = {{NULL, NULL}, {"KVATTN_DECODE_PDL", "0"}, {"KVATTN_DECODE_NARROW", "0"}};
   kvattn_attention *a[NATT];
   kvattn_workspace ws[NATT];
   for (int i = 0; i < NATT; i++) {
@@ -1227,7 +1193,7 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
       CHECK_MSG(bad == 0 && bad_ref == 0 && rel < 1e-2, "step %d against the reference", st);
       if (rel > worst) worst = rel;
     }
-    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, K-then-V, 3 stages, graph) bitwise "
+    printf("chained decodes: %d steps back to back (PDL, no PDL, 64-bit loader, graph) bitwise "
            "equal to one at a time; worst step vs reference %.2e\n", STEPS, worst);
     kvattn_attention_destroy(ra);
     kvattn_workspace_free(ref_ctx, &rws);
