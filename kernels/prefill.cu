@@ -860,6 +860,7 @@ prefill_kernel(const struct prefill_params p) {
     /* Staged: the warp's rows of the Q tile are read by this warp alone (its S fragments), and every
      * Q copy landed before tile 0 (an item with no tile takes the direct path: its Q may be landing). */
     if (n_tiles > 0 && it.part < 0 && o_vec) {
+      __syncwarp(); /* the warp's lanes are past their last Q fragment loads */
 #pragma unroll
       for (int mf = 0; mf < MF; mf++)
 #pragma unroll
