@@ -880,13 +880,15 @@ prefill_kernel(const struct prefill_params p) {
                 dd > 0.f ? (m[mf][h] + __log2f(dd)) * KV_LN2 : KV_NEG_INF;
         }
       __syncwarp();
+      /* a lane keeps its 16-byte column; the warp writes 32 / CH rows per step */
+      const int c = lane % CH, r0 = warp * 16 * MF + lane / CH;
+      u16 *const ob = p.out + (i64)it.q_start * p.o_stride_tok + (i64)qo_heads_base * p.o_stride_head + c * 8;
 #pragma unroll 4
       for (int i = 0; i < 16 * MF * CH / 32; i++) {
-        const int r = warp * 16 * MF + (i * 32 + lane) / CH, c = (i * 32 + lane) % CH;
+        const int r = r0 + i * (32 / CH);
         const int pr = it.row_start + r, tok = pr / GROUP_SIZE, g = pr - tok * GROUP_SIZE;
         if (tok < it.qo_len)
-          *(uint4 *)(p.out + (i64)(it.q_start + tok) * p.o_stride_tok + (i64)(qo_heads_base + g) * p.o_stride_head +
-                     c * 8) = *(const uint4 *)(sq + swz(r, c));
+          *(uint4 *)(ob + (i64)tok * p.o_stride_tok + (i64)g * p.o_stride_head) = *(const uint4 *)(sq + swz(r, c));
       }
       continue; /* the next item's Q copies follow the loop top's barrier */
     }

@@ -113,6 +113,9 @@ KVATTN_API kvattn_status kvattn_attention_create(kvattn_context *ctx, const kvat
       a->alibi_slopes[h] = a->desc.alibi_slopes ? a->desc.alibi_slopes[h]
                                                 : alibi_standard_slope(h, a->desc.num_qo_heads);
   a->desc.alibi_slopes = NULL; /* the caller's array is not kept */
+  /* what every plan checks the workspace against: the desc and bounds are fixed from here on, so it
+   * is computed once (3 us of kvattn_plan's host time at batch 256 on the H200's host, docs/perf.md) */
+  TRY_GOTO(kvattn_workspace_size(ctx, &a->desc, &a->bounds, &a->ws_need_dev, &a->ws_need_host), s, fail);
   if (ctx->backend == KVATTN_BACKEND_CUDA) TRY_GOTO(gpu_attention_init(a), s, fail);
   *out = a;
   return KVATTN_SUCCESS;
@@ -174,8 +177,7 @@ KVATTN_API kvattn_status kvattn_plan(kvattn_attention *a, const kvattn_batch *ba
   RETURN_IF(rows > a->bounds.max_batch, KVATTN_ERROR_BOUNDS_EXCEEDED,
             "kvattn_plan: the batch has %lld %s, more than bounds.max_batch=%lld", (long long)rows,
             batch->format == KVATTN_FORMAT_BLOCK_SPARSE ? "block rows" : "requests", (long long)a->bounds.max_batch);
-  size_t need_dev, need_host;
-  TRY(kvattn_workspace_size(a->ctx, &a->desc, &a->bounds, &need_dev, &need_host));
+  const size_t need_dev = a->ws_need_dev, need_host = a->ws_need_host;
   RETURN_IF(ws->device_bytes < need_dev || (need_dev && !ws->device), KVATTN_ERROR_WORKSPACE_TOO_SMALL,
             "kvattn_plan: ws.device_bytes=%zu (device=%p) but this attention's bounds need %zu bytes "
             "(kvattn_workspace_size)", ws->device_bytes, ws->device, need_dev);

@@ -172,6 +172,7 @@ struct kvattn_attention {
   kvattn_context *ctx;
   kvattn_attention_desc desc;  /* resolved */
   kvattn_bounds bounds;
+  size_t ws_need_dev, ws_need_host; /* kvattn_workspace_size for desc and bounds, computed at create */
   float *alibi_slopes;         /* [num_qo_heads] resolved slopes (host), when desc.alibi */
   /* the current plan */
   int planned;
