@@ -416,11 +416,20 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
                      (variant){1, 70, 0, 1, 0, 0.f}, 98, 0);
   all_ok &= run_case("grid 5, staged: empty kv mix", PAGED, NHD, 0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 99, 1);
   unsetenv("KVATTN_PREFILL_STAGE");
-  /* the staged epilogue (on by default, so every case here and elsewhere runs it): O through the
-   * warp's Q rows into 16-byte stores where the output allows them (strided views too: kvattn_run
-   * requires 16-byte strides of every dimension longer than 1), and the fragments' 4-byte stores
-   * where it does not (a single token's odd token stride), for items without KV tiles, with split KV,
-   * and with the knob off */
+  /* the staged epilogue (KVATTN_PREFILL_O_STAGE=1, off by default until its spill-free form has run on
+   * a GPU): O through the warp's Q rows into 16-byte stores where the output allows them (strided
+   * views too: kvattn_run requires 16-byte strides of every dimension longer than 1), the fragments'
+   * 4-byte stores where it does not (a single token's odd token stride), for items without KV tiles
+   * and with split KV */
+  setenv("KVATTN_PREFILL_O_STAGE", "1", 1);
+  all_ok &= run_case("grid 5, O staged: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL,
+                     109, 1);
+  all_ok &= run_case("grid 5, O staged: ragged full, empty kv mix", RAGGED, NHD, 0, 1, 12, 60, 70, 8, 2, 128, TDT_BF16,
+                     V_PLAIN, 110, 0);
+  all_ok &= run_case("grid 5, O staged: ragged rope window d64", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16,
+                     (variant){1, 70, 0, 1, 0, 0.f}, 111, 0);
+  all_ok &= run_case("grid 5, O staged: paged1 causal g8 d256", PAGED, NHD, 0, 1, 5, 60, 260, 8, 1, 256, TDT_BF16,
+                     V_CAUSAL, 112, 1);
   g_strided_q = 1;
   all_ok &= run_case("grid 5, O staged: strided q/out ragged full", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16,
                      V_PLAIN, 113, 0);
@@ -429,13 +438,6 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
   all_ok &= run_case("grid 5, O staged: 1 token, odd token stride (4-byte path)", RAGGED, NHD, 0, 1, 1, 1, 330, 8, 2,
                      128, TDT_BF16, V_CAUSAL, 114, 0);
   g_odd_out = 0;
-  setenv("KVATTN_PREFILL_O_STAGE", "0", 1);
-  all_ok &= run_case("grid 5, O from fragments: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16,
-                     V_CAUSAL, 109, 1);
-  all_ok &= run_case("grid 5, O from fragments: ragged rope window d64", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64,
-                     TDT_F16, (variant){1, 70, 0, 1, 0, 0.f}, 111, 0);
-  all_ok &= run_case("grid 5, O from fragments: paged1 causal g8 d256", PAGED, NHD, 0, 1, 5, 60, 260, 8, 1, 256,
-                     TDT_BF16, V_CAUSAL, 112, 1);
   unsetenv("KVATTN_PREFILL_O_STAGE");
   unsetenv("KVATTN_PREFILL_GRID");
   CHECK(all_ok);
