@@ -119,8 +119,8 @@
 #endif
 /* O_STAGE 1 (host knob KVATTN_PREFILL_O_STAGE, off by default for now): a finished item's O goes
  * through the warp's own rows of the Q tile into whole 16-byte row chunks (half the L2 write requests
- * of the fragments' 4-byte stores, every sector whole), where the output is 16-byte aligned; tiles of
- * 64 and 128 rows (the 16-row tile's end-of-item merge uses that memory). */
+ * of the fragments' 4-byte stores, every sector whole); tiles of 64 and 128 rows (the 16-row tile's
+ * end-of-item merge uses that memory). */
 #ifndef O_STAGE
 #define O_STAGE 0
 #endif
@@ -460,10 +460,6 @@ prefill_kernel(const struct prefill_params p) {
   frag_bases(qa_base, smem_addr(sq) + (u32)(warp * 16 * MF + (lane & 15)) * HEAD_DIM * 2, lane >> 4, lane);
   frag_bases(kb_base, (u32)(warp_kv * KVW + (lane & 7) + ((lane >> 4) << 3)) * HEAD_DIM * 2, (lane >> 3) & 1, lane);
   frag_bases(vb_base, (u32)(warp_kv * KVW + (lane & 7) + (((lane >> 3) & 1) << 3)) * HEAD_DIM * 2, lane >> 4, lane);
-#if O_STAGE
-  const bool o_vec = ((unsigned long long)p.out | (unsigned long long)(p.o_stride_tok * 2) |
-                      (unsigned long long)(p.o_stride_head * 2)) % 16 == 0;
-#endif
   const int *cta = p.lists + p.cta_indptr_off;
   const int item_begin = cta[blockIdx.x], item_end = cta[blockIdx.x + 1];
   const int items_off = p.lists[p.items_off_word];
@@ -620,7 +616,6 @@ prefill_kernel(const struct prefill_params p) {
           }
         }
       }
-
 
       /* ---- scores: scale and variants (log2 domain); masks only on tiles that need them (the
        * chunk's last tile, the causal diagonal, the window edge, block-sparse, custom masks) */
@@ -859,8 +854,10 @@ prefill_kernel(const struct prefill_params p) {
     /* ---- epilogue: o / d, lse = (m + log2 d) * ln 2; a row with nothing visible: 0 and -inf */
 #if O_STAGE
     /* Staged: the warp's rows of the Q tile are read by this warp alone (its S fragments), and every
-     * Q copy landed before tile 0 (an item with no tile takes the direct path: its Q may be landing). */
-    if (n_tiles > 0 && it.part < 0 && o_vec) {
+     * Q copy landed before tile 0 (an item with no tile takes the direct path: its Q may be landing).
+     * 16-byte stores: kvattn_run requires out 16-byte aligned with 16-byte strides in every dimension
+     * longer than 1 (a dimension of length 1 is only ever indexed at 0). */
+    if (n_tiles > 0 && it.part < 0) {
       __syncwarp(); /* the warp's lanes are past their last Q fragment loads */
 #pragma unroll
       for (int mf = 0; mf < MF; mf++)

@@ -417,10 +417,9 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
   all_ok &= run_case("grid 5, staged: empty kv mix", PAGED, NHD, 0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 99, 1);
   unsetenv("KVATTN_PREFILL_STAGE");
   /* the staged epilogue (KVATTN_PREFILL_O_STAGE=1, off by default until its spill-free form has run on
-   * a GPU): O through the warp's Q rows into 16-byte stores where the output allows them (strided
-   * views too: kvattn_run requires 16-byte strides of every dimension longer than 1), the fragments'
-   * 4-byte stores where it does not (a single token's odd token stride), for items without KV tiles
-   * and with split KV */
+   * a GPU): O through the warp's Q rows into 16-byte stores (strided views too: kvattn_run requires
+   * 16-byte strides in every dimension longer than 1, and a single token's token stride may be odd),
+   * the fragments' stores for items without KV tiles and with split KV */
   setenv("KVATTN_PREFILL_O_STAGE", "1", 1);
   all_ok &= run_case("grid 5, O staged: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL,
                      109, 1);
@@ -435,7 +434,7 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
                      V_PLAIN, 113, 0);
   g_strided_q = 0;
   g_odd_out = 1;
-  all_ok &= run_case("grid 5, O staged: 1 token, odd token stride (4-byte path)", RAGGED, NHD, 0, 1, 1, 1, 330, 8, 2,
+  all_ok &= run_case("grid 5, O staged: 1 token, odd token stride", RAGGED, NHD, 0, 1, 1, 1, 330, 8, 2,
                      128, TDT_BF16, V_CAUSAL, 114, 0);
   g_odd_out = 0;
   unsetenv("KVATTN_PREFILL_O_STAGE");
