@@ -296,6 +296,24 @@ TEST(planner_fuzz_every_tile_covered_once_merges_complete_offsets_inside) {
   CHECK(splits > 0);
 }
 
+/* A paged batch's view: `batch` requests, qo_indptr in tokens, kv_indptr in pages. */
+static batch_view paged_view(int batch, int page_size, const int32_t *qo, const int32_t *kv, const int32_t *last) {
+  batch_view bv;
+  memset(&bv, 0, sizeof bv);
+  bv.format = KVATTN_FORMAT_PAGED, bv.batch = batch, bv.page_size = page_size, bv.qo_indptr = qo, bv.kv_indptr = kv;
+  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = qo[batch], bv.kv_entries = kv[batch];
+  return bv;
+}
+
+/* The layout of config c and the list and scratch buffers a plan of it writes (the caller frees both). */
+static kvattn_status plan_buffers(const prefill_config *c, prefill_layout *l, int32_t **lists, void **scratch) {
+  const kvattn_status s = prefill_layout_compute(c, l);
+  if (s != KVATTN_SUCCESS) return s;
+  *lists = calloc((size_t)l->list_words, 4);
+  *scratch = malloc(l->scratch_bytes);
+  return *lists && *scratch ? KVATTN_SUCCESS : KVATTN_ERROR_OUT_OF_MEMORY;
+}
+
 TEST(split_happens_for_few_rows_against_long_kv) {
   /* one 128-token append onto 16k tokens of cache, Llama-3-8B heads: 4 tiles x 8 heads < grid */
   prefill_config c;
@@ -305,14 +323,11 @@ TEST(split_happens_for_few_rows_against_long_kv) {
   c.causal = 1, c.window_left = -1, c.min_chunk = 256;
   c.max_batch = 1, c.max_qo_tokens = 128, c.max_kv_entries = 1024;
   int32_t qo[2] = {0, 128}, kv[2] = {0, 1024}, last[1] = {16};
-  batch_view bv;
-  memset(&bv, 0, sizeof bv);
-  bv.format = KVATTN_FORMAT_PAGED, bv.batch = 1, bv.page_size = 16, bv.qo_indptr = qo, bv.kv_indptr = kv;
-  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = 128, bv.kv_entries = 1024;
+  const batch_view bv = paged_view(1, 16, qo, kv, last);
   prefill_layout l;
-  CHECK_OK(prefill_layout_compute(&c, &l));
-  int32_t *lists = calloc((size_t)l.list_words, 4);
-  void *scratch = malloc(l.scratch_bytes);
+  int32_t *lists;
+  void *scratch;
+  CHECK_OK(plan_buffers(&c, &l, &lists, &scratch));
   prefill_plan_out out;
   CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
   fprintf(stderr, "  128 x 16384 append: %lld items, %lld split tiles, %lld merges\n", (long long)out.items[2],
@@ -346,9 +361,9 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
   bv.format = KVATTN_FORMAT_RAGGED, bv.page_size = 1, bv.qo_indptr = qo, bv.kv_indptr = kv;
   bv.kv_token_limit = INT64_MAX, bv.qo_tokens = 16 * 1024, bv.kv_entries = 16 * 1024;
   prefill_layout l;
-  CHECK_OK(prefill_layout_compute(&c, &l));
-  int32_t *lists = calloc((size_t)l.list_words, 4);
-  void *scratch = malloc(l.scratch_bytes);
+  int32_t *lists;
+  void *scratch;
+  CHECK_OK(plan_buffers(&c, &l, &lists, &scratch));
   prefill_plan_out out;
   for (int shape = 0; shape < 2; shape++) {
     const int batch = shape ? 16 : 4, len = 16384 / batch;
@@ -391,9 +406,9 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
     qo[0] = kv[0] = 0, qo[1] = 200, kv[1] = 2200;
     bv.batch = 1, bv.qo_tokens = 200, bv.kv_entries = 2200;
     prefill_layout l5;
-    CHECK_OK(prefill_layout_compute(&c, &l5));
-    int32_t *lists5 = calloc((size_t)l5.list_words, 4);
-    void *scratch5 = malloc(l5.scratch_bytes);
+    int32_t *lists5;
+    void *scratch5;
+    CHECK_OK(plan_buffers(&c, &l5, &lists5, &scratch5));
     CHECK_OK(prefill_plan_build(&c, &l5, &bv, NULL, NULL, NULL, lists5, scratch5, &out));
     char why[256];
     CHECK_MSG(check_plan(&c, &l5, &bv, NULL, lists5, &out, why, sizeof why), "%s", why);
@@ -402,15 +417,6 @@ TEST(tail_of_equal_items_is_cut_to_one_water_level) {
     free(lists5);
     free(scratch5);
   }
-}
-
-/* A paged batch's view: `batch` requests, qo_indptr in tokens, kv_indptr in pages. */
-static batch_view paged_view(int batch, int page_size, const int32_t *qo, const int32_t *kv, const int32_t *last) {
-  batch_view bv;
-  memset(&bv, 0, sizeof bv);
-  bv.format = KVATTN_FORMAT_PAGED, bv.batch = batch, bv.page_size = page_size, bv.qo_indptr = qo, bv.kv_indptr = kv;
-  bv.last_page_len = last, bv.kv_token_limit = INT64_MAX, bv.qo_tokens = qo[batch], bv.kv_entries = kv[batch];
-  return bv;
 }
 
 /* The chained-prefill GPU test's shape (tests/gpu/test_gpu_prefill.c, chained_prefills_...): causal, page
@@ -433,9 +439,9 @@ TEST(the_chained_prefill_tests_shape_is_cut_and_merged) {
   c.max_batch = 4, c.max_qo_tokens = qo[4], c.max_kv_entries = kv[4];
   const batch_view bv = paged_view(4, 16, qo, kv, last);
   prefill_layout l;
-  CHECK_OK(prefill_layout_compute(&c, &l));
-  int32_t *lists = calloc((size_t)l.list_words, 4);
-  void *scratch = malloc(l.scratch_bytes);
+  int32_t *lists;
+  void *scratch;
+  CHECK_OK(plan_buffers(&c, &l, &lists, &scratch));
   prefill_plan_out out;
   CHECK_OK(prefill_plan_build(&c, &l, &bv, NULL, NULL, NULL, lists, scratch, &out));
   char why[256];
@@ -466,9 +472,9 @@ TEST(plan_time_batch_256_prefill) {
   for (int i = 0; i < 256; i++) qo[i + 1] = qo[i] + 64, kv[i + 1] = kv[i] + 128, last[i] = 16;
   const batch_view bv = paged_view(256, 16, qo, kv, last);
   prefill_layout l;
-  CHECK_OK(prefill_layout_compute(&c, &l));
-  int32_t *lists = calloc((size_t)l.list_words, 4);
-  void *scratch = malloc(l.scratch_bytes);
+  int32_t *lists;
+  void *scratch;
+  CHECK_OK(plan_buffers(&c, &l, &lists, &scratch));
   prefill_plan_out out;
   double best = 1e9;
   for (int rep = 0; rep < 20; rep++) {
