@@ -256,12 +256,8 @@ kvattn_status gpu_plan(kvattn_attention *a, const batch_view *bv, const kvattn_w
     return KVATTN_SUCCESS;
   }
   RETURN_IF(bv->page_size < 1, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_plan: page_size=%d", bv->page_size);
-  /* this attention's own layout (its grid was fixed at creation, even if the tuning environment changed
-   * since) must fit the workspace */
-  RETURN_IF(ws->device_bytes < ga->lay.device_bytes || ws->host_bytes < ga->lay.worklist_bytes,
-            KVATTN_ERROR_WORKSPACE_TOO_SMALL,
-            "kvattn_plan: the workspace has %zu device / %zu host bytes; this attention's decode work lists need "
-            "%zu / %zu", ws->device_bytes, ws->host_bytes, ga->lay.device_bytes, ga->lay.worklist_bytes);
+  /* the workspace holds this layout: kvattn_plan checked it against the size computed with it at
+   * kvattn_attention_create (decode's work lists plus prefill's) */
 
   char *host = ws->host;
   float *freq = (float *)(host + ga->lay.rope_freq);
