@@ -29,3 +29,21 @@ extern "C" __global__ void jit_selftest(const float *x, float *y, float *h, floa
   h[i] = __half2float(__float2half_rn(v));
   b[i] = __bfloat162float(__float2bfloat16_rn(v));
 }
+
+/* Fill the block's dynamic shared memory (`words` 32-bit words) with `pattern`. The GPU tests launch
+ * it over every SM before a kernel under test (tests/gpu/shared_poison.h), so a kernel that reads shared
+ * memory it never wrote meets NaN rather than the finite leftovers of its own earlier launches, which
+ * is what it meets when it has the GPU to itself. volatile: stores that no one reads are not dropped. */
+extern "C" __global__ void jit_fill_shared(unsigned pattern, int words) {
+  extern __shared__ unsigned fill_smem[];
+  volatile unsigned *s = fill_smem;
+  for (int i = threadIdx.x; i < words; i += blockDim.x) s[i] = pattern;
+}
+
+/* out[blockIdx.x * words + i] = word i of the block's dynamic shared memory, never written here: what
+ * the blocks before it on that SM left (the runtime test checks that jit_fill_shared reaches it). */
+extern "C" __global__ void jit_read_shared(unsigned *out, int words) {
+  extern __shared__ unsigned read_smem[];
+  volatile unsigned *s = read_smem;
+  for (int i = threadIdx.x; i < words; i += blockDim.x) out[(long long)blockIdx.x * words + i] = s[i];
+}

@@ -117,12 +117,12 @@
 #ifndef STAGE_NEXT
 #define STAGE_NEXT 0
 #endif
-/* O_STAGE 1 (host knob KVATTN_PREFILL_O_STAGE, off by default for now): a finished item's O goes
+/* O_STAGE 1 (host knob KVATTN_PREFILL_O_STAGE, on by default): a finished item's O goes
  * through the warp's own rows of the Q tile into whole 16-byte row chunks (half the L2 write requests
  * of the fragments' 4-byte stores, every sector whole); tiles of 64 and 128 rows (the 16-row tile's
  * end-of-item merge uses that memory). */
 #ifndef O_STAGE
-#define O_STAGE 0
+#define O_STAGE 1
 #endif
 #if WKV > 1
 #undef STAGE_NEXT

@@ -8,13 +8,14 @@
  *
  * Inputs are built on the host (tests/util.h), the reference runs on the host copies, the GPU on
  * device copies of the very same bytes (gaps and poison included). Outputs are poisoned with NaN
- * before each run. Skipped, with the reason, when there is no usable GPU.
+ * before each run, and so is every SM's shared memory (tests/gpu/shared_poison.h). Skipped, with the reason, when there is no usable GPU.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <time.h>
 
 #include "gpu_internal.h"
+#include "shared_poison.h"
 #include "test.h"
 #include "util.h"
 
@@ -133,6 +134,7 @@ static kvattn_status gpu_compare(const kvattn_attention_desc *desc, test_batch *
   if (!s) s = kvattn_workspace_size(g_gpu, desc, &bounds, &dev, &host);
   if (!s) s = kvattn_workspace_alloc(g_gpu, dev, host, &ws);
   if (!s) s = kvattn_plan(attn, &tb->batch, &ws, NULL);
+  if (!s) poison_shared_memory(g_gpu, SHARED_NAN, NULL); /* a read of shared memory not written here: NaN out */
   if (!s)
     s = kvattn_run(attn, &db.q.t, &db.kv, tb->spec.custom_mask ? &db.mask.t : NULL, &db.out.t, lse ? &db.lse.t : NULL,
                    NULL);
@@ -416,25 +418,24 @@ TEST(tiny_grid_many_items_per_cta_two_kv_tiles) {
                      (variant){1, 70, 0, 1, 0, 0.f}, 98, 0);
   all_ok &= run_case("grid 5, staged: empty kv mix", PAGED, NHD, 0, 1, 12, 40, 3, 8, 2, 128, TDT_BF16, V_CAUSAL, 99, 1);
   unsetenv("KVATTN_PREFILL_STAGE");
-  /* the staged epilogue (KVATTN_PREFILL_O_STAGE=1, off by default until its spill-free form has run on
-   * a GPU): O through the warp's Q rows into 16-byte stores (strided views too: kvattn_run requires
-   * 16-byte strides in every dimension longer than 1, and a single token's token stride may be odd),
-   * the fragments' stores for items without KV tiles and with split KV */
-  setenv("KVATTN_PREFILL_O_STAGE", "1", 1);
-  all_ok &= run_case("grid 5, O staged: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL,
+  /* the fragments' epilogue (KVATTN_PREFILL_O_STAGE=0; the default stages O through the warp's Q rows
+   * into 16-byte stores): the 4-byte stores straight from the MMA fragments, strided views and a
+   * single token with an odd token stride included */
+  setenv("KVATTN_PREFILL_O_STAGE", "0", 1);
+  all_ok &= run_case("grid 5, O fragments: paged causal", PAGED, NHD, 0, 16, 9, 120, 300, 8, 2, 128, TDT_BF16, V_CAUSAL,
                      109, 1);
-  all_ok &= run_case("grid 5, O staged: ragged full, empty kv mix", RAGGED, NHD, 0, 1, 12, 60, 70, 8, 2, 128, TDT_BF16,
+  all_ok &= run_case("grid 5, O fragments: ragged full, empty kv mix", RAGGED, NHD, 0, 1, 12, 60, 70, 8, 2, 128, TDT_BF16,
                      V_PLAIN, 110, 0);
-  all_ok &= run_case("grid 5, O staged: ragged rope window d64", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16,
+  all_ok &= run_case("grid 5, O fragments: ragged rope window d64", RAGGED, NHD, 0, 1, 9, 100, 200, 8, 2, 64, TDT_F16,
                      (variant){1, 70, 0, 1, 0, 0.f}, 111, 0);
-  all_ok &= run_case("grid 5, O staged: paged1 causal g8 d256", PAGED, NHD, 0, 1, 5, 60, 260, 8, 1, 256, TDT_BF16,
+  all_ok &= run_case("grid 5, O fragments: paged1 causal g8 d256", PAGED, NHD, 0, 1, 5, 60, 260, 8, 1, 256, TDT_BF16,
                      V_CAUSAL, 112, 1);
   g_strided_q = 1;
-  all_ok &= run_case("grid 5, O staged: strided q/out ragged full", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16,
+  all_ok &= run_case("grid 5, O fragments: strided q/out ragged full", RAGGED, NHD, 0, 1, 9, 130, 330, 8, 2, 128, TDT_BF16,
                      V_PLAIN, 113, 0);
   g_strided_q = 0;
   g_odd_out = 1;
-  all_ok &= run_case("grid 5, O staged: 1 token, odd token stride", RAGGED, NHD, 0, 1, 1, 1, 330, 8, 2,
+  all_ok &= run_case("grid 5, O fragments: 1 token, odd token stride", RAGGED, NHD, 0, 1, 1, 1, 330, 8, 2,
                      128, TDT_BF16, V_CAUSAL, 114, 0);
   g_odd_out = 0;
   unsetenv("KVATTN_PREFILL_O_STAGE");

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "gpu_internal.h"
+#include "shared_poison.h"
 #include "test.h"
 
 /* A context on device `id` with its own cache dir, or a skip reason in `why`. */
@@ -190,6 +191,41 @@ TEST(large_shared_memory_is_opted_in_and_limits_are_checked) {
   CHECK(g->api->cuFuncGetAttribute(&max_dynamic, 8, fn) == 0 && max_dynamic == 64 * 1024);
   CHECK_STATUS(gpu_get_kernel(g, "jit_selftest.cu", "", "jit_selftest", g->max_smem_per_block_optin + 1, &fn),
                KVATTN_ERROR_UNSUPPORTED);
+  gpu_context_release(&ctx);
+}
+
+/* The GPU suites fill every SM's shared memory with NaN before a kernel under test
+ * (tests/gpu/shared_poison.h): that only finds reads of unwritten shared memory if the fill reaches
+ * the next kernel's blocks. A kernel that reads its shared memory without writing it must see the
+ * pattern in every word, on every SM, for two patterns. */
+TEST(shared_memory_poison_reaches_the_next_kernel) {
+  kvattn_context ctx;
+  NEED_GPU(&ctx, NULL);
+  struct gpu_context *g = ctx.gpu;
+  const int bytes = g->max_smem_per_block_optin, words = bytes / 4, blocks = g->sm_count;
+  CUfunction rd = NULL;
+  CHECK_OK(gpu_get_kernel(g, "jit_selftest.cu", "", "jit_read_shared", bytes, &rd));
+  const size_t out_bytes = (size_t)blocks * words * 4;
+  kvattn_workspace ws;
+  CHECK_OK(gpu_alloc(&ctx, out_bytes, out_bytes, &ws));
+  const unsigned patterns[2] = {0xA5A5A5A5u, 0x3C3C0FF0u};
+  for (int p = 0; p < 2; p++) {
+    poison_shared_memory(&ctx, patterns[p], NULL);
+    CUdeviceptr out = (CUdeviceptr)(uintptr_t)ws.device;
+    int w = words;
+    void *args[] = {&out, &w};
+    /* one block per SM (each takes the most shared memory a block may have) */
+    CHECK_OK(gpu_launch(g, rd, blocks, 1024, bytes, NULL, args, 0));
+    CHECK(g->api->cuMemcpyDtoHAsync(ws.host, out, out_bytes, NULL) == 0);
+    CHECK(g->api->cuStreamSynchronize(NULL) == 0);
+    const unsigned *h = ws.host;
+    size_t other = 0;
+    for (size_t i = 0; i < (size_t)blocks * words; i++) other += h[i] != patterns[p];
+    fprintf(stderr, "  pattern 0x%08x: %zu of %zu words of %d blocks x %d KiB differ\n", patterns[p], other,
+            (size_t)blocks * words, blocks, bytes / 1024);
+    CHECK(other == 0);
+  }
+  CHECK_OK(gpu_free(&ctx, &ws));
   gpu_context_release(&ctx);
 }
 
