@@ -5,6 +5,7 @@
 # alone with the configurations in DECODE_SWEEP (bench/decode.py --sweep letters), and the prefill A/B
 # (bench/prefill_ab.py: the default, each of PREFILL_CONFIGS, FlashInfer fa2, alternating, 2 rounds).
 # Needs .whl (FlashInfer's wheels) carried for the prefill peer column.
+# CHAIN_STRESS=N: the chained-decode test N times beside the prefill suite (another process).
 #   OUT=... DECODE_SWEEP="c1s4" PREFILL_CONFIGS="KVATTN_PREFILL_BALANCE=0 ..." PREFILL_AB_ARGS="--calls 8 --host" \
 #     SAN_ENVS="KVATTN_PREFILL_STAGE=1" bash scripts/gpu-ab.sh
 # Returns console.log, decode.json, prefill_ab.log and logs.tgz under $OUT.
@@ -69,6 +70,16 @@ done
 san_ok=1; for x in "${pids[@]}"; do wait $x || san_ok=0; done
 echo "compute-sanitizer: $([ $san_ok = 1 ] && echo ok || echo FAIL)"
 
+if [ -n "${CHAIN_STRESS:-}" ]; then
+  # the chained-decode test failed twice only beside other GPU processes: run it CHAIN_STRESS times while
+  # the prefill suite runs in another process
+  phase "chained decodes beside the prefill suite, $CHAIN_STRESS times"
+  ( for i in 1 2 3; do timeout 120 "$PRE" >/dev/null 2>&1; done ) & bg=$!
+  nf=0; for i in $(seq "$CHAIN_STRESS"); do "$DEC" chained >"$L/chained_$i.log" 2>&1 || nf=$((nf+1)); done
+  kill $bg 2>/dev/null; wait $bg 2>/dev/null
+  echo "chained decodes beside the prefill suite: $nf of $CHAIN_STRESS failed"
+  [ $nf = 0 ] || grep -h "CHECK\|diagnosis\|step 0" "$L"/chained_*.log | sort | uniq -c | head
+fi
 if [ -n "${DECODE_SWEEP:-}" ]; then
   phase "decode benchmark (kvattn alone, sweep $DECODE_SWEEP)"
   timeout ${DECODE_BENCH:-150} python3 bench/decode.py --no-flashinfer --no-triton --sweep "$DECODE_SWEEP" \
