@@ -47,3 +47,13 @@ extern "C" __global__ void jit_read_shared(unsigned *out, int words) {
   volatile unsigned *s = read_smem;
   for (int i = threadIdx.x; i < words; i += blockDim.x) out[(long long)blockIdx.x * words + i] = s[i];
 }
+
+/* Keep the GPU busy for `ns` nanoseconds (one thread is enough): the tests queue work behind it to
+ * show what an API call does or does not wait for. */
+extern "C" __global__ void jit_spin(unsigned long long ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (t - t0 < ns);
+}

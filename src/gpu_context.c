@@ -277,8 +277,12 @@ kvattn_status gpu_alloc(kvattn_context *ctx, size_t device_bytes, size_t host_by
       snprintf(prefix, sizeof prefix, "kvattn_workspace_alloc: %zu bytes of device memory: ", device_bytes);
       return with_prefix(cuda_error(api, r, "cuMemAlloc"), prefix);
     }
-    /* Synchronous on purpose: a fresh workspace is zero before any stream can read it. */
-    if ((r = api->cuMemsetD8(d, 0, device_bytes)) != 0) {
+    /* A fresh workspace is zero before any stream can touch it. cuMemsetD8 on device memory returns
+     * before the fill is done: it is queued on the legacy stream, which a non-blocking stream (the
+     * usual serving stream) does not wait for, so a plan's copy there could land first and then be
+     * zeroed. Wait for it here (the chained-decode test lost its first launch's work lists that way
+     * when the GPU was busy). */
+    if ((r = api->cuMemsetD8(d, 0, device_bytes)) != 0 || (r = api->cuStreamSynchronize(NULL)) != 0) {
       api->cuMemFree(d);
       return cuda_error(api, r, "cuMemsetD8 (zeroing the workspace)");
     }

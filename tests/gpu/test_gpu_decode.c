@@ -1052,6 +1052,59 @@ static kvattn_status simple_run_on(simple *S, kvattn_attention *a, CUdptr q_buf,
   return kvattn_run(a, &q, &kv, NULL, &o, NULL, stream);
 }
 
+/* kvattn_workspace_alloc zeroes the device part; the zeros must land before anything a caller then
+ * queues on its own stream. With the legacy stream busy (a 200 ms kernel queued first, so the zero
+ * fill waits behind it), a workspace allocated, planned and run on a non-blocking stream must run
+ * again, after the device went idle, with the same bits: a fill that landed after the plan's copy
+ * would have erased the work lists, and the second run would leave its output unwritten. */
+TEST(a_fresh_workspace_is_zero_before_a_plan_on_another_stream_writes_it) {
+  NEED_GPU();
+  simple S;
+  simple_make(&S, 3, 3000, 3 * 188 + 2, 1);
+  const size_t on = (size_t)S.B * S.kvh * S.group * S.hd * 2;
+  kvattn_attention *a;
+  CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a));
+  size_t db, hb;
+  CHECK_OK(kvattn_workspace_size(gpu_ctx, &S.desc, &S.bounds, &db, &hb));
+  void *stream = NULL;
+  CHECK(cu.cuStreamCreate(&stream, 1 /* non-blocking */) == 0);
+  struct gpu_context *g = gpu_ctx->gpu;
+  CUfunction spin = NULL;
+  CHECK_OK(gpu_get_kernel(g, "jit_selftest.cu", "", "jit_spin", 0, &spin));
+  unsigned long long ns = 200000000ull;
+  void *args[] = {&ns};
+  CHECK(cu.cuCtxSynchronize() == 0);
+  CHECK_OK(gpu_launch(g, spin, 1, 32, 0, NULL, args, 0)); /* the legacy stream: busy for 200 ms */
+  kvattn_workspace ws;
+  CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws));
+  CHECK_OK(kvattn_plan(a, &S.batch, &ws, stream));
+  cu.cuMemsetD8(S.dout, 0xFF, on);
+  CHECK(cu.cuCtxSynchronize() == 0);
+  uint8_t *first = malloc(on), *again = malloc(on);
+  CHECK_OK(simple_run_on(&S, a, S.dq, S.dout, stream));
+  CHECK(cu.cuStreamSynchronize(stream) == 0);
+  download(first, S.dout, on);
+  CHECK(cu.cuCtxSynchronize() == 0);
+  cu.cuMemsetD8(S.dout, 0xFF, on);
+  CHECK(cu.cuCtxSynchronize() == 0);
+  CHECK_OK(simple_run_on(&S, a, S.dq, S.dout, stream));
+  CHECK(cu.cuStreamSynchronize(stream) == 0);
+  download(again, S.dout, on);
+  size_t nan_first = 0, nan_again = 0;
+  for (size_t e = 0; e < on / 2; e++) {
+    nan_first += !isfinite(bf16_to_float(((const uint16_t *)first)[e]));
+    nan_again += !isfinite(bf16_to_float(((const uint16_t *)again)[e]));
+  }
+  CHECK_MSG(nan_first == 0 && nan_again == 0 && memcmp(first, again, on) == 0,
+            "non-finite outputs: %zu in the first run, %zu in the second", nan_first, nan_again);
+  free(first);
+  free(again);
+  cu.cuStreamDestroy(stream);
+  kvattn_workspace_free(gpu_ctx, &ws);
+  kvattn_attention_destroy(a);
+  simple_free(&S);
+}
+
 /* Programmatic dependent launch (KVATTN_DECODE_PDL, default on sm_90+) lets a decode start while the
  * kernel before it finishes; it must still see everything that kernel wrote. A chain of decodes in
  * which each one's query is the previous one's output (and whose split pieces reuse the workspace's
