@@ -119,26 +119,6 @@
 #endif
 #define ID_SLOTS (2 * STAGES)        /* id ring: a slot is rewritten only after every thread read it */
 #define ID_SLOT TILE                 /* ids one tile spans: TILE for page_size 1, <= TILE/2 + 1 above */
-/* DECODE_WARP_ROWS=1 (tensor-core path with PIPE_IDS): each warp copies the 16 K/V rows it consumes
- * (and their page ids, into its own quarter of an id slot), so a tile needs no barrier across the CTA:
- * a warp waits for its own copies and syncs only itself, and the warps drift apart within an item
- * instead of meeting twice per tile. Barriers stay where data crosses warps: the query slot (an item's
- * first tile) and the reduction (its last). 0: rows spread over the CTA as the CUDA-core path does. */
-#ifndef DECODE_WARP_ROWS
-#define DECODE_WARP_ROWS 0
-#endif
-#if DECODE_WARP_ROWS && !PIPE_IDS
-#error "DECODE_WARP_ROWS takes the tensor-core path's staged ids (DECODE_TC, DECODE_PIPE)"
-#endif
-/* The loader's rows: thread tid copies chunk tx of rows LD_ROW0 + LD_STEP * j, j < TPG. */
-#if DECODE_WARP_ROWS
-#define LD_STEP (32 / TX)                                       /* rows per warp pass */
-#define LD_ROW0(tid) (((tid) / 32) * 16 + ((tid) % 32) / TX)    /* warp w: rows 16w .. 16w + 15 */
-#define IDW (ID_SLOT / NUM_WARPS)                               /* a warp's ids: <= 16 for 16 rows */
-#else
-#define LD_STEP TG
-#define LD_ROW0(tid) ((tid) / TX)
-#endif
 /* split pieces whose partial states the merging CTA loads at once (registers: 5 per piece); the
  * tensor-core path has the registers for 16 (b1 x 4096 cuts each head into 32 pieces: 2 round trips) */
 #ifndef MERGE_BATCH
@@ -187,7 +167,7 @@ struct decode_params {
   /* the narrow loader (PIPE_IDS): narrow = 1 when the host found K's and V's page and token strides,
    * in bytes, >= 0 and < 2^31 (and page_size * token stride < 2^31) and there are page ids: a row's
    * byte offset is then one 32 x 32 -> 64-bit multiply-add. tg_pages, tg_slots: TG / page_size and TG % page_size, the step
-   * from one of a thread's rows to its next (LD_STEP tokens on: TG, or 32 / TX with DECODE_WARP_ROWS). */
+   * from one of a thread's rows to its next (TG tokens on). */
   int narrow;
   int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int tg_pages, tg_slots;
@@ -351,38 +331,19 @@ static __device__ __forceinline__ int page_of(const struct decode_params &p, int
  * tiles before it, so no copy ever waits on a dependent id load. */
 static __device__ __forceinline__ void issue_ids(const struct decode_params &p, const struct tile_iter *ti, int *slot) {
   if (!p.indices) return; /* identity: the loader computes the entry */
-#if DECODE_WARP_ROWS
-  /* the ids of this warp's 16 rows, into its part of the slot */
-  const int start = ti->tok + 16 * (int)(threadIdx.x / 32), i = threadIdx.x % 32;
-  const int end = min(start + 16, ti->it.tok_end);
-  const int first = page_of(p, start);
-  const int n = end > start ? page_of(p, end - 1) - first + 1 : 0; /* <= IDW */
-  if (i < n) cp_async4(slot + (threadIdx.x / 32) * IDW + i, p.indices + ((i64)ti->it.page_base + first + i) * p.indices_stride);
-#else
   const int end = min(ti->tok + TILE, ti->it.tok_end);
   const int first = page_of(p, ti->tok);
   const int n = end > ti->tok ? page_of(p, end - 1) - first + 1 : 0; /* <= ID_SLOT */
   const int i = threadIdx.x;
   if (i < n) cp_async4(slot + i, p.indices + ((i64)ti->it.page_base + first + i) * p.indices_stride);
-#endif
 }
-
-#if DECODE_WARP_ROWS
-/* The ids of this thread's rows in a tile's id slot (its warp's part), and the item-relative page of
- * the first of them. */
-static __device__ __forceinline__ const int *ids_of_rows(const struct decode_params &p, const struct tile_iter *ti,
-                                                         const int *slot, int *first) {
-  *first = page_of(p, ti->tok + 16 * (int)(threadIdx.x / 32));
-  return slot + (threadIdx.x / 32) * IDW;
-}
-#endif
 
 /* issue_tile with the tile's page ids read from its id slot (shared memory, landed and made visible
  * by the barrier that follows the wait for an earlier tile). Each row's byte offset is computed once
  * and serves K and V when their strides agree. */
 static __device__ __forceinline__ void issue_tile_ids(const struct decode_params &p, const struct tile_iter *ti,
                                                       const int *slot, u16 *ring, int stage) {
-  const int tid = threadIdx.x, tx = tid % TX, row0 = LD_ROW0(tid);
+  const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
   u16 *sk = ring + stage * (STAGE_ELEMS + QSLOT_ELEMS);
   u16 *sv = sk + TILE * ROW_ELEMS;
   u16 *sq = sv + TILE * ROW_ELEMS;
@@ -390,15 +351,10 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
   const char *kb = (const char *)(p.k + (i64)kv_head * p.k_stride_head + tx * VEC);
   const char *vb = (const char *)(p.v + (i64)kv_head * p.v_stride_head + tx * VEC);
   const i64 ksp = 2 * p.k_stride_page, kst = 2 * p.k_stride_tok, vsp = 2 * p.v_stride_page, vst = 2 * p.v_stride_tok;
-#if DECODE_WARP_ROWS
-  int first;
-  slot = ids_of_rows(p, ti, slot, &first);
-#else
   const int first = page_of(p, ti->tok);
-#endif
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
-    const int t = row0 + LD_STEP * j;
+    const int t = tg + TG * j;
     const int pos = ti->tok + t;
     const int valid = pos < ti->it.tok_end;
     int off;
@@ -417,8 +373,7 @@ static __device__ __forceinline__ void issue_tile_ids(const struct decode_params
 }
 
 /* issue_tile_ids with fewer instructions per 16-byte copy (p.narrow): (page, slot) of a thread's first
- * row from one split, then stepped by (tg_pages, tg_slots) = LD_STEP / page_size, LD_STEP % page_size
- * per row instead of a shift or a division
+ * row from one split, then stepped by (tg_pages, tg_slots) per row instead of a shift or a division
  * per row; each row's K and V byte offsets are one 32 x 32 -> 64-bit multiply-add each, on 32-bit
  * strides, instead of 64 x 64-bit products for both and a select. */
 /* A 16-byte copy whose zero fill is a predicate (PTX ignore-src) rather than a source size: the
@@ -432,31 +387,25 @@ static __device__ __forceinline__ void decode_cp16_zfill(u32 smem_dst, const voi
 
 static __device__ __forceinline__ void issue_tile_narrow(const struct decode_params &p, const struct tile_iter *ti,
                                                          const int *slot, u16 *ring, int stage) {
-  const int tid = threadIdx.x, tx = tid % TX;
-  const int row0 = LD_ROW0(tid);
-  const u32 sk = smem_addr(ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + row0 * ROW_ELEMS + tx * VEC);
+  const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+  const u32 sk = smem_addr(ring + stage * (STAGE_ELEMS + QSLOT_ELEMS) + tg * ROW_ELEMS + tx * VEC);
   const u32 sv = sk + TILE * ROW_ELEMS * 2;
   const int kv_head = ti->it.unit_head / HEAD_BLOCKS;
   const char *kb = (const char *)(p.k + (i64)kv_head * p.k_stride_head + tx * VEC);
   const char *vb = (const char *)(p.v + (i64)kv_head * p.v_stride_head + tx * VEC);
-  const int left = ti->it.tok_end - ti->tok - row0; /* row j is valid while LD_STEP * j < left */
+  const int left = ti->it.tok_end - ti->tok - tg; /* row j is valid while TG * j < left */
   int off;
-  int page_idx = split_pos(p, ti->tok + row0, &off);
-#if DECODE_WARP_ROWS
-  int first; /* p.narrow implies p.indices */
-  slot = ids_of_rows(p, ti, slot, &first);
-#else
+  int page_idx = split_pos(p, ti->tok + tg, &off);
   const int first = page_of(p, ti->tok); /* p.narrow implies p.indices */
-#endif
 #pragma unroll
   for (int j = 0; j < TPG; j++) {
-    const int valid = LD_STEP * j < left;
+    const int valid = TG * j < left;
     /* a row past the range's end copies 0 bytes: its address (page 0) is never read */
     const unsigned page = valid ? (unsigned)slot[page_idx - first] : 0u;
     const char *ksrc = kb + ((unsigned long long)page * (unsigned)p.k_page_bytes + (unsigned)(off * p.k_tok_bytes));
     const char *vsrc = vb + ((unsigned long long)page * (unsigned)p.v_page_bytes + (unsigned)(off * p.v_tok_bytes));
-    decode_cp16_zfill(sk + LD_STEP * j * ROW_ELEMS * 2, ksrc, valid);
-    decode_cp16_zfill(sv + LD_STEP * j * ROW_ELEMS * 2, vsrc, valid);
+    decode_cp16_zfill(sk + TG * j * ROW_ELEMS * 2, ksrc, valid);
+    decode_cp16_zfill(sv + TG * j * ROW_ELEMS * 2, vsrc, valid);
     off += p.tg_slots;
     page_idx += p.tg_pages;
     if (off >= p.page_size) {
@@ -612,16 +561,8 @@ decode_paged_kernel(const struct decode_params p) {
 
 #if DECODE_TC
     /* K/V tiles are read across warps: every thread's copies must have landed, and everyone must be
-     * done with the stage that the refill below overwrites. DECODE_WARP_ROWS: a warp reads only what
-     * it copied, but the query slot (read on an item's first tile) was filled by the whole CTA. */
-#if DECODE_WARP_ROWS
-    if (cs.first)
-      __syncthreads();
-    else
-      __syncwarp();
-#else
+     * done with the stage that the refill below overwrites */
     __syncthreads();
-#endif
     if (cs.first) {
 #pragma unroll
       for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + (lane % 16) * ROW_ELEMS + ks * 16 + (lane / 16) * 8);
@@ -976,17 +917,7 @@ decode_paged_kernel(const struct decode_params p) {
     }
 #if PIPE_IDS
     else {
-      /* every warp is done with this stage: refill it (DECODE_WARP_ROWS: this warp is done with its
-       * rows; on an item's first tile every warp must also have read the query slot the refill may
-       * overwrite) */
-#if DECODE_WARP_ROWS
-      if (cs.first)
-        __syncthreads();
-      else
-        __syncwarp();
-#else
-      __syncthreads();
-#endif
+      __syncthreads(); /* every warp is done with this stage: refill it */
       refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, stage);
     }
 #endif

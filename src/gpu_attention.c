@@ -60,7 +60,6 @@ struct gpu_attention {
   int tensor_core;  /* 1: the mma.sync kernel (DECODE_TC) */
   int pdl;          /* 1: ask gpu_launch for programmatic stream serialization (see decode_pdl) */
   int narrow;       /* 1: the narrow loader where the strides allow it (see decode_narrow) */
-  int warp_rows;    /* 1: each warp copies the rows it consumes (tensor-core path; see decode_warp_rows) */
   int stages;
   char defines[512];
   int smem_bytes;
@@ -108,9 +107,6 @@ static int decode_pdl(void) { return env_int("KVATTN_DECODE_PDL", 1, 0, 1); }
 /* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
  * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
 static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
-/* The tensor-core path's loader by warp (kernels/decode_paged.cu DECODE_WARP_ROWS): a warp copies its
- * own 16 rows and their ids, and a tile takes no CTA barrier. */
-static int decode_warp_rows(int tc) { return tc && decode_pipe(tc) ? env_int("KVATTN_DECODE_WARP_ROWS", 0, 0, 1) : 0; }
 
 static int dtype_code(DLDataType t) {
   if (dtype_eq(t, DT_F16)) return 1;
@@ -171,11 +167,10 @@ static void decode_defines(const decode_config *c, const kvattn_attention_desc *
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d -DDECODE_WARP_ROWS=%d",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(),
-           decode_warp_rows(decode_use_tc(d)));
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch());
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
@@ -205,7 +200,6 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   ga->tensor_core = decode_use_tc(&a->desc);
   ga->pdl = decode_pdl();
   ga->narrow = decode_narrow();
-  ga->warp_rows = decode_warp_rows(ga->tensor_core);
   decode_config_for(&ga->cfg, &a->desc, &a->bounds, decode_grid(g));
   decode_layout_init(&ga->lay, &ga->cfg);
   /* scheduler knobs (benchmark sweeps); the layout's bounds do not depend on them */
@@ -347,8 +341,7 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
     for (int i = 0; i < 4; i++) fits = fits && s4[i] >= 0 && s4[i] * 2 < ((int64_t)1 << 31);
     fits = fits && (int64_t)ga->page_size * 2 * (s4[1] > s4[3] ? s4[1] : s4[3]) < ((int64_t)1 << 31);
     if (fits) {
-      /* the kernel's LD_STEP: token rows between a thread's rows (TG, or a warp's 32 / TX) */
-      const int tg = ga->warp_rows ? 32 / (ga->cfg.head_dim / 8) : DECODE_THREADS / (ga->cfg.head_dim / 8);
+      const int tg = DECODE_THREADS / (ga->cfg.head_dim / 8); /* the kernel's TG: token rows per tile pass */
       p.narrow = 1;
       p.k_page_bytes = (int32_t)(s4[0] * 2);
       p.k_tok_bytes = (int32_t)(s4[1] * 2);

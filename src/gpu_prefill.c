@@ -74,7 +74,7 @@ static int warps128_for(int head_dim) {
 static int fold_scale_on(void) { return env_int("KVATTN_PREFILL_FOLD", 1, 0, 1); }
 static int stage_next_on(void) { return env_int("KVATTN_PREFILL_STAGE", 0, 0, 1); }
 /* An item's O staged through shared memory into 16-byte stores (KVATTN_PREFILL_O_STAGE, on; 0: the
- * MMA fragments' 4-byte stores). H200 A/Bs, docs/perf.md 2026-12-03/04: +0.4 to +3% on 10 of 11 rows,
+ * MMA fragments' 4-byte stores). H200 A/Bs, docs/perf.md 2026-12-03: +0.4 to +3% on 10 of 11 rows,
  * then +5% on 16x1024 causal and paged, -1.3% to +0.5% on the others. */
 static int o_stage_on(void) { return env_int("KVATTN_PREFILL_O_STAGE", 1, 0, 1); }
 static int threads_for(int kind, int head_dim) {

@@ -689,33 +689,6 @@ TEST(decode_options_and_split_modes) {
   }
 }
 
-/* KVATTN_DECODE_WARP_ROWS=1: the tensor-core loader by warp (each warp copies its own 16 rows and
- * their page ids; no CTA barrier per tile). Random tensor-core cases over page sizes (1, odd, powers
- * of two up to 256), groups, head dims, both layouts, contiguous and strided caches (the narrow and
- * the 64-bit loader), lengths that end anywhere in a tile, split and whole units. */
-TEST(decode_with_each_warp_loading_its_own_rows_matches_the_reference) {
-  NEED_GPU();
-  setenv("KVATTN_DECODE_WARP_ROWS", "1", 1);
-  const int page_sizes[6] = {1, 3, 5, 16, 64, 256}, groups[4] = {1, 4, 8, 16}, dims[2] = {64, 128};
-  int n = 0, bad = 0;
-  for (int pi = 0; pi < 6; pi++)
-    for (int gi = 0; gi < 4; gi++) {
-      int64_t len[64];
-      dcase c;
-      random_case(&c, len, "warp rows", 24, page_sizes[pi], groups[gi], dims[(pi + gi) % 2], 0);
-      c.kernel = KVATTN_KERNEL_TENSOR_CORE;
-      random_lengths(len, c.batch, rnd() % 2 ? 1500 : 6000, 30000);
-      double rel = 0, lse = 0;
-      int b = run_case(&c, &rel, &lse);
-      print_case(&c, rel, lse);
-      bad += b != 0;
-      n++;
-    }
-  unsetenv("KVATTN_DECODE_WARP_ROWS");
-  printf("warp-rows decode cases: %d of %d passed\n", n - bad, n);
-  CHECK(bad == 0);
-}
-
 /* Small cases that still take every path (split pieces and their merge, empty requests, each
  * option): the subset the sanitizer pass runs (compute-sanitizer slows kernels by 10-100x). */
 TEST(decode_small_cases_for_the_sanitizers) {
@@ -1140,8 +1113,7 @@ TEST(a_fresh_workspace_is_zero_before_a_plan_on_another_stream_writes_it) {
  * partial states and counters launch after launch), launched back to back on one stream with no
  * synchronization, eagerly and as one captured graph, must give the bits of the same chain run one
  * launch at a time with the device idle in between; so must the plain launch (PDL off) and the 64-bit
- * loader (KVATTN_DECODE_NARROW=0) and the loader by warp (KVATTN_DECODE_WARP_ROWS=1). Every step is
- * checked against the float64 reference too. */
+ * loader (KVATTN_DECODE_NARROW=0). Every step is checked against the float64 reference too. */
 TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   NEED_GPU();
   enum { STEPS = 8 };
@@ -1154,10 +1126,9 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
   void *stream = NULL;
   CHECK(cu.cuStreamCreate(&stream, 1 /* non-blocking */) == 0);
   /* attentions: [0] the defaults (PDL where the device has it, the narrow loader), [1] PDL off,
-   * [2] the 64-bit loader, [3] the loader by warp (same arithmetic on the same rows: the same bits) */
-  enum { NATT = 4 };
-  const char *envs[NATT][2] = {
-      {NULL, NULL}, {"KVATTN_DECODE_PDL", "0"}, {"KVATTN_DECODE_NARROW", "0"}, {"KVATTN_DECODE_WARP_ROWS", "1"}};
+   * [2] the 64-bit loader */
+  enum { NATT = 3 };
+  const char *envs[NATT][2] = {{NULL, NULL}, {"KVATTN_DECODE_PDL", "0"}, {"KVATTN_DECODE_NARROW", "0"}};
   kvattn_attention *a[NATT];
   kvattn_workspace ws[NATT];
   for (int i = 0; i < NATT; i++) {
@@ -1318,8 +1289,7 @@ TEST(chained_decodes_launched_back_to_back_see_the_previous_decodes_output) {
     cu.cuGraphExecDestroy(exec);
     cu.cuGraphDestroy(graph);
   }
-  printf("chained decodes: back to back (PDL, no PDL, 64-bit loader, loader by warp) and as a graph, bitwise equal "
-         "to one at a time\n");
+  printf("chained decodes: back to back (PDL, no PDL, 64-bit loader) and as a graph, bitwise equal to one at a time\n");
 #undef POISON
 #undef CHAIN
 #undef COLLECT
