@@ -120,8 +120,12 @@ if [ "${R[build]}" = ok ]; then
   else
     tail -5 "$L/plan_b256.log" "$L/plan_b256_indices.log"; result plan_b256 FAIL
   fi
-  # the chained-decode bitwise test once failed (2026-12-03 night, attention without PDL, step 0):
-  # run it alone CHAIN_REPS times to measure how often
+  # where kvattn_plan's time goes on this host, now idle: the planner alone, then the whole call with the
+  # batch's validation and the copy's enqueue broken out
+  ./build-gpu/test_plan_decode plan_for_batch_256 2>&1 | grep "plan_decode,"
+  "$DEC" plan_for_batch_256 2>&1 | grep -E "kvattn_plan|of which"
+  # the chained-decode test failed beside the sanitizers until kvattn_workspace_alloc waited for its zero
+  # fill (2026-12-03): run it alone CHAIN_REPS times too
   nf=0; for i in $(seq ${CHAIN_REPS:-10}); do "$DEC" chained >"$L/chained_$i.log" 2>&1 || nf=$((nf+1)); done
   result chained_decode_repeats "$([ $nf = 0 ] && echo ok || echo "FAIL ($nf of ${CHAIN_REPS:-10})") "
   [ $nf = 0 ] || grep -h CHECK "$L"/chained_*.log | sort | uniq -c | head -5
