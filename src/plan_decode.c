@@ -100,8 +100,12 @@ static void row_range(const decode_config *c, int64_t kv_len, int64_t qo_len, in
   *q_pos = qp;
 }
 
-/* What a piece of n tokens costs on the line: its tokens, or (tile mode) the tokens of its whole tiles. */
-static inline int64_t tok_cost(int64_t tile, int64_t n) { return tile > 1 ? (n + tile - 1) / tile * tile : n; }
+/* What a piece of n tokens costs on the line: its tokens, or (tile mode) the tokens of its whole tiles.
+ * The kernels' tiles are powers of two: a mask, not a 64-bit division (a third of plan time in tile mode). */
+static inline int64_t tok_cost(int64_t tile, int64_t n) {
+  if (tile <= 1) return n;
+  return (tile & (tile - 1)) == 0 ? (n + tile - 1) & -tile : (n + tile - 1) / tile * tile;
+}
 
 typedef struct walker {
   const decode_config *c;
@@ -304,7 +308,7 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
               take = avail; /* cut at the stretch boundary, leaving no sliver behind */
               if (rem - take < cut_min) take = rem - cut_min;
               /* tile mode: whole tiles (the kernel runs a piece from its start in tiles) */
-              if (w.tile && take >= w.tile) take = take / w.tile * w.tile;
+              if (w.tile && take >= w.tile) take = (w.tile & (w.tile - 1)) == 0 ? take & -w.tile : take / w.tile * w.tile;
             }
             if (pos == lo && take == rem && try_extend(&w, row, h, lo, hi)) {
               pos = hi;
