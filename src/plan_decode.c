@@ -100,16 +100,15 @@ static void row_range(const decode_config *c, int64_t kv_len, int64_t qo_len, in
   *q_pos = qp;
 }
 
-/* What a piece of n tokens costs on the line: its tokens, or (tile mode) the tokens of its whole tiles.
- * The kernels' tiles are powers of two: a mask, not a 64-bit division (a third of plan time in tile mode). */
-static inline int64_t tok_cost(int64_t tile, int64_t n) {
-  if (tile <= 1) return n;
-  return (tile & (tile - 1)) == 0 ? (n + tile - 1) & -tile : (n + tile - 1) / tile * tile;
-}
+/* What a piece of n tokens costs on the line: its tokens, or (tile mode) the tokens of its whole tiles:
+ * round = tile - 1 for tiles of a power of two (the kernels' are), 0 in token mode. A mask, not a 64-bit
+ * division: that was a sixth of plan time in tile mode. */
+static inline int64_t tok_cost(int64_t round, int64_t n) { return (n + round) & ~round; }
 
 typedef struct walker {
   const decode_config *c;
-  int64_t tile; /* > 1: tile mode (split-free planning only) */
+  int64_t tile;  /* > 1: tile mode (split-free planning only), a power of two */
+  int64_t round; /* tile - 1 in tile mode, else 0 (tok_cost) */
   const decode_layout *l;
   decode_item *items;
   decode_split *splits;
@@ -142,7 +141,7 @@ static inline __attribute__((always_inline)) kvattn_status emit(walker *w, int32
   it->page_base = page_base;
   it->split = -1;
   it->piece = 1;
-  int64_t cost = tok_cost(w->tile, b - a) + w->c->item_cost;
+  int64_t cost = tok_cost(w->round, b - a) + w->c->item_cost;
   w->cap -= cost;
   w->cta_cost += cost;
   w->consumed += cost;
@@ -159,7 +158,7 @@ static inline __attribute__((always_inline)) int try_extend(walker *w, int32_t r
       it->tok_end != hi)
     return 0;
   it->piece++;
-  int64_t cost = tok_cost(w->tile, hi - lo) + w->c->item_cost;
+  int64_t cost = tok_cost(w->round, hi - lo) + w->c->item_cost;
   w->cap -= cost;
   w->cta_cost += cost;
   w->consumed += cost;
@@ -199,8 +198,10 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
   const int64_t fixed_tokens = c->fixed_split_pages > 0 ? (int64_t)c->fixed_split_pages * bv->page_size : 0;
 
   const int split_free = !c->disable_split && fixed_tokens == 0;
-  /* tile mode: costs in whole tiles, cuts at whole tiles, stretches filled to within a tile */
-  w.tile = split_free && c->tile > 1 ? c->tile : 0;
+  /* tile mode: costs in whole tiles, cuts at whole tiles, stretches filled to within a tile (tiles of
+   * a power of two, as the kernels' are; any other tile plans in tokens, which is as correct) */
+  w.tile = split_free && c->tile > 1 && (c->tile & (c->tile - 1)) == 0 ? c->tile : 0;
+  w.round = w.tile ? w.tile - 1 : 0;
 
   /* pass 1: the line's length */
   int64_t total = 0, units = 0;
@@ -216,7 +217,7 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
       row_range(c, kv_len, qo_len, r, &lo, &hi, &qp);
       int64_t pieces = 1;
       if (fixed_tokens > 0 && hi > lo) pieces = (hi - 1) / fixed_tokens - lo / fixed_tokens + 1;
-      total += (tok_cost(w.tile, hi - lo) + c->item_cost * pieces) * heads;
+      total += (tok_cost(w.round, hi - lo) + c->item_cost * pieces) * heads;
       units += heads;
     }
   }
@@ -251,17 +252,19 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
           /* the run of this row's units that go whole into the current CTA, in O(1): the per-unit
            * rule below ("the rest fits, overfilling by at most min_chunk/2; a full CTA closes")
            * applied k times at once */
-          const int64_t n = tok_cost(w.tile, hi - lo), uc = n + c->item_cost, half = overfill;
+          const int64_t n = tok_cost(w.round, hi - lo), uc = n + c->item_cost, half = overfill;
           int64_t avail0 = w.cap - c->item_cost;
           if (w.cta_cost == 0 && avail0 < mc) avail0 = mc;
           int64_t k = 0;
           if (w.b >= c->grid - 1) {
             k = heads - h;
           } else if (n <= avail0 + half) {
-            /* a few compares per unit beat two 64-bit divisions (a row has at most `heads` units) */
+            /* one more unit fits while the room left is > 0 and >= n + item_cost - half: one compare
+             * per unit (a few beat two 64-bit divisions: a row has at most `heads` units) */
+            const int64_t need = max64(1, n + c->item_cost - half), kmax = heads - h;
             int64_t cap = w.cap - uc;
             k = 1;
-            while (k < heads - h && cap > 0 && n <= cap - c->item_cost + half) {
+            while (k < kmax && cap >= need) {
               cap -= uc;
               k++;
             }
@@ -299,7 +302,7 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
             int64_t avail = w.cap - c->item_cost, take;
             /* a fresh CTA always takes a piece, of at least min_chunk (when L is small) */
             if (w.cta_cost == 0 && avail < mc) avail = mc;
-            if (w.b >= c->grid - 1 || tok_cost(w.tile, rem) <= avail + overfill) {
+            if (w.b >= c->grid - 1 || tok_cost(w.round, rem) <= avail + overfill) {
               take = rem; /* the rest fits (overfilling by at most min_chunk/2; tile mode: not at all) */
             } else if (avail < cut_min) {
               close_cta(&w); /* too little room left here for a worthwhile piece */
@@ -308,7 +311,7 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
               take = avail; /* cut at the stretch boundary, leaving no sliver behind */
               if (rem - take < cut_min) take = rem - cut_min;
               /* tile mode: whole tiles (the kernel runs a piece from its start in tiles) */
-              if (w.tile && take >= w.tile) take = (w.tile & (w.tile - 1)) == 0 ? take & -w.tile : take / w.tile * w.tile;
+              if (w.tile && take >= w.tile) take &= ~w.round;
             }
             if (pos == lo && take == rem && try_extend(&w, row, h, lo, hi)) {
               pos = hi;

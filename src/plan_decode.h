@@ -51,7 +51,8 @@ typedef struct decode_config {
   int32_t tile;           /* > 1: the kernel's KV tile in tokens; the planner then counts a piece as whole tiles
                              (a piece of n tokens runs ceil(n / tile) tiles), cuts pieces at whole tiles from
                              their start, and fills each CTA's stretch to within a tile rather than min_chunk
-                             (pieces down to one tile). 0: the token-cost planner (min_chunk slivers) */
+                             (pieces down to one tile). 0: the token-cost planner (min_chunk slivers). A power
+                             of two (the kernels' tiles are); another value plans in tokens */
   int32_t causal, window_left;
   int32_t disable_split;  /* desc.disable_split_kv */
   int32_t fixed_split_pages; /* desc.fixed_split_size (> 0: chunks of this many pages) */
