@@ -8,7 +8,8 @@
  *
  * Inputs are built on the host (tests/util.h), the reference runs on the host copies, the GPU on
  * device copies of the very same bytes (gaps and poison included). Outputs are poisoned with NaN
- * before each run, and so is every SM's shared memory (tests/gpu/shared_poison.h). Skipped, with the reason, when there is no usable GPU.
+ * before each run, and so is every SM's shared memory (tests/gpu/shared_poison.h). Skipped, with the
+ * reason, when there is no usable GPU.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
