@@ -2,8 +2,8 @@
 # gpu-final.sh - every GPU check of kvattn in ONE device call of under 10 minutes (a session's last
 # device time): FlashInfer's JIT compiles (decode and prefill modules) start in the background first;
 # then the build, the decode and prefill GPU test suites against the float64 reference (run side by
-# side), compute-sanitizer memcheck and racecheck on small cases of both families, the side-by-side
-# decode benchmark (bench/decode.py: kvattn, FlashInfer, Triton, copy bandwidth) and the side-by-side
+# side), compute-sanitizer memcheck, racecheck, initcheck and synccheck on small cases of both
+# families, the side-by-side decode benchmark (bench/decode.py: kvattn, FlashInfer, Triton, copy bandwidth) and the side-by-side
 # prefill benchmark (bench/prefill.py: kvattn, FlashInfer fa2/fa3, PyTorch SDPA). A summary table is
 # printed last. Needs .whl (FlashInfer's wheels) carried.
 #   OUT=... bash scripts/gpu-final.sh
@@ -76,6 +76,12 @@ if [ "${R[build]}" = ok ]; then
     san memcheck "$PRE" tail_balance & m7=$!
     san racecheck "$DEC" decode_small_cases & r1=$!
     san racecheck "$PRE" tiny_grid & r2=$!
+    # initcheck (reads of device memory never written) and synccheck (barriers in divergent code),
+    # RELIABILITY.md's other two tools, on the same small cases
+    san initcheck "$DEC" decode_small_cases & i1=$!
+    san initcheck "$PRE" ragged_and_block_sparse & i2=$!
+    san synccheck "$DEC" decode_small_cases & y1=$!
+    san synccheck "$PRE" tiny_grid & y2=$!
   fi
   TT=${TEST_TIMEOUT:-170}
   timeout $TT "$DEC" >"$L/decode_test.log" 2>&1 & d=$!
@@ -93,6 +99,10 @@ if [ "${R[build]}" = ok ]; then
     [ $ok = 1 ] && result memcheck ok || result memcheck FAIL
     ok=1; for x in $r1 $r2; do wait $x || ok=0; done
     [ $ok = 1 ] && result racecheck ok || result racecheck FAIL
+    ok=1; for x in $i1 $i2; do wait $x || ok=0; done
+    [ $ok = 1 ] && result initcheck ok || result initcheck FAIL
+    ok=1; for x in $y1 $y2; do wait $x || ok=0; done
+    [ $ok = 1 ] && result synccheck ok || result synccheck FAIL
   else
     result memcheck "FAIL (compute-sanitizer missing)"
   fi
