@@ -3,9 +3,9 @@
 # device time): FlashInfer's JIT compiles (decode and prefill modules) start in the background first;
 # then the build, the decode and prefill GPU test suites against the float64 reference (run side by
 # side), compute-sanitizer memcheck, racecheck, initcheck and synccheck on small cases of both
-# families, the side-by-side decode benchmark (bench/decode.py: kvattn, FlashInfer, Triton, copy bandwidth) and the side-by-side
-# prefill benchmark (bench/prefill.py: kvattn, FlashInfer fa2/fa3, PyTorch SDPA). A summary table is
-# printed last. Needs .whl (FlashInfer's wheels) carried.
+# families, the side-by-side decode benchmark (bench/decode.py: kvattn, FlashInfer, Triton, copy
+# bandwidth) and the side-by-side prefill benchmark (bench/prefill.py: kvattn, FlashInfer fa2/fa3,
+# PyTorch SDPA). A summary table is printed last. Needs .whl (FlashInfer's wheels) carried.
 #   OUT=... bash scripts/gpu-final.sh
 # Returns: decode.json, prefill-*.json, console.log, logs.tgz under $OUT.
 # Phase limits (seconds, environment): TEST_TIMEOUT 170, SAN_TIMEOUT 150 (per run, beside the tests), DECODE_BENCH 140,
