@@ -733,6 +733,59 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
   tb_free(&tb);
 }
 
+/* Determinism (RELIABILITY.md, tests 9): one plan whose work has split KV pieces and tail-balanced
+ * items (merged through the workspace), run 1000 times with the output poisoned before each run:
+ * every run gives the first run's bits, and the first run matches the reference. */
+TEST(a_plan_run_1000_times_gives_the_same_bits) {
+  NEED_GPU();
+  test_rng r = rng_seed(151);
+  int32_t qo[4] = {200, 8, 0, 3}, kv[4] = {2200, 3000, 40, 2500};
+  test_spec sp = test_spec_default();
+  sp.format = KVATTN_FORMAT_PAGED, sp.layout = NHD, sp.page_size = 16, sp.extra_pages = 3;
+  sp.batch_size = 4, sp.qo_lens = qo, sp.kv_lens = kv;
+  sp.num_qo_heads = 8, sp.num_kv_heads = 2, sp.head_dim = 128;
+  sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
+  test_batch tb;
+  CHECK(tb_build(&tb, &sp, &r));
+  kvattn_attention_desc d = tb_desc(&sp);
+  d.causal = 1;
+  dev_batch db;
+  CHECK(dev_batch_make(&db, &tb));
+  kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+  bounds.max_batch = tb.rows, bounds.max_qo_tokens = tb.qo_tokens, bounds.max_kv_entries = tb.kv_entries;
+  kvattn_attention *a;
+  kvattn_workspace ws;
+  size_t dev = 0, host = 0;
+  setenv("KVATTN_PREFILL_GRID", "5", 1); /* a small grid: split pieces and cut tail items */
+  CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &a));
+  unsetenv("KVATTN_PREFILL_GRID");
+  CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
+  CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws));
+  CHECK_OK(kvattn_plan(a, &tb.batch, &ws, NULL));
+  const size_t on = db.out.bytes;
+  uint8_t *first = malloc(on), *again = malloc(on);
+  CHECK(first && again);
+  enum { RUNS = 1000 };
+  int differ = 0;
+  for (int i = 0; i < RUNS; i++) {
+    CHECK(!api()->cuMemsetD8Async(db.out.ptr, 0xFF, on, NULL)); /* NaN */
+    CHECK_OK(kvattn_run(a, &db.q.t, &db.kv, NULL, &db.out.t, NULL, NULL));
+    CHECK(!api()->cuMemcpyDtoHAsync(i ? again : first, db.out.ptr, on, NULL));
+    CHECK(!api()->cuStreamSynchronize(NULL));
+    if (i && memcmp(first, again, on) != 0 && differ++ == 0) fprintf(stderr, "  run %d differs from the first\n", i);
+  }
+  memcpy(tb.out.alloc, first, on);
+  CHECK_OK(tb_run(g_ref, &d, &tb, &tb.ref, NULL));
+  const double err = rel_error(&tb.out, &tb.ref);
+  fprintf(stderr, "  %d runs of one plan: %d differ from the first; the first vs reference %.2e\n", RUNS, differ, err);
+  CHECK(differ == 0 && err < 1e-2);
+  free(first), free(again);
+  kvattn_workspace_free(g_gpu, &ws);
+  kvattn_attention_destroy(a);
+  dev_batch_free(&db);
+  tb_free(&tb);
+}
+
 /* Ragged rows addressed directly (params.contig) past 2^31 elements: a leading request with no
  * queries and N0 tokens puts the real requests' K/V rows above 2^31 elements (2^32 bytes) of
  * tensors of 4.3 GB each; the result must equal the reference on the compact batch. */
