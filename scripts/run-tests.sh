@@ -14,7 +14,8 @@
 # phases 1 and 2, the install test's checks and pytest's counts. A test executable that crashes or
 # times out without counting a failed case counts as one failure. Exit status: 0 only if nothing
 # failed. Environment: KVATTN_SKIP_SANITIZE=1, KVATTN_SKIP_PYTHON=1, JOBS (default: cores),
-# PYTHON (default python3), BUILD / ASAN_BUILD (default build, build-asan).
+# PYTHON (default python3), BUILD / ASAN_BUILD (default build, build-asan), KVATTN_PLAN_FUZZ_N (random
+# batches per planner fuzz test in phase 1, default 100000).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -89,7 +90,8 @@ slowest_ctest() {
 # --------------------------------------------------------------------------------------------
 phase_begin "C tests (ctest, $BUILD/)"
 if cmake --build "$BUILD" -j "$JOBS" >"$LOGDIR/build.log" 2>&1; then
-  ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS"
+  # the planner fuzz tests take 10^5 random batches here (RELIABILITY.md), their defaults elsewhere
+  KVATTN_PLAN_FUZZ_N=${KVATTN_PLAN_FUZZ_N:-100000} ctest --test-dir "$BUILD" --output-on-failure -j "$JOBS"
   slowest_ctest "$BUILD"
   read -r p f < <(count_ctest "$BUILD")
   phase_end "$p" "$f"

@@ -284,6 +284,8 @@ static int fuzz_one(test_rng *r, int64_t *items_total, int64_t *splits_total) {
   return ok;
 }
 
+/* KVATTN_PLAN_FUZZ_N: how many random batches (default 20000; scripts/run-tests.sh runs 10^5 in its
+ * first phase, as RELIABILITY.md asks) */
 TEST(planner_fuzz_every_tile_covered_once_merges_complete_offsets_inside) {
   const char *env = getenv("KVATTN_PLAN_FUZZ_N");
   int N = env ? atoi(env) : 20000;
