@@ -1,7 +1,8 @@
 /*
  * jit_selftest.cu - a tiny kernel that checks the JIT path end to end: NVRTC compiles it (with an
  * embedded "x.cuh" include, the toolkit's fp16/bf16 headers and a -D specialization), the driver
- * loads the cubin, and a launch gives results the host can check exactly.
+ * loads the cubin, and a launch gives results the host can check exactly. Also the GPU tests' helper
+ * kernels: shared memory filled and read back (jit_fill_shared, jit_read_shared), a timed spin (jit_spin).
  *
  * Definitions: SELFTEST_BIAS (float, default 0) is added to every output; SELFTEST_SYNTAX_ERROR
  * makes the file fail to compile, to test how compile errors are reported.

@@ -608,6 +608,23 @@ TEST(graph_replays_fifty_varlen_batches) {
   kvattn_attention_destroy(attn);
 }
 
+/* The batch of the chained and the determinism tests: 4 paged requests (page 16) of 200 / 8 / 0 / 3
+ * query rows onto 2200 / 3000 / 40 / 2500 tokens, 8 / 2 heads of 128, bf16, causal; on a grid of 5 its
+ * work has split KV pieces and tail-balanced items. Compact q and out (a step's out can be the next q). */
+static int split_shape_batch(test_batch *tb, kvattn_attention_desc *d, uint64_t seed) {
+  static int32_t qo[4] = {200, 8, 0, 3}, kv[4] = {2200, 3000, 40, 2500}; /* the spec keeps pointers */
+  test_rng r = rng_seed(seed);
+  test_spec sp = test_spec_default();
+  sp.format = KVATTN_FORMAT_PAGED, sp.layout = NHD, sp.page_size = 16, sp.extra_pages = 3;
+  sp.batch_size = 4, sp.qo_lens = qo, sp.kv_lens = kv;
+  sp.num_qo_heads = 8, sp.num_kv_heads = 2, sp.head_dim = 128;
+  sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
+  if (!tb_build(tb, &sp, &r)) return 0;
+  *d = tb_desc(&sp);
+  d->causal = 1;
+  return 1;
+}
+
 /* Programmatic dependent launch (KVATTN_PREFILL_PDL, default on sm_90+) lets a prefill kernel, and
  * the merge kernel after it, start while the kernel before it in the stream finishes; each must still
  * see everything that kernel wrote. A chain of prefills in which each one's query is the previous
@@ -625,17 +642,9 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
   CHECK(ga.stream_create(&st, 1 /* non-blocking */) == 0);
 
   enum { STEPS = 6 };
-  test_rng r = rng_seed(131);
-  int32_t qo[4] = {200, 8, 0, 3}, kv[4] = {2200, 3000, 40, 2500};
-  test_spec sp = test_spec_default();
-  sp.format = KVATTN_FORMAT_PAGED, sp.layout = NHD, sp.page_size = 16, sp.extra_pages = 3;
-  sp.batch_size = 4, sp.qo_lens = qo, sp.kv_lens = kv;
-  sp.num_qo_heads = 8, sp.num_kv_heads = 2, sp.head_dim = 128;
-  sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
   test_batch tb;
-  CHECK(tb_build(&tb, &sp, &r));
-  kvattn_attention_desc d = tb_desc(&sp);
-  d.causal = 1;
+  kvattn_attention_desc d;
+  CHECK(split_shape_batch(&tb, &d, 131));
   dev_batch db;
   CHECK(dev_batch_make(&db, &tb));
   const size_t on = (size_t)tb.qo_tokens * 8 * 128 * 2;
@@ -738,17 +747,9 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
  * every run gives the first run's bits, and the first run matches the reference. */
 TEST(a_plan_run_1000_times_gives_the_same_bits) {
   NEED_GPU();
-  test_rng r = rng_seed(151);
-  int32_t qo[4] = {200, 8, 0, 3}, kv[4] = {2200, 3000, 40, 2500};
-  test_spec sp = test_spec_default();
-  sp.format = KVATTN_FORMAT_PAGED, sp.layout = NHD, sp.page_size = 16, sp.extra_pages = 3;
-  sp.batch_size = 4, sp.qo_lens = qo, sp.kv_lens = kv;
-  sp.num_qo_heads = 8, sp.num_kv_heads = 2, sp.head_dim = 128;
-  sp.q_dtype = sp.kv_dtype = sp.o_dtype = TDT_BF16;
   test_batch tb;
-  CHECK(tb_build(&tb, &sp, &r));
-  kvattn_attention_desc d = tb_desc(&sp);
-  d.causal = 1;
+  kvattn_attention_desc d;
+  CHECK(split_shape_batch(&tb, &d, 151));
   dev_batch db;
   CHECK(dev_batch_make(&db, &tb));
   kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
