@@ -182,8 +182,9 @@ typedef struct kvattn_attention_desc {
   int32_t custom_mask;        /* 1: kvattn_run() takes a bit-packed mask (see kvattn_run) */
   int32_t kernel;             /* a kvattn_kernel_choice; a hint the planner may refine */
   int32_t disable_split_kv;   /* 1: never split a request's KV over several workers */
-  int32_t fixed_split_size;   /* > 0: split KV in chunks of this many pages, whatever the batch:
-                                 a request then gets the same bits in any batch (batch invariance) */
+  int32_t fixed_split_size;   /* > 0: batch invariance, a request gets the same bits in any batch:
+                                 decode (and the CPU backend) split KV in chunks of exactly this many
+                                 pages, whatever the batch; GPU prefill never cuts a query tile's KV */
 } kvattn_attention_desc;
 
 #define KVATTN_ATTENTION_DESC_INIT                                                              \

@@ -151,8 +151,12 @@ static void config_init(prefill_config *c, int reachable[PREFILL_TILE_KINDS], co
   c->kv_tile = kind_kv_tile(2, d->head_dim, d->rope, g->max_smem_per_block_optin);
   c->causal = d->causal;
   c->window_left = d->window_left;
-  c->disable_split = d->disable_split_kv;
-  c->fixed_split_tokens = 0; /* fixed_split_size counts pages: set per plan from the page size */
+  /* batch invariance (fixed_split_size > 0): whether and where a tile's KV is cut here depends on the
+   * batch (splits fill an idle grid; the tail balance cuts what does not divide evenly), and pieces of
+   * a fixed size for every tile would need partial states of (query rows x KV / size) the bounds cannot
+   * size; so under it no tile's KV is cut at all: a query tile's result then depends only on its own
+   * rows and KV, the same bits in any batch (tests/gpu: fixed_split_size_gives_a_request_...) */
+  c->disable_split = d->disable_split_kv || d->fixed_split_size > 0;
   /* tokens; 1024 measured best of 256/1024/4096 on the append rows (H100, 2026-11-24); a sweep knob */
   c->min_chunk = env_int("KVATTN_PREFILL_MIN_CHUNK", 1024, 16, 1 << 30);
   /* the tail balance (src/plan_prefill.c); 0 = whole items only (A/B runs) */
@@ -350,10 +354,8 @@ kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const 
             "has %zu / %zu",
             need_dev, need_host, ws_device_offset, ws_host_offset, ws->device_bytes, ws->host_bytes);
 
-  prefill_config c = p->cfg;
-  if (a->desc.fixed_split_size > 0) c.fixed_split_tokens = a->desc.fixed_split_size * bv->page_size;
   int32_t *host = (int32_t *)(((uintptr_t)ws->host + ws_host_offset + 15) / 16 * 16);
-  TRY(prefill_plan_build(&c, &p->lay, bv, a->mask_offset, a->desc.rope ? p->rope_freq : NULL,
+  TRY(prefill_plan_build(&p->cfg, &p->lay, bv, a->mask_offset, a->desc.rope ? p->rope_freq : NULL,
                          a->desc.alibi ? a->alibi_slopes : NULL, host, p->scratch, &p->out));
   dev_layout dl = dev_layout_of(&p->lay, &p->cfg, p->reachable);
   CUdeviceptr base = ((CUdeviceptr)(uintptr_t)ws->device + ws_device_offset + 255) / 256 * 256;

@@ -385,11 +385,6 @@ kvattn_status prefill_plan_build(const prefill_config *c, const prefill_layout *
       int64_t lo = ceil_div64(c->min_chunk > kt ? c->min_chunk : kt, kt); /* in kv_tile units */
       int64_t hi = ceil_div64(max_len, kt);
       if (hi > lo) {
-        if (c->fixed_split_tokens > 0) {
-          int64_t f = ceil_div64(c->fixed_split_tokens, kt);
-          if (f < lo) f = lo;
-          if (f < hi && count_chunks(base, n, f * kt) <= grid) hi = lo = f;
-        }
         while (lo < hi) { /* the smallest chunk whose items fit the grid */
           int64_t mid = (lo + hi) / 2;
           if (count_chunks(base, n, mid * kt) <= grid)

@@ -65,7 +65,6 @@ typedef struct prefill_config {
   int32_t causal;
   int32_t window_left;    /* -1: off */
   int32_t disable_split;
-  int32_t fixed_split_tokens; /* > 0: split every range at multiples of this (within the budget) */
   int32_t min_chunk;      /* smallest split chunk in tokens */
   int32_t balance_tail;   /* 1: cut the items that do not fit evenly into the grid into KV pieces (see plan_prefill.c) */
   int32_t tail_min_tiles; /* ... when the tail's items average >= this many KV tiles (0: PREFILL_TAIL_MIN_TILES) */

@@ -231,7 +231,6 @@ static int fuzz_one(test_rng *r, int64_t *items_total, int64_t *splits_total) {
   c.causal = rng_uniform(r) < 0.6;
   c.window_left = rng_uniform(r) < 0.2 ? (int)rng_int(r, 0, 2000) : -1;
   c.disable_split = rng_uniform(r) < 0.1;
-  c.fixed_split_tokens = rng_uniform(r) < 0.1 ? (int)rng_int(r, 1, 4096) : 0;
   c.min_chunk = (int)rng_int(r, 1, 512);
   c.balance_tail = rng_uniform(r) < 0.7;
   c.tail_min_tiles = rng_uniform(r) < 0.5 ? 1 : 32;
@@ -271,9 +270,9 @@ static int fuzz_one(test_rng *r, int64_t *items_total, int64_t *splits_total) {
   }
   if (!ok)
     fprintf(stderr, "  batch %d (qo_max %d kv_max %d page %d bsr %d group %d kv_heads %d grids %d/%d/%d causal %d "
-                    "window %d split_off %d fixed %d): %s\n",
+                    "window %d split_off %d): %s\n",
             batch, qo_max, kv_max, page_size, bsr, c.group_size, c.num_kv_heads, c.grid[0], c.grid[1], c.grid[2],
-            c.causal, c.window_left, c.disable_split, c.fixed_split_tokens, why);
+            c.causal, c.window_left, c.disable_split, why);
   if (ok) {
     *items_total += out.items[0] + out.items[1] + out.items[2];
     *splits_total += out.split_tiles;

@@ -7,7 +7,8 @@
  * NaN; outputs are poisoned before the run and every element must be written; so is every SM's shared
  * memory (tests/gpu/shared_poison.h), so a read of shared memory the launch did not write shows.
  * Also: 1000 random batches replayed through one captured CUDA graph (each bitwise equal to an eager
- * run of the same plan, every 20th checked against the reference), plan() host time at batch 256,
+ * run of the same plan, every 20th checked against the reference), a request's bits independent of its
+ * batch under fixed_split_size (both paths), plan() host time at batch 256,
  * merge_states and append_paged_kv against the CPU backend.
  *
  * Skipped, with the reason, when there is no usable GPU. KVATTN_GPU_TEST_SCALE (default 1) scales
@@ -1041,6 +1042,136 @@ TEST(workspace_of_exactly_the_reported_size_keeps_canaries_intact_and_reruns_are
   kvattn_workspace_free(gpu_ctx, &big);
   kvattn_attention_destroy(a);
   simple_free(&S);
+}
+
+/* Batch invariance (RELIABILITY.md tests 9, the optional mode): with desc.fixed_split_size a request's
+ * KV is cut in the same pieces whatever the batch, so its output and LSE must be the same bits alone,
+ * among a few requests and among many (at another position, with other page ids around it), on both
+ * paths. Run the batch `lens` (request `at` is the target: its page ids are `xids`, its q `xq`) and
+ * return the target's output row and LSE. */
+static int invariance_run(kvattn_attention *a, kvattn_workspace *ws, CUdptr dk, CUdptr dv, int64_t num_pages,
+                          int P, int kvh, int group, int hd, const int64_t *lens, int B, int at, const int32_t *xids,
+                          const uint16_t *xq, uint16_t *out_row, float *lse_row) {
+  const DLDataType bf = {kDLBfloat, 16, 1}, i32 = {kDLInt, 32, 1}, f32 = {kDLFloat, 32, 1};
+  const int qh = kvh * group;
+  int32_t *indptr = malloc((B + 1) * sizeof *indptr), *last = malloc(B * sizeof *last);
+  int64_t total = 0;
+  for (int i = 0; i < B; i++) total += (lens[i] + P - 1) / P;
+  int32_t *ids = malloc((total > 0 ? total : 1) * sizeof *ids);
+  uint16_t *q = malloc((size_t)B * qh * hd * 2), *o = malloc((size_t)B * qh * hd * 2);
+  float *l = malloc((size_t)B * qh * 4);
+  indptr[0] = 0;
+  for (int i = 0; i < B; i++) {
+    const int64_t pages = (lens[i] + P - 1) / P;
+    for (int64_t e = 0; e < pages; e++) ids[indptr[i] + e] = i == at ? xids[e] : (int32_t)rnd_range(0, num_pages - 1);
+    indptr[i + 1] = (int32_t)(indptr[i] + pages);
+    last[i] = pages ? (int32_t)(lens[i] - (pages - 1) * P) : 1;
+    for (int e = 0; e < qh * hd; e++) q[(size_t)i * qh * hd + e] = i == at ? xq[e] : float_to_bf16(2 * rnd_sym());
+  }
+  CUdptr dq = dalloc((size_t)B * qh * hd * 2), dout = dalloc((size_t)B * qh * hd * 2), dl = dalloc((size_t)B * qh * 4);
+  CUdptr dix = dalloc((total > 0 ? total : 1) * 4);
+  upload(dq, q, (size_t)B * qh * hd * 2);
+  upload(dix, ids, (size_t)(total > 0 ? total : 1) * 4);
+  cu.cuMemsetD8(dout, 0xFF, (size_t)B * qh * hd * 2);
+  cu.cuMemsetD8(dl, 0xFF, (size_t)B * qh * 4);
+  int ok = cu.cuCtxSynchronize() == 0;
+  kvattn_batch batch = KVATTN_BATCH_INIT;
+  batch.batch_size = B;
+  batch.kv_indptr = indptr;
+  batch.kv_last_page_len = last;
+  batch.page_size = P;
+  batch.num_pages = num_pages;
+  int64_t q_shape[3] = {B, qh, hd}, kv_shape[4] = {num_pages, P, kvh, hd}, ix_shape[1] = {total}, l_shape[2] = {B, qh};
+  DLTensor tq = make_tensor((void *)(uintptr_t)dq, 1, 3, q_shape, NULL, bf);
+  DLTensor tk = make_tensor((void *)(uintptr_t)dk, 1, 4, kv_shape, NULL, bf);
+  DLTensor tv = make_tensor((void *)(uintptr_t)dv, 1, 4, kv_shape, NULL, bf);
+  DLTensor tix = make_tensor((void *)(uintptr_t)dix, 1, 1, ix_shape, NULL, i32);
+  DLTensor to = make_tensor((void *)(uintptr_t)dout, 1, 3, q_shape, NULL, bf);
+  DLTensor tl = make_tensor((void *)(uintptr_t)dl, 1, 2, l_shape, NULL, f32);
+  kvattn_kv kv = KVATTN_KV_INIT;
+  kv.k = &tk;
+  kv.v = &tv;
+  kv.indices = &tix;
+  poison_shared_memory(gpu_ctx, SHARED_NAN, NULL);
+  ok = ok && kvattn_plan(a, &batch, ws, NULL) == KVATTN_SUCCESS;
+  ok = ok && kvattn_run(a, &tq, &kv, NULL, &to, &tl, NULL) == KVATTN_SUCCESS && cu.cuCtxSynchronize() == 0;
+  if (ok) {
+    download(o, dout, (size_t)B * qh * hd * 2);
+    download(l, dl, (size_t)B * qh * 4);
+    memcpy(out_row, o + (size_t)at * qh * hd, (size_t)qh * hd * 2);
+    memcpy(lse_row, l + (size_t)at * qh, (size_t)qh * 4);
+  }
+  cu.cuMemFree(dq), cu.cuMemFree(dout), cu.cuMemFree(dl), cu.cuMemFree(dix);
+  free(indptr), free(last), free(ids), free(q), free(o), free(l);
+  return ok;
+}
+
+TEST(fixed_split_size_gives_a_request_the_same_bits_in_any_batch) {
+  NEED_GPU();
+  const int kvh = 2, group = 4, hd = 128, P = 16, qh = kvh * group;
+  const int64_t num_pages = 4096, xlen = 3001;
+  const int64_t cache_elems = num_pages * P * kvh * hd;
+  uint16_t *kh = malloc(cache_elems * 2), *vh = malloc(cache_elems * 2);
+  for (int64_t i = 0; i < cache_elems; i++) {
+    kh[i] = float_to_bf16(rnd_sym());
+    vh[i] = float_to_bf16(rnd_sym());
+  }
+  CUdptr dk = dalloc(cache_elems * 2), dv = dalloc(cache_elems * 2);
+  upload(dk, kh, cache_elems * 2);
+  upload(dv, vh, cache_elems * 2);
+  int32_t xids[(3001 + 15) / 16];
+  for (int e = 0; e < (int)((xlen + P - 1) / P); e++) xids[e] = (int32_t)rnd_range(0, num_pages - 1);
+  uint16_t xq[8 * 128];
+  for (int e = 0; e < qh * hd; e++) xq[e] = float_to_bf16(2 * rnd_sym());
+  /* the target alone; first among 3 short ones; in the middle of 40 of mixed lengths; last of 200 */
+  enum { NB = 4 };
+  int64_t l1[1] = {xlen}, l4[4] = {xlen, 17, 0, 900}, l40[40], l200[200];
+  for (int i = 0; i < 40; i++) l40[i] = i == 21 ? xlen : rnd_range(0, 6000);
+  for (int i = 0; i < 200; i++) l200[i] = i == 199 ? xlen : rnd_range(1, 300);
+  const int64_t *lens[NB] = {l1, l4, l40, l200};
+  const int sizes[NB] = {1, 4, 40, 200}, ats[NB] = {0, 0, 21, 199};
+  const int kernels[2] = {KVATTN_KERNEL_TENSOR_CORE, KVATTN_KERNEL_CUDA_CORE};
+  uint16_t out[NB][8 * 128];
+  float lse[NB][8];
+  for (int kk = 0; kk < 2; kk++) {
+    kvattn_attention_desc desc = KVATTN_ATTENTION_DESC_INIT;
+    desc.num_qo_heads = qh;
+    desc.num_kv_heads = kvh;
+    desc.head_dim = hd;
+    desc.q_dtype = (DLDataType){kDLBfloat, 16, 1};
+    desc.kernel = kernels[kk];
+    desc.fixed_split_size = 8; /* 128 tokens: the target is 24 pieces */
+    kvattn_bounds bounds = KVATTN_BOUNDS_INIT;
+    bounds.max_batch = 200;
+    bounds.max_qo_tokens = 200;
+    bounds.max_kv_entries = 40 * 6000 / P + 40;
+    kvattn_attention *a = NULL;
+    kvattn_workspace ws = {0};
+    size_t db, hb;
+    CHECK_OK(kvattn_attention_create(gpu_ctx, &desc, &bounds, &a));
+    CHECK_OK(kvattn_workspace_size(gpu_ctx, &desc, &bounds, &db, &hb));
+    CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws));
+    for (int b = 0; b < NB; b++)
+      CHECK(invariance_run(a, &ws, dk, dv, num_pages, P, kvh, group, hd, lens[b], sizes[b], ats[b], xids, xq, out[b],
+                           lse[b]));
+    int finite = 1;
+    for (int e = 0; e < qh * hd; e++) finite &= isfinite(bf16_to_float(out[0][e]));
+    CHECK_MSG(finite, "%s path: the target's output alone is not finite", kk ? "CUDA-core" : "tensor-core");
+    for (int b = 1; b < NB; b++) {
+      int nd = 0;
+      for (int e = 0; e < qh * hd; e++) nd += out[b][e] != out[0][e];
+      CHECK_MSG(nd == 0 && memcmp(lse[b], lse[0], sizeof lse[0]) == 0,
+                "%s path: the target in a batch of %d differs from it alone (%d of %d outputs, LSE %s)",
+                kk ? "CUDA-core" : "tensor-core", sizes[b], nd, qh * hd,
+                memcmp(lse[b], lse[0], sizeof lse[0]) ? "differs" : "equal");
+    }
+    kvattn_workspace_free(gpu_ctx, &ws);
+    kvattn_attention_destroy(a);
+  }
+  fprintf(stderr, "  a 3001-token request alone and in batches of 4, 40 and 200, pieces of 128 tokens: the same bits "
+                  "on both paths\n");
+  cu.cuMemFree(dk), cu.cuMemFree(dv);
+  free(kh), free(vh);
 }
 
 /* Run S's plan on `stream` with q read from `q` and the output written to `out` (device buffers of
