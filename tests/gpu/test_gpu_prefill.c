@@ -776,10 +776,13 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
   tb_free(&tb);
 }
 
-/* Determinism (RELIABILITY.md, tests 9): one plan whose work has split KV pieces and tail-balanced
- * items (merged through the workspace), run 1000 times with the output poisoned before each run:
- * every run gives the first run's bits, and the first run matches the reference. */
-TEST(a_plan_run_1000_times_gives_the_same_bits) {
+/* Determinism (RELIABILITY.md, tests 9) and the workspace contract (tests 2): one plan whose work has
+ * split KV pieces and tail-balanced items (merged through the workspace), in a workspace of exactly the
+ * reported size between 4 KiB canaries (device and pinned host, the workspace itself filled with 0xFF:
+ * NaN wherever it is read before written), run 1000 times with the output poisoned before each run:
+ * every run gives the first run's bits, the first run matches the reference, the canaries stay, and one
+ * byte less of either part is WORKSPACE_TOO_SMALL from plan. */
+TEST(a_plan_run_1000_times_in_an_exact_workspace_gives_the_same_bits) {
   NEED_GPU();
   test_batch tb;
   kvattn_attention_desc d;
@@ -795,7 +798,21 @@ TEST(a_plan_run_1000_times_gives_the_same_bits) {
   CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &a));
   unsetenv("KVATTN_PREFILL_GRID");
   CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
-  CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws));
+  const size_t canary = 4096;
+  kvattn_workspace big;
+  CHECK_OK(kvattn_workspace_alloc(g_gpu, dev + 2 * canary, host + 2 * canary, &big));
+  CHECK(!api()->cuMemsetD8((CUdeviceptr)(uintptr_t)big.device, 0xA7, dev + 2 * canary));
+  CHECK(!api()->cuMemsetD8((CUdeviceptr)(uintptr_t)big.device + canary, 0xFF, dev));
+  CHECK(!api()->cuCtxSynchronize());
+  memset(big.host, 0xA7, host + 2 * canary);
+  memset((char *)big.host + canary, 0xFF, host);
+  ws = (kvattn_workspace){(char *)big.device + canary, dev, (char *)big.host + canary, host};
+  kvattn_workspace small = ws;
+  small.device_bytes = dev - 1;
+  CHECK_STATUS(kvattn_plan(a, &tb.batch, &small, NULL), KVATTN_ERROR_WORKSPACE_TOO_SMALL);
+  small = ws;
+  small.host_bytes = host - 1;
+  CHECK_STATUS(kvattn_plan(a, &tb.batch, &small, NULL), KVATTN_ERROR_WORKSPACE_TOO_SMALL);
   CHECK_OK(kvattn_plan(a, &tb.batch, &ws, NULL));
   const size_t on = db.out.bytes;
   uint8_t *first = malloc(on), *again = malloc(on);
@@ -812,10 +829,20 @@ TEST(a_plan_run_1000_times_gives_the_same_bits) {
   memcpy(tb.out.alloc, first, on);
   CHECK_OK(tb_run(g_ref, &d, &tb, &tb.ref, NULL));
   const double err = rel_error(&tb.out, &tb.ref);
-  fprintf(stderr, "  %d runs of one plan: %d differ from the first; the first vs reference %.2e\n", RUNS, differ, err);
-  CHECK(differ == 0 && err < 1e-2);
+  uint8_t *c = malloc(canary);
+  int bad_canaries = 0;
+  for (int side = 0; side < 2; side++) {
+    CHECK(!api()->cuMemcpyDtoHAsync(c, (CUdeviceptr)(uintptr_t)big.device + (side ? canary + dev : 0), canary, NULL));
+    CHECK(!api()->cuStreamSynchronize(NULL));
+    for (size_t i = 0; i < canary; i++) bad_canaries += c[i] != 0xA7;
+    for (size_t i = 0; i < canary; i++) bad_canaries += ((uint8_t *)big.host)[side ? canary + host + i : i] != 0xA7;
+  }
+  free(c);
+  fprintf(stderr, "  %d runs of one plan in a %zu + %zu byte workspace: %d differ from the first; the first vs reference "
+          "%.2e; %d canary bytes changed\n", RUNS, dev, host, differ, err, bad_canaries);
+  CHECK(differ == 0 && err < 1e-2 && bad_canaries == 0);
   free(first), free(again);
-  kvattn_workspace_free(g_gpu, &ws);
+  kvattn_workspace_free(g_gpu, &big);
   kvattn_attention_destroy(a);
   dev_batch_free(&db);
   tb_free(&tb);
