@@ -171,7 +171,41 @@ struct decode_params {
   int narrow;
   int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int tg_pages, tg_slots;
+  unsigned long long *trace; /* DECODE_TRACE: [grid][TRACE_WORDS] (see trace_mark); else unused */
 };
+
+/* DECODE_TRACE=1 (the host's KVATTN_DECODE_TRACE=file; a diagnostic specialization, never the
+ * default): thread 0 of every CTA records when it passes each phase of the launch, so a launch's
+ * latency chain can be read from the device (bench/decode_trace.py): words 0/1 %globaltimer (ns) at
+ * entry and exit, 2..8 clock64 at the marks below, 9 the SM, 10 tiles, 11 items. */
+#ifndef DECODE_TRACE
+#define DECODE_TRACE 0
+#endif
+#define TRACE_WORDS 12
+enum { TR_GT_ENTRY = 0, TR_GT_EXIT = 1, TR_ENTRY = 2, TR_WAITED = 3, TR_FIRST_TILE = 4, TR_LAST_ITEM_END = 5,
+       TR_PUBLISHED = 6, TR_MERGED = 7, TR_EXIT = 8, TR_SMID = 9, TR_TILES = 10, TR_ITEMS = 11 };
+#if DECODE_TRACE
+static __device__ __forceinline__ unsigned smid() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
+  return r;
+}
+static __device__ __forceinline__ void trace_put(const struct decode_params &p, int word, unsigned long long v) {
+  if (threadIdx.x == 0) p.trace[(size_t)blockIdx.x * TRACE_WORDS + word] = v;
+}
+#endif
+static __device__ __forceinline__ void trace_mark(const struct decode_params &p, int word) {
+#if DECODE_TRACE
+  trace_put(p, word, (unsigned long long)clock64());
+#endif
+}
+static __device__ __forceinline__ void trace_gt(const struct decode_params &p, int word) {
+#if DECODE_TRACE
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  trace_put(p, word, t);
+#endif
+}
 
 /* The tile sequence of one CTA: every item contributes max(1, ceil(len / TILE)) tiles, so an
  * empty range still gets one (fully masked) tile that writes o = 0, lse = -inf. */
@@ -481,13 +515,25 @@ decode_paged_kernel(const struct decode_params p) {
   __shared__ int sh_last;
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+  trace_gt(p, TR_GT_ENTRY);
+  trace_mark(p, TR_ENTRY);
 
   pdl_launch_dependents();
   struct tile_iter ld, cs; /* the loader runs STAGES-1 (PIPE_IDS: STAGES) tiles ahead of the consumer */
   iter_begin(&ld, p); /* the work lists only: safe before pdl_wait() */
   cs = ld;
-  if (!iter_valid(&cs)) return;
+  if (!iter_valid(&cs)) {
+    trace_gt(p, TR_GT_EXIT);
+    return;
+  }
   pdl_wait(); /* from here on, the earlier kernel's writes (q, K/V, page ids, outputs, counters) are visible */
+  trace_mark(p, TR_WAITED);
+#if DECODE_TRACE
+  int tr_tiles = 0, tr_items = 0;
+  trace_put(p, TR_SMID, (unsigned long long)smid());
+  trace_put(p, TR_PUBLISHED, 0);
+  trace_put(p, TR_MERGED, 0);
+#endif
 
 #if PIPE_IDS
   /* the id loader runs STAGES tiles ahead of the K/V loader; tile m's ids live in slot m % ID_SLOTS */
@@ -563,6 +609,9 @@ decode_paged_kernel(const struct decode_params p) {
     /* K/V tiles are read across warps: every thread's copies must have landed, and everyone must be
      * done with the stage that the refill below overwrites */
     __syncthreads();
+#if DECODE_TRACE
+    if (tr_tiles++ == 0) trace_mark(p, TR_FIRST_TILE);
+#endif
     if (cs.first) {
 #pragma unroll
       for (int ks = 0; ks < HEAD_DIM / 16; ks++) ldmatrix_x4(qa[ks], sq + (lane % 16) * ROW_ELEMS + ks * 16 + (lane / 16) * 8);
@@ -807,6 +856,10 @@ decode_paged_kernel(const struct decode_params p) {
        * flight meanwhile rather than after */
       refill(p, &ld, &idl, &ld_slot, &id_slot, ids, ring, stage);
 #endif
+      trace_mark(p, TR_LAST_ITEM_END);
+#if DECODE_TRACE
+      tr_items++;
+#endif
       const struct decode_item it = cs.it;
       const int split = it.split;
       int2 sp = make_int2(1, 0);
@@ -854,6 +907,7 @@ decode_paged_kernel(const struct decode_params p) {
         __syncthreads();
         if (tid == 0) sh_last = atomicAdd(p.counters + split, 1) == sp.x - 1;
         __syncthreads();
+        trace_mark(p, TR_PUBLISHED);
         if (sh_last) {
           __threadfence();
           for (int i = tid; i < GH * (HEAD_DIM / 4); i += NUM_THREADS) {
@@ -908,6 +962,7 @@ decode_paged_kernel(const struct decode_params p) {
             if (d == 0 && p.lse) p.lse[(i64)it.row * p.lse_stride_tok + (i64)head * p.lse_stride_head] = lse;
           }
           if (tid == 0) p.counters[split] = 0; /* ready for the next launch (graph replay) */
+          trace_mark(p, TR_MERGED);
         }
       }
       __syncthreads(); /* the reduction area is reused by the next item */
@@ -928,4 +983,10 @@ decode_paged_kernel(const struct decode_params p) {
 #endif
   }
   cp_async_wait<0>();
+  trace_mark(p, TR_EXIT);
+  trace_gt(p, TR_GT_EXIT);
+#if DECODE_TRACE
+  trace_put(p, TR_TILES, (unsigned long long)tr_tiles);
+  trace_put(p, TR_ITEMS, (unsigned long long)tr_items);
+#endif
 }

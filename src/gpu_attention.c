@@ -50,6 +50,7 @@ typedef struct decode_params {
   int32_t narrow;
   int32_t k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int32_t tg_pages, tg_slots;
+  unsigned long long *trace;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -70,7 +71,13 @@ struct gpu_attention {
   CUdeviceptr ws_device;
   decode_plan_stats stats;
   int32_t page_size;
+  /* KVATTN_DECODE_TRACE=file: per-CTA phase timestamps of the latest launch (DECODE_TRACE in
+   * kernels/decode_paged.cu), written to the file when the attention is destroyed */
+  CUdeviceptr trace;
+  char *trace_path;
 };
+
+enum { DECODE_TRACE_WORDS = 12 }; /* kernels/decode_paged.cu's TRACE_WORDS */
 
 /* ---------------------------------------------------------------- configuration */
 
@@ -163,14 +170,22 @@ static kvattn_status decode_supported(const kvattn_attention_desc *d) {
   return KVATTN_SUCCESS;
 }
 
+/* A diagnostic build of the decode kernel that records each CTA's phase times (bench/decode_trace.py
+ * reads the file); never on unless asked. */
+static const char *decode_trace_path(void) {
+  const char *s = getenv("KVATTN_DECODE_TRACE");
+  return s && *s ? s : NULL;
+}
+
 static void decode_defines(const decode_config *c, const kvattn_attention_desc *d, int stages, char *out, size_t size) {
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d%s",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
-           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch());
+           decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(),
+           decode_trace_path() ? " -DDECODE_TRACE=1" : "");
 }
 
 static int decode_grid(const struct gpu_context *g) { return g->sm_count * decode_ctas_per_sm(); }
@@ -215,6 +230,17 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
     free(ga);
     return s;
   }
+  if (decode_trace_path()) {
+    const size_t bytes = (size_t)ga->cfg.grid * DECODE_TRACE_WORDS * 8;
+    ga->trace_path = strdup(decode_trace_path());
+    if (!ga->trace_path || g->api->cuMemAlloc(&ga->trace, bytes) || g->api->cuMemsetD8(ga->trace, 0, bytes)) {
+      if (ga->trace) g->api->cuMemFree(ga->trace);
+      free(ga->trace_path);
+      free(ga);
+      return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: KVATTN_DECODE_TRACE: no room for %zu bytes",
+                       bytes);
+    }
+  }
   a->gpu = ga;
   /* Bounds that allow several query rows per request promise prefill-shaped batches: compile that
    * family now rather than on the first such plan. */
@@ -229,8 +255,34 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   return KVATTN_SUCCESS;
 }
 
+/* KVATTN_DECODE_TRACE: the latest launch's per-CTA words as text, one line per CTA (a header says
+ * what the words are). Diagnostic output: a failure is reported on stderr, not as a status. */
+static void decode_trace_write(kvattn_attention *a) {
+  struct gpu_attention *ga = a->gpu;
+  struct gpu_context *g = a->ctx->gpu;
+  const size_t n = (size_t)ga->cfg.grid * DECODE_TRACE_WORDS;
+  unsigned long long *h = malloc(n * 8);
+  FILE *f = h ? fopen(ga->trace_path, "w") : NULL;
+  if (!f || gpu_make_current(g) || g->api->cuCtxSynchronize() || g->api->cuMemcpyDtoHAsync(h, ga->trace, n * 8, NULL) ||
+      g->api->cuStreamSynchronize(NULL)) {
+    fprintf(stderr, "kvattn: KVATTN_DECODE_TRACE=%s: the trace could not be written\n", ga->trace_path);
+  } else {
+    fprintf(f, "# kvattn decode trace, the latest launch: grid %d, tensor-core %d; per CTA: gt_entry_ns gt_exit_ns "
+               "clk_entry clk_waited clk_first_tile clk_last_item_end clk_published clk_merged clk_exit smid tiles items\n",
+            ga->cfg.grid, ga->tensor_core);
+    for (int b = 0; b < ga->cfg.grid; b++) {
+      for (int w = 0; w < DECODE_TRACE_WORDS; w++) fprintf(f, "%llu%c", h[(size_t)b * DECODE_TRACE_WORDS + w], w + 1 < DECODE_TRACE_WORDS ? ' ' : '\n');
+    }
+  }
+  if (f) fclose(f);
+  free(h);
+  g->api->cuMemFree(ga->trace);
+  free(ga->trace_path);
+}
+
 void gpu_attention_release(kvattn_attention *a) {
   if (!a || !a->gpu) return;
+  if (a->gpu->trace) decode_trace_write(a);
   if (a->gpu->prefill_ready) gpu_prefill_release(a);
   free(a->gpu);
   a->gpu = NULL;
@@ -351,6 +403,8 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
       p.tg_slots = tg % ga->page_size;
     }
   }
+
+  p.trace = (unsigned long long *)(uintptr_t)ga->trace;
 
   TRY(gpu_make_current(a->ctx->gpu));
   void *args[] = {&p};
