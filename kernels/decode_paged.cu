@@ -610,7 +610,7 @@ decode_paged_kernel(const struct decode_params p) {
      * done with the stage that the refill below overwrites */
     __syncthreads();
 #if DECODE_TRACE
-    if (tr_tiles++ == 0) trace_mark(p, TR_FIRST_TILE);
+    if (tr_tiles == 0) trace_mark(p, TR_FIRST_TILE);
 #endif
     if (cs.first) {
 #pragma unroll
@@ -630,6 +630,9 @@ decode_paged_kernel(const struct decode_params p) {
 #else
     if (cs.first) {
       __syncthreads(); /* the query slot was filled by other threads */
+#if DECODE_TRACE
+      if (tr_tiles == 0) trace_mark(p, TR_FIRST_TILE);
+#endif
 #pragma unroll
       for (int g = 0; g < GH; g++) {
         uint4 raw = lds128(sq + g * ROW_ELEMS + tx * VEC);
@@ -978,6 +981,9 @@ decode_paged_kernel(const struct decode_params p) {
 #endif
     iter_next(&cs, p);
     stage = stage + 1 == STAGES ? 0 : stage + 1;
+#if DECODE_TRACE
+    tr_tiles++;
+#endif
 #if !PIPE_IDS
     ld_stage = ld_stage + 1 == STAGES ? 0 : ld_stage + 1;
 #endif

@@ -1174,6 +1174,67 @@ TEST(fixed_split_size_gives_a_request_the_same_bits_in_any_batch) {
   free(kh), free(vh);
 }
 
+/* KVATTN_DECODE_TRACE (a diagnostic build of the kernel, read by bench/decode_trace.py): an attention
+ * created with it writes, when destroyed, one line per CTA of its latest launch; every CTA with work
+ * passed its marks in order (entry <= wait <= first tile <= last item's end <= exit, a published piece
+ * after its item's end), its SM id is one of the device's, and its outputs are the same bits as the
+ * plain kernel's. */
+TEST(the_decode_trace_records_each_ctas_phases_in_order) {
+  NEED_GPU();
+  simple S;
+  simple_make(&S, 3, 2500, 3 * 157 + 1, 1);
+  char path[] = "/tmp/kvattn-trace-XXXXXX";
+  int fd = mkstemp(path);
+  CHECK(fd >= 0);
+  close(fd);
+  const size_t on = (size_t)S.B * S.kvh * S.group * S.hd * 2;
+  uint8_t *plain = malloc(on), *traced = malloc(on);
+  for (int t = 0; t < 2; t++) {
+    if (t) setenv("KVATTN_DECODE_TRACE", path, 1);
+    kvattn_attention *a;
+    kvattn_workspace ws;
+    size_t db, hb;
+    CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a));
+    unsetenv("KVATTN_DECODE_TRACE"); /* read at create */
+    CHECK_OK(kvattn_workspace_size(gpu_ctx, &S.desc, &S.bounds, &db, &hb));
+    CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws));
+    cu.cuMemsetD8(S.dout, 0xFF, on);
+    CHECK_OK(simple_run(&S, a, &ws));
+    CHECK(cu.cuCtxSynchronize() == 0);
+    download(t ? traced : plain, S.dout, on);
+    kvattn_workspace_free(gpu_ctx, &ws);
+    kvattn_attention_destroy(a); /* writes the trace */
+  }
+  CHECK_MSG(memcmp(plain, traced, on) == 0, "the traced kernel's outputs differ from the plain kernel's");
+  FILE *f = fopen(path, "r");
+  CHECK(f != NULL);
+  char line[1024];
+  int ctas = 0, working = 0, bad = 0, header = 0;
+  unsigned long long w[12];
+  while (fgets(line, sizeof line, f)) {
+    if (line[0] == '#') {
+      header++;
+      continue;
+    }
+    int n = sscanf(line, "%llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &w[0], &w[1], &w[2], &w[3],
+                   &w[4], &w[5], &w[6], &w[7], &w[8], &w[9], &w[10], &w[11]);
+    CHECK_MSG(n == 12, "trace line %d has %d words", ctas, n);
+    ctas++;
+    if (w[1] < w[0]) bad++; /* globaltimer: exit before entry */
+    if (!w[3]) continue;    /* no work: it left before the wait */
+    working++;
+    int ok = w[2] <= w[3] && w[3] <= w[4] && w[4] <= w[5] && w[5] <= w[8] && (!w[6] || w[6] >= w[5]) &&
+             (!w[7] || w[7] >= w[6]) && w[9] < 1024 && w[10] >= 1 && w[11] >= 1;
+    if (!ok && bad++ < 3) fprintf(stderr, "  CTA %d: marks out of order: %s", ctas - 1, line);
+  }
+  fclose(f);
+  remove(path);
+  fprintf(stderr, "  trace: %d CTAs, %d with work, %d out of order\n", ctas, working, bad);
+  CHECK(header == 1 && ctas > 0 && working > 0 && bad == 0);
+  free(plain), free(traced);
+  simple_free(&S);
+}
+
 /* Run S's plan on `stream` with q read from `q` and the output written to `out` (device buffers of
  * S's q shape). */
 static kvattn_status simple_run_on(simple *S, kvattn_attention *a, CUdptr q_buf, CUdptr out_buf, void *stream) {
