@@ -515,6 +515,9 @@ decode_paged_kernel(const struct decode_params p) {
   __shared__ int sh_last;
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
+#if DECODE_TRACE
+  for (int w = 0; w < TRACE_WORDS; w++) trace_put(p, w, 0); /* nothing left from an earlier launch */
+#endif
   trace_gt(p, TR_GT_ENTRY);
   trace_mark(p, TR_ENTRY);
 
@@ -531,8 +534,6 @@ decode_paged_kernel(const struct decode_params p) {
 #if DECODE_TRACE
   int tr_tiles = 0, tr_items = 0;
   trace_put(p, TR_SMID, (unsigned long long)smid());
-  trace_put(p, TR_PUBLISHED, 0);
-  trace_put(p, TR_MERGED, 0);
 #endif
 
 #if PIPE_IDS
@@ -862,6 +863,8 @@ decode_paged_kernel(const struct decode_params p) {
       trace_mark(p, TR_LAST_ITEM_END);
 #if DECODE_TRACE
       tr_items++;
+      trace_put(p, TR_PUBLISHED, 0); /* the marks after an item's end describe the CTA's last item */
+      trace_put(p, TR_MERGED, 0);
 #endif
       const struct decode_item it = cs.it;
       const int split = it.split;
