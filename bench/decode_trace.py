@@ -92,6 +92,24 @@ def main():
     per_tile = [ns(c[CL] - c[CF]) / max(1, c[TILES] - 1) for c in work if c[CF] and c[CL] and c[TILES] > 1]
     if per_tile:
         print(f"per tile after the first (tiles > 1): median {st.median(per_tile):.0f} ns")
+    # the balance across SMs: each CTA's streaming rate (tiles after the first per us); with an equal
+    # split the launch ends with its slowest CTA, with a split by rate when sum(tiles) / sum(rates)
+    rated = [c for c in work if c[CF] and c[CL] > c[CF] and c[TILES] >= 8]
+    if rated:
+        rate = lambda c: (c[TILES] - 1) / (ns(c[CL] - c[CF]) / 1000.0)
+        by_sm = {}
+        for c in rated:
+            by_sm.setdefault(c[SM], []).append(rate(c))
+        sm_rate = {sm: st.mean(v) for sm, v in by_sm.items()}
+        med = st.median(sm_rate.values())
+        fast = sorted(sm for sm, r in sm_rate.items() if r > 1.1 * med)
+        slow = sorted(sm for sm, r in sm_rate.items() if r < 0.9 * med)
+        now = max(ns(c[CL] - c[CF]) for c in rated) / 1000.0
+        balanced = sum(c[TILES] - 1 for c in rated) / sum(rate(c) for c in rated)
+        print(f"SM rates (tiles/us per CTA): median {med:.3f}; {len(fast)} SMs above 1.1x ({', '.join(map(str, fast))}), "
+              f"{len(slow)} below 0.9x")
+        print(f"streaming part: {now:.1f} us (the slowest CTA); split by rate: {balanced:.1f} us "
+              f"({100 * (balanced / now - 1):+.1f}%)")
 
 
 if __name__ == "__main__":
