@@ -14,24 +14,20 @@ and DRAM saturates: --dram-tbs caps the result at the bytes over that read rate)
 """
 import argparse
 import heapq
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_trace import TILES, clock_ghz, read_trace, streaming_rates, working  # noqa: E402
 
 
 def load(path):
-    ctas = []
-    with open(path) as f:
-        for line in f:
-            if line.startswith("#"):
-                continue
-            w = [int(x) for x in line.split()]
-            if len(w) == 12 and w[3] and w[4] and w[5] > w[4] and w[10] >= 8:
-                ctas.append(w)
-    if not ctas:
+    """Each CTA's streaming rate (tiles per us) and the tiles they stream, from a trace."""
+    work = working(read_trace(path)[1])
+    rated = streaming_rates(work, clock_ghz(work)[0])
+    if not rated:
         raise SystemExit("no CTA with 8 tiles or more in the trace")
-    gt = [(c[8] - c[2]) / (c[1] - c[0]) for c in ctas if c[1] - c[0] >= 2000]
-    ghz = sorted(gt)[len(gt) // 2] if gt else 1.8
-    rates = [(c[10] - 1) / ((c[5] - c[4]) / ghz / 1000.0) for c in ctas]  # tiles per us
-    tiles = sum(c[10] - 1 for c in ctas)
-    return rates, tiles
+    return [r for _, r in rated], sum(c[TILES] - 1 for c, _ in rated)
 
 
 def stealing(rates, tiles, static_frac, piece, item_us):

@@ -31,14 +31,14 @@ def row(name, xs, unit="ns"):
     print(f"| {name} | {pct(xs, 0.5):.0f} | {pct(xs, 0.1):.0f} | {pct(xs, 0.9):.0f} | {max(xs):.0f} | {len(xs)} |")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("trace")
-    ap.add_argument("--mhz", type=float, default=0.0, help="SM clock in MHz (default: from the trace)")
-    a = ap.parse_args()
-    ctas = []
-    header = ""
-    with open(a.trace) as f:
+# the words of a CTA's line (kernels/decode_paged.cu, TR_*)
+GT0, GT1, CE, CW, CF, CL, CP, CM, CX, SM, TILES, ITEMS = range(12)
+
+
+def read_trace(path):
+    """(header line, [12 words per CTA])"""
+    ctas, header = [], ""
+    with open(path) as f:
         for line in f:
             if line.startswith("#"):
                 header = line.strip()
@@ -46,20 +46,42 @@ def main():
             w = [int(x) for x in line.split()]
             if len(w) == 12:
                 ctas.append(w)
-    GT0, GT1, CE, CW, CF, CL, CP, CM, CX, SM, TILES, ITEMS = range(12)
-    work = [c for c in ctas if c[CW] != 0 and c[CX] != 0]
-    idle = [c for c in ctas if c[CW] == 0]
+    return header, ctas
+
+
+def working(ctas):
+    """The CTAs that had work (they passed the wait and exited)."""
+    return [c for c in ctas if c[CW] != 0 and c[CX] != 0]
+
+
+def clock_ghz(work, mhz=0.0):
+    """(SM clock in GHz, how it was found): given, else each CTA's clock64 / globaltimer over its life."""
+    if mhz > 0:
+        return mhz / 1000.0, "given"
+    ratios = [(c[CX] - c[CE]) / (c[GT1] - c[GT0]) for c in work if c[GT1] - c[GT0] >= 2000]
+    if not ratios:
+        return 1.98, "assumed"
+    return st.median(ratios), f"median clock64/globaltimer of {len(ratios)} CTAs"
+
+
+def streaming_rates(work, ghz, min_tiles=8):
+    """[(CTA, tiles per us after its first tile)] for the CTAs with at least min_tiles tiles."""
+    return [(c, (c[TILES] - 1) / ((c[CL] - c[CF]) / ghz / 1000.0)) for c in work
+            if c[CF] and c[CL] > c[CF] and c[TILES] >= min_tiles]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--mhz", type=float, default=0.0, help="SM clock in MHz (default: from the trace)")
+    a = ap.parse_args()
+    header, ctas = read_trace(a.trace)
+    work = working(ctas)
     print(header)
-    print(f"CTAs: {len(ctas)}, with work: {len(work)}, without: {len(idle)}")
+    print(f"CTAs: {len(ctas)}, with work: {len(work)}, without: {len(ctas) - len(work)}")
     if not work:
         return
-    if a.mhz > 0:
-        ghz = a.mhz / 1000.0
-        how = "given"
-    else:
-        ratios = [(c[CX] - c[CE]) / (c[GT1] - c[GT0]) for c in work if c[GT1] - c[GT0] >= 2000]
-        ghz = st.median(ratios) if ratios else 1.98
-        how = f"median clock64/globaltimer of {len(ratios)} CTAs" if ratios else "assumed"
+    ghz, how = clock_ghz(work, a.mhz)
     print(f"SM clock {ghz * 1000:.0f} MHz ({how})")
     ns = lambda cyc: cyc / ghz
     t0 = min(c[GT0] for c in ctas)
@@ -94,18 +116,17 @@ def main():
         print(f"per tile after the first (tiles > 1): median {st.median(per_tile):.0f} ns")
     # the balance across SMs: each CTA's streaming rate (tiles after the first per us); with an equal
     # split the launch ends with its slowest CTA, with a split by rate when sum(tiles) / sum(rates)
-    rated = [c for c in work if c[CF] and c[CL] > c[CF] and c[TILES] >= 8]
+    rated = streaming_rates(work, ghz)
     if rated:
-        rate = lambda c: (c[TILES] - 1) / (ns(c[CL] - c[CF]) / 1000.0)
         by_sm = {}
-        for c in rated:
-            by_sm.setdefault(c[SM], []).append(rate(c))
+        for c, r in rated:
+            by_sm.setdefault(c[SM], []).append(r)
         sm_rate = {sm: st.mean(v) for sm, v in by_sm.items()}
         med = st.median(sm_rate.values())
         fast = sorted(sm for sm, r in sm_rate.items() if r > 1.1 * med)
         slow = sorted(sm for sm, r in sm_rate.items() if r < 0.9 * med)
-        now = max(ns(c[CL] - c[CF]) for c in rated) / 1000.0
-        balanced = sum(c[TILES] - 1 for c in rated) / sum(rate(c) for c in rated)
+        now = max(ns(c[CL] - c[CF]) for c, _ in rated) / 1000.0
+        balanced = sum(c[TILES] - 1 for c, _ in rated) / sum(r for _, r in rated)
         print(f"SM rates (tiles/us per CTA): median {med:.3f}; {len(fast)} SMs above 1.1x ({', '.join(map(str, fast))}), "
               f"{len(slow)} below 0.9x")
         print(f"streaming part: {now:.1f} us (the slowest CTA); split by rate: {balanced:.1f} us "

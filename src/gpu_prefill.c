@@ -197,6 +197,9 @@ static dev_layout dev_layout_of(const prefill_layout *l, const prefill_config *c
   return d;
 }
 
+/* The host part: the work lists, 16-byte aligned at any offset. */
+static size_t host_bytes_of(const prefill_layout *l) { return align_up((size_t)l->list_words * 4, 256) + 16; }
+
 kvattn_status gpu_prefill_workspace_size(kvattn_context *ctx, const kvattn_attention_desc *desc,
                                          const kvattn_bounds *bounds, size_t *device_bytes, size_t *host_bytes) {
   RETURN_IF(!ctx || !ctx->gpu, KVATTN_ERROR_INTERNAL, "gpu_prefill_workspace_size: no GPU context");
@@ -213,7 +216,7 @@ kvattn_status gpu_prefill_workspace_size(kvattn_context *ctx, const kvattn_atten
   TRY(prefill_layout_compute(&c, &l));
   dev_layout d = dev_layout_of(&l, &c, reachable);
   *device_bytes = d.total;
-  *host_bytes = align_up((size_t)l.list_words * 4, 256) + 16;
+  *host_bytes = host_bytes_of(&l);
   return KVATTN_SUCCESS;
 }
 
@@ -342,12 +345,8 @@ kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const 
               "kvattn_plan: request %lld has %lld KV tokens; the GPU prefill takes < 2^31", (long long)i,
               (long long)bv_kv_len(bv, i));
   }
-  size_t need_dev, need_host;
-  {
-    dev_layout dl = dev_layout_of(&p->lay, &p->cfg, p->reachable);
-    need_dev = dl.total;
-    need_host = align_up((size_t)p->lay.list_words * 4, 256) + 16;
-  }
+  const dev_layout dl = dev_layout_of(&p->lay, &p->cfg, p->reachable);
+  const size_t need_dev = dl.total, need_host = host_bytes_of(&p->lay);
   RETURN_IF(ws->device_bytes < ws_device_offset + need_dev || ws->host_bytes < ws_host_offset + need_host,
             KVATTN_ERROR_WORKSPACE_TOO_SMALL,
             "kvattn_plan: the prefill region needs %zu device + %zu host bytes after offsets %zu / %zu; the workspace "
@@ -357,7 +356,6 @@ kvattn_status gpu_prefill_plan(kvattn_attention *a, const batch_view *bv, const 
   int32_t *host = (int32_t *)(((uintptr_t)ws->host + ws_host_offset + 15) / 16 * 16);
   TRY(prefill_plan_build(&p->cfg, &p->lay, bv, a->mask_offset, a->desc.rope ? p->rope_freq : NULL,
                          a->desc.alibi ? a->alibi_slopes : NULL, host, p->scratch, &p->out));
-  dev_layout dl = dev_layout_of(&p->lay, &p->cfg, p->reachable);
   CUdeviceptr base = ((CUdeviceptr)(uintptr_t)ws->device + ws_device_offset + 255) / 256 * 256;
   TRY(gpu_make_current(g));
   CU_TRY(g->api, cuMemcpyHtoDAsync(base + dl.lists, host, (size_t)p->out.copy_words * 4, (CUstream)stream));

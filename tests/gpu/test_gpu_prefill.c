@@ -642,6 +642,17 @@ TEST(one_captured_graph_replays_1000_varlen_batches) {
   kvattn_attention_destroy(attn);
 }
 
+/* An attention on a grid of `grid` CTAs per tile kind (the test knob KVATTN_PREFILL_GRID: many items
+ * per CTA, split pieces, tail cuts), and its workspace size asked under the same grid, so it is exact. */
+static kvattn_status create_on_grid(const kvattn_attention_desc *d, const kvattn_bounds *b, const char *grid,
+                                    kvattn_attention **a, size_t *dev, size_t *host) {
+  setenv("KVATTN_PREFILL_GRID", grid, 1);
+  kvattn_status s = kvattn_attention_create(g_gpu, d, b, a);
+  if (!s) s = kvattn_workspace_size(g_gpu, d, b, dev, host);
+  unsetenv("KVATTN_PREFILL_GRID");
+  return s;
+}
+
 /* The batch of the chained and the determinism tests: 4 paged requests (page 16) of 200 / 8 / 0 / 3
  * query rows onto 2200 / 3000 / 40 / 2500 tokens, 8 / 2 heads of 128, bf16, causal; on a grid of 5 its
  * work has split KV pieces and tail-balanced items. Compact q and out (a step's out can be the next q). */
@@ -693,17 +704,14 @@ TEST(chained_prefills_launched_back_to_back_see_the_previous_output) {
   /* [0] the defaults (PDL where the device has it), [1] PDL off; both on a grid of 5 */
   kvattn_attention *a[2];
   kvattn_workspace ws[2];
-  setenv("KVATTN_PREFILL_GRID", "5", 1);
   for (int i = 0; i < 2; i++) {
     if (i == 1) setenv("KVATTN_PREFILL_PDL", "0", 1);
-    CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &a[i]));
     size_t dev = 0, host = 0;
-    CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
+    CHECK_OK(create_on_grid(&d, &bounds, "5", &a[i], &dev, &host));
     CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws[i]));
     CHECK_OK(kvattn_plan(a[i], &tb.batch, &ws[i], st));
   }
   unsetenv("KVATTN_PREFILL_PDL");
-  unsetenv("KVATTN_PREFILL_GRID");
   CHECK(!api()->cuStreamSynchronize(st));
 
   DLTensor qt[STEPS], ot[STEPS];
@@ -794,11 +802,7 @@ TEST(a_plan_run_1000_times_in_an_exact_workspace_gives_the_same_bits) {
   kvattn_attention *a;
   kvattn_workspace ws;
   size_t dev = 0, host = 0;
-  /* a small grid: split pieces and cut tail items; the size asked for the same grid, so that it is exact */
-  setenv("KVATTN_PREFILL_GRID", "5", 1);
-  CHECK_OK(kvattn_attention_create(g_gpu, &d, &bounds, &a));
-  CHECK_OK(kvattn_workspace_size(g_gpu, &d, &bounds, &dev, &host));
-  unsetenv("KVATTN_PREFILL_GRID");
+  CHECK_OK(create_on_grid(&d, &bounds, "5", &a, &dev, &host)); /* split pieces and cut tail items */
   const size_t canary = 4096;
   kvattn_workspace big;
   CHECK_OK(kvattn_workspace_alloc(g_gpu, dev + 2 * canary, host + 2 * canary, &big));
@@ -922,10 +926,7 @@ TEST(fixed_split_size_gives_a_request_the_same_bits_in_any_batch) {
     kvattn_workspace ws;
     size_t dev = 0, host = 0;
     /* a grid of 5: by default the batch's KV splits and tail cuts then differ from a sub-batch's */
-    setenv("KVATTN_PREFILL_GRID", "5", 1);
-    CHECK_OK(kvattn_attention_create(g_gpu, &dm, &bounds, &attn));
-    CHECK_OK(kvattn_workspace_size(g_gpu, &dm, &bounds, &dev, &host));
-    unsetenv("KVATTN_PREFILL_GRID");
+    CHECK_OK(create_on_grid(&dm, &bounds, "5", &attn, &dev, &host));
     CHECK_OK(kvattn_workspace_alloc(g_gpu, dev, host, &ws));
     for (int x = 0; x < nslices; x++) {
       const int a = slices[x][0], b = slices[x][1];
