@@ -210,10 +210,11 @@ def with_env(cfg, fn):
             "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",),
             "p": ("KVATTN_DECODE_PIPE",), "n": ("KVATTN_DECODE_MIN_CHUNK_SMALL",),
             "e": ("KVATTN_DECODE_EARLY_REFILL",), "g": ("KVATTN_DECODE_PDL",), "w": ("KVATTN_DECODE_NARROW",),
-            "a": ("KVATTN_DECODE_TILE_PLAN",), "h": ("KVATTN_DECODE_L2_PREFETCH",)}
+            "a": ("KVATTN_DECODE_TILE_PLAN",), "h": ("KVATTN_DECODE_L2_PREFETCH",),
+            "u": ("KVATTN_DECODE_SM_WEIGHTS",)}
     saved = {k: os.environ.get(k) for ks in keys.values() for k in ks}
     try:
-        for letter, value in re.findall(r"([scmitpnegwah])(\d+)", cfg):
+        for letter, value in re.findall(r"([scmitpnegwahu])(\d+)", cfg):
             for k in keys[letter]:
                 os.environ[k] = ({"0": "cc", "1": "tc"}[value] if letter == "t" else value)
         return fn()
@@ -360,6 +361,12 @@ def main():
                 entry["flashinfer_best_us"] = min(fis)
                 entry["kvattn_vs_flashinfer"] = min(fis) / entry["kvattn"]["us"]  # > 1: kvattn faster
             result["workloads"][key] = entry
+            if "kvattn_context" not in result:  # after the first attention: what its SM rate probe measured
+                try:
+                    result["kvattn_context"] = kvattn.context.default_context((2, 0)).info()  # kDLCUDA, device 0
+                    log("kvattn context: " + result["kvattn_context"])
+                except Exception as e:  # noqa: BLE001 - diagnostic only
+                    result["kvattn_context"] = "info failed: %s" % e
             line = "%-22s" % key
             for cname in [c for c, _ in contenders]:
                 r = entry.get(cname)

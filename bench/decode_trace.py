@@ -32,11 +32,12 @@ def row(name, xs, unit="ns"):
 
 
 # the words of a CTA's line (kernels/decode_paged.cu, TR_*)
-GT0, GT1, CE, CW, CF, CL, CP, CM, CX, SM, TILES, ITEMS = range(12)
+GT0, GT1, CE, CW, CF, CL, CP, CM, CX, SM, TILES, ITEMS, LIST = range(13)
 
 
 def read_trace(path):
-    """(header line, [12 words per CTA])"""
+    """(header line, [13 words per CTA]; a trace of 12 words, from before the lists were claimed by SM, gets
+    its line number as the list)"""
     ctas, header = [], ""
     with open(path) as f:
         for line in f:
@@ -45,6 +46,8 @@ def read_trace(path):
                 continue
             w = [int(x) for x in line.split()]
             if len(w) == 12:
+                w.append(len(ctas))
+            if len(w) == 13:
                 ctas.append(w)
     return header, ctas
 

@@ -172,24 +172,27 @@ struct decode_params {
   int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int tg_pages, tg_slots;
   unsigned long long *trace; /* DECODE_TRACE: [grid][TRACE_WORDS] (see trace_mark); else unused */
+  const int *sched;         /* [4]: [0] = lists per SM when the lists are weighted by SM speed, else 0 */
+  int *claims;              /* [grid + 1]: claim flags of the lists, then the count of CTAs done */
 };
 
 /* DECODE_TRACE=1 (the host's KVATTN_DECODE_TRACE=file; a diagnostic specialization, never the
  * default): thread 0 of every CTA records when it passes each phase of the launch, so a launch's
  * latency chain can be read from the device (bench/decode_trace.py): words 0/1 %globaltimer (ns) at
- * entry and exit, 2..8 clock64 at the marks below, 9 the SM, 10 tiles, 11 items. */
+ * entry and exit, 2..8 clock64 at the marks below, 9 the SM, 10 tiles, 11 items, 12 the list run (the
+ * CTA's own, or the one it claimed: claim_list). */
 #ifndef DECODE_TRACE
 #define DECODE_TRACE 0
 #endif
-#define TRACE_WORDS 12
+#define TRACE_WORDS 13
 enum { TR_GT_ENTRY = 0, TR_GT_EXIT = 1, TR_ENTRY = 2, TR_WAITED = 3, TR_FIRST_TILE = 4, TR_LAST_ITEM_END = 5,
-       TR_PUBLISHED = 6, TR_MERGED = 7, TR_EXIT = 8, TR_SMID = 9, TR_TILES = 10, TR_ITEMS = 11 };
-#if DECODE_TRACE
+       TR_PUBLISHED = 6, TR_MERGED = 7, TR_EXIT = 8, TR_SMID = 9, TR_TILES = 10, TR_ITEMS = 11, TR_LIST = 12 };
 static __device__ __forceinline__ unsigned smid() {
   unsigned r;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
   return r;
 }
+#if DECODE_TRACE
 static __device__ __forceinline__ void trace_put(const struct decode_params &p, int word, unsigned long long v) {
   if (threadIdx.x == 0) p.trace[(size_t)blockIdx.x * TRACE_WORDS + word] = v;
 }
@@ -225,9 +228,10 @@ static __device__ __forceinline__ struct decode_item load_item(const struct deco
   return r;
 }
 
-static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p) {
-  ti->item = p.cta_indptr[blockIdx.x];
-  ti->item_end = p.cta_indptr[blockIdx.x + 1];
+static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p, int item,
+                                                  int item_end) {
+  ti->item = item;
+  ti->item_end = item_end;
   ti->first = 1;
   if (ti->item < ti->item_end) {
     ti->it = load_item(p.items, ti->item);
@@ -253,6 +257,37 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
   if (ti->item < ti->item_end) {
     ti->it = load_item(p.items, ti->item);
     ti->tok = ti->it.tok_start;
+  }
+}
+
+/* Lists weighted by SM speed (the planner's sched[0] = lists per SM, plan_decode.h cum_weight): some SMs
+ * stream faster than others, so the planner made the lists of fast SMs longer, and a CTA must run a list of
+ * the SM it landed on. Thread 0 claims one of its SM's lists; where both are taken (a CTA that came to an SM
+ * after one of the SM's CTAs retired, or an SM id past the lists) it takes any list not yet claimed: as many
+ * lists as CTAs, so one is always left, and every list runs exactly once. Called after pdl_wait(): the
+ * previous launch's last CTA resets the claims (release_lists). */
+static __device__ int claim_list(const struct decode_params &p, int per_sm) {
+  const int grid = gridDim.x;
+  const int s = (int)smid();
+  if ((s + 1) * per_sm <= grid)
+    for (int k = 0; k < per_sm; k++)
+      if (atomicExch(p.claims + s * per_sm + k, 1) == 0) return s * per_sm + k;
+  for (int k = 0; k < grid; k++) {
+    const int j = (blockIdx.x + k) % grid;
+    if (atomicExch(p.claims + j, 1) == 0) return j;
+  }
+  return blockIdx.x; /* not reached: the claims can not all be taken while this CTA has none */
+}
+
+/* Thread 0, once its CTA's list is done: the last CTA of the launch clears the claims for the next one
+ * (a graph replays the launch with no upload between). */
+static __device__ void release_lists(const struct decode_params &p) {
+  if (threadIdx.x != 0) return;
+  const int grid = gridDim.x;
+  __threadfence(); /* this CTA's claim is visible before its count */
+  if (atomicAdd(p.claims + grid, 1) == grid - 1) {
+    for (int j = 0; j < grid; j++) p.claims[j] = 0;
+    p.claims[grid] = 0;
   }
 }
 
@@ -512,7 +547,7 @@ decode_paged_kernel(const struct decode_params p) {
   float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [NGROUPS][GH][HEAD_DIM] */
   float *red_m = red_acc + NGROUPS * GH * HEAD_DIM;   /* [NGROUPS][GH] */
   float *red_l = red_m + NGROUPS * GH;                /* [NGROUPS][GH] */
-  __shared__ int sh_last;
+  __shared__ int sh_last, sh_list;
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
 #if DECODE_TRACE
@@ -522,10 +557,22 @@ decode_paged_kernel(const struct decode_params p) {
   trace_mark(p, TR_ENTRY);
 
   pdl_launch_dependents();
+  /* the work lists only before pdl_wait(): the list's bounds for blockIdx.x are read beside sched[0], so the
+   * unweighted start waits for one load, not two */
+  int item = p.cta_indptr[blockIdx.x], item_end = p.cta_indptr[blockIdx.x + 1];
+  const int per_sm = p.sched[0];
+  if (per_sm > 0) {
+    pdl_wait();
+    if (tid == 0) sh_list = claim_list(p, per_sm);
+    __syncthreads();
+    item = p.cta_indptr[sh_list];
+    item_end = p.cta_indptr[sh_list + 1];
+  }
   struct tile_iter ld, cs; /* the loader runs STAGES-1 (PIPE_IDS: STAGES) tiles ahead of the consumer */
-  iter_begin(&ld, p); /* the work lists only: safe before pdl_wait() */
+  iter_begin(&ld, p, item, item_end);
   cs = ld;
   if (!iter_valid(&cs)) {
+    if (per_sm > 0) release_lists(p);
     trace_gt(p, TR_GT_EXIT);
     return;
   }
@@ -534,6 +581,7 @@ decode_paged_kernel(const struct decode_params p) {
 #if DECODE_TRACE
   int tr_tiles = 0, tr_items = 0;
   trace_put(p, TR_SMID, (unsigned long long)smid());
+  trace_put(p, TR_LIST, (unsigned long long)(per_sm > 0 ? sh_list : blockIdx.x));
 #endif
 
 #if PIPE_IDS
@@ -992,6 +1040,7 @@ decode_paged_kernel(const struct decode_params p) {
 #endif
   }
   cp_async_wait<0>();
+  if (per_sm > 0) release_lists(p);
   trace_mark(p, TR_EXIT);
   trace_gt(p, TR_GT_EXIT);
 #if DECODE_TRACE

@@ -1,0 +1,61 @@
+/*
+ * sm_rate.cu - how fast each SM streams from DRAM while every SM streams: the probe behind the decode
+ * planner's lists weighted by SM speed (src/gpu_sm_rate.c).
+ *
+ * Why: on our H200, 24 of the 132 SMs read 22-28% faster than the others in every long decode launch
+ * (a trace from inside the kernel, docs/perf.md), so a persistent grid that gives every CTA the same
+ * bytes waits for the slow SMs. Which SMs are fast depends on the chip (it is not in any device
+ * attribute), so it is measured once per context.
+ *
+ * Each CTA streams its own slice of a buffer larger than L2, over and over, for `duration_ns` of
+ * %globaltimer, with ~24-32 KiB of copies in flight per CTA (what the decode kernel's ring keeps), then
+ * writes (SM, bytes, nanoseconds). All CTAs run at once (the
+ * grid is the decode grid: CTAs per SM x SMs), so each one's rate is its rate under full contention.
+ */
+#include "common.cuh"
+
+#define PROBE_THREADS 128
+#define PROBE_VECS 4   /* 16-byte copies per thread and stage: 8 KiB per CTA and stage */
+#define PROBE_STAGES 4 /* up to 3 stages in flight while one lands: ~24-32 KiB per CTA, as the decode ring */
+
+static __device__ __forceinline__ u64 globaltimer() {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+/* slice_vecs: 16-byte vectors per CTA's slice, a multiple of PROBE_THREADS * PROBE_VECS. out: [gridDim.x][4] =
+ * smid, bytes, ns, 0. The copies land in shared memory that nobody reads (cp.async needs no registers, so
+ * every copy of a stage is in flight at once; loads to registers were issued five at a time by ptxas). */
+extern "C" __global__ void __launch_bounds__(PROBE_THREADS)
+sm_rate_probe(const uint4 *buf, i64 slice_vecs, u64 duration_ns, u64 *out) {
+  __shared__ __align__(16) uint4 ring[PROBE_STAGES][PROBE_VECS * PROBE_THREADS];
+  const uint4 *slice = buf + (i64)blockIdx.x * slice_vecs;
+  const i64 step = PROBE_THREADS * PROBE_VECS;
+  i64 pos = 0, loaded = 0;
+  int stage = 0;
+  const u64 t0 = globaltimer();
+  u64 t;
+  do {
+#pragma unroll
+    for (int u = 0; u < PROBE_VECS; u++)
+      cp_async16(&ring[stage][u * PROBE_THREADS + threadIdx.x], slice + pos + u * PROBE_THREADS + threadIdx.x, 16);
+    cp_async_commit();
+    cp_async_wait<PROBE_STAGES - 1>();
+    loaded += step;
+    pos = pos + step == slice_vecs ? 0 : pos + step;
+    stage = stage + 1 == PROBE_STAGES ? 0 : stage + 1;
+    t = globaltimer();
+  } while (t - t0 < duration_ns);
+  cp_async_wait<0>();
+  __syncthreads(); /* the CTA is done when its last thread's copies are */
+  if (threadIdx.x == 0) {
+    const u64 t1 = globaltimer();
+    u32 s;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+    out[blockIdx.x * 4 + 0] = s;
+    out[blockIdx.x * 4 + 1] = (u64)loaded * 16;
+    out[blockIdx.x * 4 + 2] = t1 - t0;
+    out[blockIdx.x * 4 + 3] = 0;
+  }
+}
