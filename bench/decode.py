@@ -203,9 +203,23 @@ def with_env(cfg, fn):
     i<item cost>p<0|1 tensor-core loader: 0 earlier, 1 ids staged in shared memory>n<min chunk when
     the batch is too small for min_chunk per CTA; 0 = min_chunk>e<0|1 refill before an item's merge>
     g<0|1 programmatic dependent launch>w<0|1 the narrow (32-bit offset) tensor-core loader>a<0|1 the
-    planner in whole kernel tiles>h<0|128|256 L2 prefetch size hint of the tensor-core K/V copies>"
-    (any part optional), read by kvattn when an attention is created."""
+    planner in whole kernel tiles>h<0|128|256 L2 prefetch size hint of the tensor-core K/V copies>u<0>"
+    (any part optional), read by kvattn when an attention is created; u<0> no SM weights. Or "@NAME=VALUE": that
+    one environment variable (VALUE "@FILE": the file's text), e.g. "@KVATTN_DECODE_SM_WEIGHTS=@/tmp/w.txt"."""
     import re
+    if cfg.startswith("@"):
+        name, value = cfg[1:].split("=", 1)
+        if value.startswith("@"):
+            value = open(value[1:]).read().strip()
+        saved = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = saved
     keys = {"s": ("KVATTN_DECODE_STAGES", "KVATTN_DECODE_TC_STAGES"), "c": ("KVATTN_DECODE_CTAS_PER_SM",),
             "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",),
             "p": ("KVATTN_DECODE_PIPE",), "n": ("KVATTN_DECODE_MIN_CHUNK_SMALL",),

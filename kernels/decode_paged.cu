@@ -173,7 +173,7 @@ struct decode_params {
   int tg_pages, tg_slots;
   unsigned long long *trace; /* DECODE_TRACE: [grid][TRACE_WORDS] (see trace_mark); else unused */
   const int *sched;         /* [4]: [0] = lists per SM when the lists are weighted by SM speed, else 0 */
-  int *claims;              /* [grid + 1]: claim flags of the lists, then the count of CTAs done */
+  int *claims;              /* [2 + grid]: a 64-bit ticket counter, then each list's generation (claim_list) */
 };
 
 /* DECODE_TRACE=1 (the host's KVATTN_DECODE_TRACE=file; a diagnostic specialization, never the
@@ -260,35 +260,33 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
   }
 }
 
-/* Lists weighted by SM speed (the planner's sched[0] = lists per SM, plan_decode.h cum_weight): some SMs
+/* Lists weighted by SM speed (the planner's sched[0] = lists per SM, plan_decode.h stretch_q32): some SMs
  * stream faster than others, so the planner made the lists of fast SMs longer, and a CTA must run a list of
- * the SM it landed on. Thread 0 claims one of its SM's lists; where both are taken (a CTA that came to an SM
+ * the SM it landed on. Thread 0 claims one of its SM's lists; where they are taken (a CTA that came to an SM
  * after one of the SM's CTAs retired, or an SM id past the lists) it takes any list not yet claimed: as many
- * lists as CTAs, so one is always left, and every list runs exactly once. Called after pdl_wait(): the
- * previous launch's last CTA resets the claims (release_lists). */
+ * lists as CTAs, so one is always left, and every list runs exactly once.
+ *
+ * Nothing is reset between launches (a graph replays the launch with no upload between): claims[0..1] is a
+ * 64-bit ticket counter and claims[2 + j] list j's generation, all zeroed by the plan's upload. A CTA's ticket
+ * t gives its launch's generation G = t / grid, and it claims list j by moving j's generation from G to G + 1.
+ * That holds because every CTA of a launch takes its ticket and its list before it lets the next launch start
+ * (pdl_launch_dependents comes after the claim; without PDL, launches do not overlap at all). Before
+ * pdl_wait(): it reads only the claims, which no other kernel writes. */
 static __device__ int claim_list(const struct decode_params &p, int per_sm) {
-  const int grid = gridDim.x;
-  const int s = (int)smid();
-  if ((s + 1) * per_sm <= grid)
-    for (int k = 0; k < per_sm; k++)
-      if (atomicExch(p.claims + s * per_sm + k, 1) == 0) return s * per_sm + k;
-  for (int k = 0; k < grid; k++) {
-    const int j = (blockIdx.x + k) % grid;
-    if (atomicExch(p.claims + j, 1) == 0) return j;
+  const unsigned grid = gridDim.x;
+  const unsigned long long t = atomicAdd((unsigned long long *)p.claims, 1ull);
+  const unsigned G = (unsigned)(t / grid);
+  unsigned *gen = (unsigned *)p.claims + 2;
+  const unsigned s = smid();
+  if ((s + 1) * (unsigned)per_sm <= grid)
+    for (unsigned k = 0; k < (unsigned)per_sm; k++)
+      if (atomicCAS(gen + s * per_sm + k, G, G + 1) == G) return (int)(s * per_sm + k);
+  const unsigned start = (unsigned)(t % grid);
+  for (unsigned k = 0; k < grid; k++) {
+    const unsigned j = (start + k) % grid;
+    if (atomicCAS(gen + j, G, G + 1) == G) return (int)j;
   }
-  return blockIdx.x; /* not reached: the claims can not all be taken while this CTA has none */
-}
-
-/* Thread 0, once its CTA's list is done: the last CTA of the launch clears the claims for the next one
- * (a graph replays the launch with no upload between). */
-static __device__ void release_lists(const struct decode_params &p) {
-  if (threadIdx.x != 0) return;
-  const int grid = gridDim.x;
-  __threadfence(); /* this CTA's claim is visible before its count */
-  if (atomicAdd(p.claims + grid, 1) == grid - 1) {
-    for (int j = 0; j < grid; j++) p.claims[j] = 0;
-    p.claims[grid] = 0;
-  }
+  return (int)blockIdx.x; /* not reached: a launch's CTAs claim its lists one each */
 }
 
 /* Shared memory: the K/V ring, a query slot per stage, and the cross-group reduction area.
@@ -556,23 +554,21 @@ decode_paged_kernel(const struct decode_params p) {
   trace_gt(p, TR_GT_ENTRY);
   trace_mark(p, TR_ENTRY);
 
-  pdl_launch_dependents();
   /* the work lists only before pdl_wait(): the list's bounds for blockIdx.x are read beside sched[0], so the
    * unweighted start waits for one load, not two */
   int item = p.cta_indptr[blockIdx.x], item_end = p.cta_indptr[blockIdx.x + 1];
   const int per_sm = p.sched[0];
   if (per_sm > 0) {
-    pdl_wait();
     if (tid == 0) sh_list = claim_list(p, per_sm);
     __syncthreads();
     item = p.cta_indptr[sh_list];
     item_end = p.cta_indptr[sh_list + 1];
   }
+  pdl_launch_dependents(); /* after the claim: see claim_list */
   struct tile_iter ld, cs; /* the loader runs STAGES-1 (PIPE_IDS: STAGES) tiles ahead of the consumer */
   iter_begin(&ld, p, item, item_end);
   cs = ld;
   if (!iter_valid(&cs)) {
-    if (per_sm > 0) release_lists(p);
     trace_gt(p, TR_GT_EXIT);
     return;
   }
@@ -1040,7 +1036,6 @@ decode_paged_kernel(const struct decode_params p) {
 #endif
   }
   cp_async_wait<0>();
-  if (per_sm > 0) release_lists(p);
   trace_mark(p, TR_EXIT);
   trace_gt(p, TR_GT_EXIT);
 #if DECODE_TRACE

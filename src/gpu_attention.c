@@ -229,9 +229,19 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   {
     const uint16_t *w = NULL;
     const int per_sm = ga->cfg.grid / g->sm_count;
-    /* KVATTN_DECODE_SM_WEIGHTS=0 when this attention is created: equal stretches for it (A/B runs) */
-    const char *off = getenv("KVATTN_DECODE_SM_WEIGHTS");
-    kvattn_status ws = off && !strcmp(off, "0") ? KVATTN_SUCCESS : gpu_sm_weights(g, per_sm, &w);
+    /* KVATTN_DECODE_SM_WEIGHTS when this attention is created (src/gpu_sm_rate.c): 0 = equal stretches, a list =
+     * these weights, else the context's measured ones */
+    const char *env = getenv("KVATTN_DECODE_SM_WEIGHTS");
+    uint16_t *given = NULL;
+    kvattn_status ws = KVATTN_SUCCESS;
+    if (env && !strcmp(env, "0")) {
+      /* none */
+    } else if (env && *env && strcmp(env, "1") != 0) {
+      given = malloc((size_t)g->sm_count * sizeof *given);
+      if (given && gpu_parse_sm_weights(env, g->sm_count, given)) w = given;
+    } else {
+      ws = gpu_sm_weights(g, per_sm, &w);
+    }
     if (ws != KVATTN_SUCCESS) {
       free(ga);
       return ws;
@@ -241,6 +251,7 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
       ga->stretch_q32 = malloc((size_t)ga->cfg.grid * sizeof(uint64_t));
       if (!lw || !ga->stretch_q32) {
         free(lw);
+        free(given);
         free(ga->stretch_q32);
         free(ga);
         return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
@@ -251,6 +262,7 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
       ga->cfg.stretch_q32 = ga->stretch_q32;
       ga->cfg.claim_per_sm = per_sm;
     }
+    free(given);
   }
   ga->stages = decode_stages(ga->tensor_core);
   decode_defines(&ga->cfg, &a->desc, ga->stages, ga->defines, sizeof ga->defines);
@@ -600,7 +612,8 @@ kvattn_status gpu_decode_warmup(const kvattn_attention_desc *desc, const char *a
       {"decode_paged.cu", defines, arch},
       {"merge_state.cu", merge_defines, arch},
       {"append_paged_kv.cu", append_defines, arch},
-      {"sm_rate.cu", "", arch}, /* the SM rate probe (src/gpu_sm_rate.c) of the first decode attention */
+      /* the SM rate probe (src/gpu_sm_rate.c) of the first decode attention, in the form it will run */
+      {"sm_rate.cu", getenv("KVATTN_SM_PROBE_DEFINES") ? getenv("KVATTN_SM_PROBE_DEFINES") : "", arch},
   };
   double total = 0;
   int n = 0;

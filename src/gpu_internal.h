@@ -178,6 +178,9 @@ struct gpu_context {
  * measured once per context, with `per_sm` CTAs of the probe on each SM, on the legacy default stream, which it
  * synchronizes. Fails only where the host is out of memory. */
 kvattn_status gpu_sm_weights(struct gpu_context *g, int per_sm, const uint16_t **weights);
+/* Weights from a list such as "1.25,1" (or "1.25:1"), cycled over `sms` SMs, in sixteenths; 0 when `s` is not
+ * such a list. */
+int gpu_parse_sm_weights(const char *s, int sms, uint16_t *out);
 /* What gpu_sm_weights measured (or why not, or "not measured yet"), for kvattn_context_info. */
 void gpu_sm_rate_info(struct gpu_context *g, char *buf, size_t size);
 

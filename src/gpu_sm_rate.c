@@ -2,10 +2,10 @@
  * gpu_sm_rate.c - each SM's streaming rate relative to the others (kernels/sm_rate.cu), measured once per
  * context: the weights of the decode planner's lists (src/plan_decode.h stretch_q32).
  *
- * KVATTN_DECODE_SM_WEIGHTS: unset or 1 = measure; 0 = none (equal stretches: plans then depend only on the
- * batch, so the same batch gives the same bits in every process); a comma list of numbers ("1.25,1") =
- * these weights, cycled over the SMs (tests and experiments). KVATTN_DECODE_SM_RATES_PRINT=1 prints each SM's
- * measured rate on stderr.
+ * KVATTN_DECODE_SM_WEIGHTS, read when a decode attention is created (src/gpu_attention.c): unset or 1 = the
+ * context's measured weights; 0 = none (equal stretches: plans then depend only on the batch, so the same batch
+ * gives the same bits in every process); a list of numbers ("1.25,1" or "1.25:1") = these weights, cycled over
+ * the SMs (tests and experiments). KVATTN_DECODE_SM_RATES_PRINT=1 prints each SM's measured rate on stderr.
  *
  * A failure (no room for the probe's buffer, a launch error) is not the caller's: the weights are then
  * absent and decode plans equal stretches, as before this existed.
@@ -18,7 +18,8 @@
 
 #include "gpu_internal.h"
 
-enum { PROBE_THREADS = 128, PROBE_CHUNK_VECS = 128 * 4, PROBE_PASSES = 4 };
+/* a slice is a multiple of PROBE_CHUNK_VECS 16-byte vectors: any probe stage (128 threads x up to 64 vectors) */
+enum { PROBE_THREADS = 128, PROBE_CHUNK_VECS = 128 * 64, PROBE_PASSES = 4 };
 
 static int cmp_double(const void *a, const void *b) {
   const double x = *(const double *)a, y = *(const double *)b;
@@ -36,18 +37,17 @@ static uint16_t weight16(double w) {
   return (uint16_t)(q < 8 ? 8 : q > 32 ? 32 : q);
 }
 
-/* "1.25,1": the given weights, cycled over the SMs. 0 when the text is not such a list. */
-static int parse_weights(const char *s, int sms, uint16_t *out) {
-  double v[64];
+int gpu_parse_sm_weights(const char *s, int sms, uint16_t *out) {
+  double v[256];
   int n = 0;
   const char *p = s;
-  while (*p && n < 64) {
+  while (*p && n < 256) {
     char *end;
     v[n] = strtod(p, &end);
     if (end == p || !(v[n] > 0.0) || !isfinite(v[n])) return 0;
     n++;
     p = end;
-    if (*p == ',') p++;
+    if (*p == ',' || *p == ':') p++;
     else if (*p) return 0;
   }
   if (n == 0 || *p) return 0;
@@ -61,7 +61,9 @@ static kvattn_status probe(struct gpu_context *g, int per_sm, double *rates, dou
   const cuda_api *api = g->api;
   const int sms = g->sm_count, grid = sms * per_sm;
   CUfunction fn;
-  TRY(gpu_get_kernel(g, "sm_rate.cu", "", "sm_rate_probe", 0, &fn));
+  /* KVATTN_SM_PROBE_DEFINES: another shape of the probe (diagnostic: kernels/sm_rate.cu's PROBE_*) */
+  const char *defs = getenv("KVATTN_SM_PROBE_DEFINES");
+  TRY(gpu_get_kernel(g, "sm_rate.cu", defs ? defs : "", "sm_rate_probe", 0, &fn));
   TRY(gpu_make_current(g));
   /* 256 MiB, else 128: several times L2 (50 MiB on the H100/H200), so each slice is read from DRAM */
   CUdeviceptr buf = 0, out = 0;
@@ -71,7 +73,8 @@ static kvattn_status probe(struct gpu_context *g, int per_sm, double *rates, dou
     if (bytes <= ((size_t)128 << 20)) return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "SM rate probe: no room for 128 MiB");
     bytes /= 2;
   }
-  long long slice_vecs = (long long)(bytes / 16 / (size_t)grid) / PROBE_CHUNK_VECS * PROBE_CHUNK_VECS;
+  /* slices for the grid rounded up to 16 CTAs (the gather form reads in groups of up to 16) */
+  long long slice_vecs = (long long)(bytes / 16 / (((size_t)grid + 15) / 16 * 16)) / PROBE_CHUNK_VECS * PROBE_CHUNK_VECS;
   double *cta_rate = calloc((size_t)PROBE_PASSES * sms, sizeof(double));
   int *cta_count = calloc((size_t)PROBE_PASSES * sms, sizeof(int));
   unsigned long long *host = malloc((size_t)grid * 4 * sizeof(unsigned long long));
@@ -123,17 +126,6 @@ static kvattn_status measure(struct gpu_context *g, int per_sm) {
   const int sms = g->sm_count;
   uint16_t *w = calloc((size_t)sms, sizeof *w);
   RETURN_IF(!w, KVATTN_ERROR_OUT_OF_MEMORY, "SM weights: out of host memory");
-  const char *env = getenv("KVATTN_DECODE_SM_WEIGHTS");
-  if (env && *env && strcmp(env, "1") != 0) {
-    if (strcmp(env, "0") != 0 && parse_weights(env, sms, w)) {
-      g->sm_weight = w;
-      snprintf(g->sm_rate_desc, sizeof g->sm_rate_desc, "given by KVATTN_DECODE_SM_WEIGHTS=%.64s", env);
-      return KVATTN_SUCCESS;
-    }
-    free(w);
-    snprintf(g->sm_rate_desc, sizeof g->sm_rate_desc, "off (KVATTN_DECODE_SM_WEIGHTS=%.64s)", env);
-    return KVATTN_SUCCESS;
-  }
   double *rates = calloc((size_t)sms, sizeof(double)), *sorted = calloc((size_t)sms, sizeof(double));
   double total = 0;
   kvattn_status st = rates && sorted ? probe(g, per_sm, rates, &total)

@@ -71,7 +71,7 @@ void decode_layout_init(decode_layout *l, const decode_config *c) {
   l->sched = off;
   off = align_up(off + 4 * sizeof(int32_t), 16);
   l->claims = off;
-  off = align_up(off + ((size_t)c->grid + 1) * sizeof(int32_t), 16);
+  off = align_up(off + ((size_t)c->grid + 2) * sizeof(int32_t), 16);
   l->counters = off;
   off = align_up(off + (size_t)l->max_splits * sizeof(int32_t), 16);
   l->splits = off;
@@ -357,7 +357,7 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
   w.max_cta_cost = max64(w.max_cta_cost, w.cta_cost);
   for (int64_t b = w.b + 1; b <= c->grid; b++) w.cta_indptr[b] = (int32_t)w.n_items;
   memset(base + l->counters, 0, (size_t)l->max_splits * sizeof(int32_t));
-  memset(base + l->claims, 0, ((size_t)c->grid + 1) * sizeof(int32_t));
+  memset(base + l->claims, 0, ((size_t)c->grid + 2) * sizeof(int32_t));
   int32_t *sched = (int32_t *)(base + l->sched);
   sched[0] = w.q32 ? c->claim_per_sm : 0;
   sched[1] = sched[2] = sched[3] = 0;

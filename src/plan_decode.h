@@ -74,8 +74,8 @@ typedef struct decode_config {
  * and of the partial states (device only). */
 typedef struct decode_layout {
   size_t sched;         /* int32 [4]: [0] lists per SM when the lists are weighted (claimed by SM), else 0 */
-  size_t claims;        /* int32 [grid + 1]: a list's claim flag, then the count of CTAs done; zero at every
-                           upload, and reset by the last CTA of a launch */
+  size_t claims;        /* int32 [2 + grid]: a 64-bit ticket counter, then each list's generation (the kernel's
+                           claim_list); zero at every upload */
   size_t counters;      /* int32 [max_splits], zero at every upload */
   size_t splits;        /* decode_split [max_splits] */
   size_t cta_indptr;    /* int32 [grid + 1] */

@@ -123,8 +123,8 @@ static int verify(const planned *p, const batch *b, int64_t *max_cost_out) {
   for (int64_t s = 0; s < l->max_splits; s++)
     if (counters[s] != 0) FAIL("counter %lld not zero", (long long)s);
   const int32_t *claims = (const int32_t *)(base + l->claims), *sched = (const int32_t *)(base + l->sched);
-  for (int bi = 0; bi <= c->grid; bi++)
-    if (claims[bi] != 0) FAIL("claim %d not zero", bi);
+  for (int bi = 0; bi < c->grid + 2; bi++)
+    if (claims[bi] != 0) FAIL("claim word %d not zero", bi);
   if (sched[0] != (p->st.weighted ? c->claim_per_sm : 0) || sched[1] || sched[2] || sched[3])
     FAIL("sched {%d %d %d %d}, weighted %d", sched[0], sched[1], sched[2], sched[3], p->st.weighted);
   if (p->st.weighted && (!c->stretch_q32 || c->claim_per_sm < 1)) FAIL("weighted without weights");

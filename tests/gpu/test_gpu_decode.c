@@ -1240,8 +1240,8 @@ TEST(the_decode_trace_records_each_ctas_phases_in_order) {
   simple_free(&S);
 }
 
-/* A fresh GPU context: its SM weights are read from KVATTN_DECODE_SM_WEIGHTS when its first decode attention is
- * created (the suite's own context measured them long before). */
+/* A fresh GPU context (KVATTN_DECODE_SM_WEIGHTS and KVATTN_DECODE_CTAS_PER_SM are read when each attention is
+ * created; a context of their own keeps the suite's kernels and weights out of it). */
 static kvattn_context *fresh_gpu_context(void) {
   kvattn_options o = KVATTN_OPTIONS_INIT;
   o.backend = KVATTN_BACKEND_CUDA;
@@ -1313,7 +1313,6 @@ TEST(weighted_lists_are_claimed_once_each_by_a_cta_of_their_sm_in_every_launch) 
     kvattn_attention *a;
     CHECK_OK(kvattn_attention_create(ctx, &S.desc, &S.bounds, &a));
     unsetenv("KVATTN_DECODE_TRACE");
-    unsetenv("KVATTN_DECODE_SM_WEIGHTS"); /* read by the context's first decode attention */
     cu.cuMemsetD8(S.dout, 0xFF, on);
     if (t == 0) {
       CHECK_OK(simple_run(&S, a, &ws));
@@ -1361,12 +1360,15 @@ TEST(weighted_lists_are_claimed_once_each_by_a_cta_of_their_sm_in_every_launch) 
     own += mine;
     launches++;
   }
+  unsetenv("KVATTN_DECODE_SM_WEIGHTS"); /* read when each attention is created */
   CHECK_MSG(memcmp(out[0], out[1], on) == 0, "two launches of one weighted plan differ");
   /* and the weighted plan computes the attention: equal to an unweighted context's output to bf16 rounding */
   {
     kvattn_attention *a;
     kvattn_workspace ws2;
+    setenv("KVATTN_DECODE_SM_WEIGHTS", "0", 1);
     CHECK_OK(kvattn_attention_create(gpu_ctx, &S.desc, &S.bounds, &a));
+    unsetenv("KVATTN_DECODE_SM_WEIGHTS");
     CHECK_OK(kvattn_workspace_size(gpu_ctx, &S.desc, &S.bounds, &db, &hb));
     CHECK_OK(kvattn_workspace_alloc(gpu_ctx, db, hb, &ws2));
     uint8_t *plain = malloc(on);
