@@ -32,12 +32,11 @@ def row(name, xs, unit="ns"):
 
 
 # the words of a CTA's line (kernels/decode_paged.cu, TR_*)
-GT0, GT1, CE, CW, CF, CL, CP, CM, CX, SM, TILES, ITEMS, LIST = range(13)
+GT0, GT1, CE, CW, CF, CL, CP, CM, CX, SM, TILES, ITEMS = range(12)
 
 
 def read_trace(path):
-    """(header line, [13 words per CTA]; a trace of 12 words, from before the lists were claimed by SM, gets
-    its line number as the list)"""
+    """(header line, [12 words per CTA])"""
     ctas, header = [], ""
     with open(path) as f:
         for line in f:
@@ -46,8 +45,6 @@ def read_trace(path):
                 continue
             w = [int(x) for x in line.split()]
             if len(w) == 12:
-                w.append(len(ctas))
-            if len(w) == 13:
                 ctas.append(w)
     return header, ctas
 

@@ -172,27 +172,24 @@ struct decode_params {
   int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int tg_pages, tg_slots;
   unsigned long long *trace; /* DECODE_TRACE: [grid][TRACE_WORDS] (see trace_mark); else unused */
-  const int *sched;         /* [4]: [0] = lists per SM when the lists are weighted by SM speed, else 0 */
-  int *claims;              /* [2 + grid]: a 64-bit ticket counter, then each list's generation (claim_list) */
 };
 
 /* DECODE_TRACE=1 (the host's KVATTN_DECODE_TRACE=file; a diagnostic specialization, never the
  * default): thread 0 of every CTA records when it passes each phase of the launch, so a launch's
  * latency chain can be read from the device (bench/decode_trace.py): words 0/1 %globaltimer (ns) at
- * entry and exit, 2..8 clock64 at the marks below, 9 the SM, 10 tiles, 11 items, 12 the list run (the
- * CTA's own, or the one it claimed: claim_list). */
+ * entry and exit, 2..8 clock64 at the marks below, 9 the SM, 10 tiles, 11 items. */
 #ifndef DECODE_TRACE
 #define DECODE_TRACE 0
 #endif
-#define TRACE_WORDS 13
+#define TRACE_WORDS 12
 enum { TR_GT_ENTRY = 0, TR_GT_EXIT = 1, TR_ENTRY = 2, TR_WAITED = 3, TR_FIRST_TILE = 4, TR_LAST_ITEM_END = 5,
-       TR_PUBLISHED = 6, TR_MERGED = 7, TR_EXIT = 8, TR_SMID = 9, TR_TILES = 10, TR_ITEMS = 11, TR_LIST = 12 };
+       TR_PUBLISHED = 6, TR_MERGED = 7, TR_EXIT = 8, TR_SMID = 9, TR_TILES = 10, TR_ITEMS = 11 };
+#if DECODE_TRACE
 static __device__ __forceinline__ unsigned smid() {
   unsigned r;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(r));
   return r;
 }
-#if DECODE_TRACE
 static __device__ __forceinline__ void trace_put(const struct decode_params &p, int word, unsigned long long v) {
   if (threadIdx.x == 0) p.trace[(size_t)blockIdx.x * TRACE_WORDS + word] = v;
 }
@@ -228,10 +225,9 @@ static __device__ __forceinline__ struct decode_item load_item(const struct deco
   return r;
 }
 
-static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p, int item,
-                                                  int item_end) {
-  ti->item = item;
-  ti->item_end = item_end;
+static __device__ __forceinline__ void iter_begin(struct tile_iter *ti, const struct decode_params &p) {
+  ti->item = p.cta_indptr[blockIdx.x];
+  ti->item_end = p.cta_indptr[blockIdx.x + 1];
   ti->first = 1;
   if (ti->item < ti->item_end) {
     ti->it = load_item(p.items, ti->item);
@@ -258,35 +254,6 @@ static __device__ __forceinline__ void iter_next(struct tile_iter *ti, const str
     ti->it = load_item(p.items, ti->item);
     ti->tok = ti->it.tok_start;
   }
-}
-
-/* Lists weighted by SM speed (the planner's sched[0] = lists per SM, plan_decode.h stretch_q32): some SMs
- * stream faster than others, so the planner made the lists of fast SMs longer, and a CTA must run a list of
- * the SM it landed on. Thread 0 claims one of its SM's lists; where they are taken (a CTA that came to an SM
- * after one of the SM's CTAs retired, or an SM id past the lists) it takes any list not yet claimed: as many
- * lists as CTAs, so one is always left, and every list runs exactly once.
- *
- * Nothing is reset between launches (a graph replays the launch with no upload between): claims[0..1] is a
- * 64-bit ticket counter and claims[2 + j] list j's generation, all zeroed by the plan's upload. A CTA's ticket
- * t gives its launch's generation G = t / grid, and it claims list j by moving j's generation from G to G + 1.
- * That holds because every CTA of a launch takes its ticket and its list before it lets the next launch start
- * (pdl_launch_dependents comes after the claim; without PDL, launches do not overlap at all). Before
- * pdl_wait(): it reads only the claims, which no other kernel writes. */
-static __device__ int claim_list(const struct decode_params &p, int per_sm) {
-  const unsigned grid = gridDim.x;
-  const unsigned long long t = atomicAdd((unsigned long long *)p.claims, 1ull);
-  const unsigned G = (unsigned)(t / grid);
-  unsigned *gen = (unsigned *)p.claims + 2;
-  const unsigned s = smid();
-  if ((s + 1) * (unsigned)per_sm <= grid)
-    for (unsigned k = 0; k < (unsigned)per_sm; k++)
-      if (atomicCAS(gen + s * per_sm + k, G, G + 1) == G) return (int)(s * per_sm + k);
-  const unsigned start = (unsigned)(t % grid);
-  for (unsigned k = 0; k < grid; k++) {
-    const unsigned j = (start + k) % grid;
-    if (atomicCAS(gen + j, G, G + 1) == G) return (int)j;
-  }
-  return (int)blockIdx.x; /* not reached: a launch's CTAs claim its lists one each */
 }
 
 /* Shared memory: the K/V ring, a query slot per stage, and the cross-group reduction area.
@@ -545,7 +512,7 @@ decode_paged_kernel(const struct decode_params p) {
   float *red_acc = (float *)(smem + SMEM_RING_BYTES); /* [NGROUPS][GH][HEAD_DIM] */
   float *red_m = red_acc + NGROUPS * GH * HEAD_DIM;   /* [NGROUPS][GH] */
   float *red_l = red_m + NGROUPS * GH;                /* [NGROUPS][GH] */
-  __shared__ int sh_last, sh_list;
+  __shared__ int sh_last;
 
   const int tid = threadIdx.x, tx = tid % TX, tg = tid / TX;
 #if DECODE_TRACE
@@ -554,19 +521,9 @@ decode_paged_kernel(const struct decode_params p) {
   trace_gt(p, TR_GT_ENTRY);
   trace_mark(p, TR_ENTRY);
 
-  /* the work lists only before pdl_wait(): the list's bounds for blockIdx.x are read beside sched[0], so the
-   * unweighted start waits for one load, not two */
-  int item = p.cta_indptr[blockIdx.x], item_end = p.cta_indptr[blockIdx.x + 1];
-  const int per_sm = p.sched[0];
-  if (per_sm > 0) {
-    if (tid == 0) sh_list = claim_list(p, per_sm);
-    __syncthreads();
-    item = p.cta_indptr[sh_list];
-    item_end = p.cta_indptr[sh_list + 1];
-  }
-  pdl_launch_dependents(); /* after the claim: see claim_list */
+  pdl_launch_dependents();
   struct tile_iter ld, cs; /* the loader runs STAGES-1 (PIPE_IDS: STAGES) tiles ahead of the consumer */
-  iter_begin(&ld, p, item, item_end);
+  iter_begin(&ld, p); /* the work lists only: safe before pdl_wait() */
   cs = ld;
   if (!iter_valid(&cs)) {
     trace_gt(p, TR_GT_EXIT);
@@ -577,7 +534,6 @@ decode_paged_kernel(const struct decode_params p) {
 #if DECODE_TRACE
   int tr_tiles = 0, tr_items = 0;
   trace_put(p, TR_SMID, (unsigned long long)smid());
-  trace_put(p, TR_LIST, (unsigned long long)(per_sm > 0 ? sh_list : blockIdx.x));
 #endif
 
 #if PIPE_IDS

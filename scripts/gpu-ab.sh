@@ -6,7 +6,8 @@
 # (bench/prefill_ab.py: the default, each of PREFILL_CONFIGS, FlashInfer fa2, alternating, 2 rounds).
 # Needs .whl (FlashInfer's wheels) carried for the prefill peer column.
 # CHAIN_STRESS=N: the chained-decode test N times beside the prefill suite (another process).
-# DECODE_TRACES="64x4096 64x4096:u0": traced decode launches read by bench/decode_trace.py (":u0": no SM weights).
+# DECODE_TRACES="64x4096 16x4096:KVATTN_DECODE_PDL=0": traced decode launches read by bench/decode_trace.py
+# (after ":", environment settings for that launch, "+"-separated).
 #   OUT=... DECODE_SWEEP="c1s4" PREFILL_CONFIGS="KVATTN_PREFILL_BALANCE=0 ..." PREFILL_AB_ARGS="--calls 8 --host" \
 #     SAN_ENVS="KVATTN_PREFILL_STAGE=1" bash scripts/gpu-ab.sh
 # Returns console.log, decode.json, prefill_ab.log and logs.tgz under $OUT.
@@ -59,7 +60,7 @@ for e in ${SAN_ENVS:-}; do
     *) san memcheck "$PRE" ragged_and_block_sparse "$e" & pids+=($!); san racecheck "$PRE" tiny_grid "$e" & pids+=($!) ;;
   esac
 done
-TT=${TEST_TIMEOUT:-170}
+TT=${TEST_TIMEOUT:-240}
 timeout $TT "$DEC" >"$L/decode_test.log" 2>&1 & d=$!
 timeout $TT "$PRE" >"$L/prefill_test.log" 2>&1 & p=$!
 timeout $TT "$RT" >"$L/runtime_test.log" 2>&1 & r=$!
@@ -88,23 +89,17 @@ if [ -n "${DECODE_SWEEP:-}" ]; then
   [ -f "$OUT/decode.json" ] && python3 bench/decode_table.py "$OUT/decode.json" | tail -22
 fi
 if [ -n "${DECODE_TRACES:-}" ]; then
-  # DECODE_TRACES="64x4096 64x4096:u0": a traced launch of `kvattn bench decode` per shape (":u0": without the SM
-  # weights), read by bench/decode_trace.py; the SM rate probe's per-SM numbers go to the first trace's log
+  # DECODE_TRACES="64x4096 16x4096:KVATTN_DECODE_PDL=0": a traced launch of `kvattn bench decode` per shape, read
+  # by bench/decode_trace.py (after ":", environment settings for that launch, "+"-separated)
   phase "decode traces ($DECODE_TRACES)"
-  first=1
   for spec in $DECODE_TRACES; do
     shape=${spec%%:*}; tag=${spec//[^A-Za-z0-9]/_}
-    extra=(); [ "$spec" != "$shape" ] && extra=(KVATTN_DECODE_SM_WEIGHTS=0)
-    [ $first = 1 ] && extra+=(KVATTN_DECODE_SM_RATES_PRINT=1); first=0
+    extra=(KVATTN_NOTHING=1); [ "$spec" != "$shape" ] && { sets=${spec#*:}; extra+=(${sets//+/ }); }
     env "${extra[@]}" KVATTN_DECODE_TRACE="$L/trace-$tag.txt" timeout 60 build-gpu/kvattn bench decode --backend cuda \
       --batch "${shape%x*}" --kv-len "${shape#*x}" --iters 5 >"$L/trace-$tag.log" 2>&1 || echo "trace $spec rc=$?"
-    echo "--- trace $spec: $(grep -E 'us|GB/s' "$L/trace-$tag.log" | tail -1)"
+    echo "--- trace $spec: $(grep -E 'GB/s' "$L/trace-$tag.log" | tail -1)"
     python3 bench/decode_trace.py "$L/trace-$tag.txt" 2>&1 | tail -25
   done
-  grep -h "SM rate" "$L"/trace-*.log > "$L/sm_rates.txt"
-  echo "SM rate probe: $(wc -l < "$L/sm_rates.txt") SMs; weight >= 18/16 on SMs:" \
-    $(awk '{w=$(NF); sub("/16","",w); if (w+0 >= 18) printf "%s ", $5}' "$L/sm_rates.txt")
-  awk '{print $6}' "$L/sm_rates.txt" | sort -n | awk '{a[NR]=$1} END {if (NR) print "  CTA rates GB/s: min " a[1] ", median " a[int((NR+1)/2)] ", max " a[NR]}'
 fi
 if [ -n "${PREFILL_CONFIGS:-}" ]; then
   phase "prefill A/B (FlashInfer JIT waiting)"

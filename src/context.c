@@ -109,9 +109,7 @@ KVATTN_API kvattn_status kvattn_context_info(const kvattn_context *ctx, char *bu
   clear_error();
   RETURN_IF(!ctx, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_context_info: ctx is NULL");
   RETURN_IF(!buf || size == 0, KVATTN_ERROR_INVALID_ARGUMENT, "kvattn_context_info: buf is NULL or size is 0");
-  char rates[300] = "";
-  if (ctx->gpu) gpu_sm_rate_info(ctx->gpu, rates, sizeof rates);
-  snprintf(buf, size, "%s; jit cache: %s%s%s", ctx->info, ctx->cache_dir, rates[0] ? "; decode SM weights: " : "", rates);
+  snprintf(buf, size, "%s; jit cache: %s", ctx->info, ctx->cache_dir);
   return KVATTN_SUCCESS;
 }
 

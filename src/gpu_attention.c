@@ -51,8 +51,6 @@ typedef struct decode_params {
   int32_t k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int32_t tg_pages, tg_slots;
   unsigned long long *trace;
-  const int32_t *sched;
-  int32_t *claims;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -77,10 +75,9 @@ struct gpu_attention {
    * kernels/decode_paged.cu), written to the file when the attention is destroyed */
   CUdeviceptr trace;
   char *trace_path;
-  uint64_t *stretch_q32; /* [grid]: the planner's weighted stretches (cfg.stretch_q32), or NULL */
 };
 
-enum { DECODE_TRACE_WORDS = 13 }; /* kernels/decode_paged.cu's TRACE_WORDS */
+enum { DECODE_TRACE_WORDS = 12 }; /* kernels/decode_paged.cu's TRACE_WORDS */
 
 /* ---------------------------------------------------------------- configuration */
 
@@ -224,53 +221,12 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
   ga->cfg.min_chunk = env_int("KVATTN_DECODE_MIN_CHUNK", ga->cfg.min_chunk, 1, 1 << 24);
   ga->cfg.min_chunk_small = env_int("KVATTN_DECODE_MIN_CHUNK_SMALL", ga->cfg.min_chunk_small, 0, 1 << 24);
   ga->cfg.item_cost = env_int("KVATTN_DECODE_ITEM_COST", ga->cfg.item_cost, 0, 1 << 24);
-  ga->cfg.weight_min_tokens = env_int("KVATTN_DECODE_WEIGHT_MIN", ga->cfg.weight_min_tokens, 0, 1 << 30);
-  /* lists weighted by SM speed (plan_decode.h): list j is SM j / per_sm's */
-  {
-    const uint16_t *w = NULL;
-    const int per_sm = ga->cfg.grid / g->sm_count;
-    /* KVATTN_DECODE_SM_WEIGHTS when this attention is created (src/gpu_sm_rate.c): 0 = equal stretches, a list =
-     * these weights, else the context's measured ones */
-    const char *env = getenv("KVATTN_DECODE_SM_WEIGHTS");
-    uint16_t *given = NULL;
-    kvattn_status ws = KVATTN_SUCCESS;
-    if (env && !strcmp(env, "0")) {
-      /* none */
-    } else if (env && *env && strcmp(env, "1") != 0) {
-      given = malloc((size_t)g->sm_count * sizeof *given);
-      if (given && gpu_parse_sm_weights(env, g->sm_count, given)) w = given;
-    } else {
-      ws = gpu_sm_weights(g, per_sm, &w);
-    }
-    if (ws != KVATTN_SUCCESS) {
-      free(ga);
-      return ws;
-    }
-    if (w && per_sm >= 1 && ga->cfg.grid == per_sm * g->sm_count) {
-      uint16_t *lw = malloc((size_t)ga->cfg.grid * sizeof *lw);
-      ga->stretch_q32 = malloc((size_t)ga->cfg.grid * sizeof(uint64_t));
-      if (!lw || !ga->stretch_q32) {
-        free(lw);
-        free(given);
-        free(ga->stretch_q32);
-        free(ga);
-        return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: out of host memory");
-      }
-      for (int j = 0; j < ga->cfg.grid; j++) lw[j] = w[j / per_sm];
-      decode_stretch_ends(lw, ga->cfg.grid, ga->stretch_q32);
-      free(lw);
-      ga->cfg.stretch_q32 = ga->stretch_q32;
-      ga->cfg.claim_per_sm = per_sm;
-    }
-    free(given);
-  }
   ga->stages = decode_stages(ga->tensor_core);
   decode_defines(&ga->cfg, &a->desc, ga->stages, ga->defines, sizeof ga->defines);
   ga->smem_bytes =
       decode_smem_bytes(ga->tensor_core, ga->cfg.head_dim, ga->cfg.group_heads, ga->stages, decode_pipe(ga->tensor_core));
   kvattn_status s = gpu_get_kernel(g, "decode_paged.cu", ga->defines, "decode_paged_kernel", ga->smem_bytes, &ga->fn);
   if (s != KVATTN_SUCCESS) {
-    free(ga->stretch_q32);
     free(ga);
     return s;
   }
@@ -280,7 +236,6 @@ kvattn_status gpu_attention_init(kvattn_attention *a) {
     if (!ga->trace_path || g->api->cuMemAlloc(&ga->trace, bytes) || g->api->cuMemsetD8(ga->trace, 0, bytes)) {
       if (ga->trace) g->api->cuMemFree(ga->trace);
       free(ga->trace_path);
-      free(ga->stretch_q32);
       free(ga);
       return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "kvattn_attention_create: KVATTN_DECODE_TRACE: no room for %zu bytes",
                        bytes);
@@ -313,7 +268,7 @@ static void decode_trace_write(kvattn_attention *a) {
     fprintf(stderr, "kvattn: KVATTN_DECODE_TRACE=%s: the trace could not be written\n", ga->trace_path);
   } else {
     fprintf(f, "# kvattn decode trace, the latest launch: grid %d, tensor-core %d; per CTA: gt_entry_ns gt_exit_ns "
-               "clk_entry clk_waited clk_first_tile clk_last_item_end clk_published clk_merged clk_exit smid tiles items list\n",
+               "clk_entry clk_waited clk_first_tile clk_last_item_end clk_published clk_merged clk_exit smid tiles items\n",
             ga->cfg.grid, ga->tensor_core);
     for (int b = 0; b < ga->cfg.grid; b++) {
       for (int w = 0; w < DECODE_TRACE_WORDS; w++) fprintf(f, "%llu%c", h[(size_t)b * DECODE_TRACE_WORDS + w], w + 1 < DECODE_TRACE_WORDS ? ' ' : '\n');
@@ -329,7 +284,6 @@ void gpu_attention_release(kvattn_attention *a) {
   if (!a || !a->gpu) return;
   if (a->gpu->trace) decode_trace_write(a);
   if (a->gpu->prefill_ready) gpu_prefill_release(a);
-  free(a->gpu->stretch_q32);
   free(a->gpu);
   a->gpu = NULL;
 }
@@ -451,8 +405,6 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
   }
 
   p.trace = (unsigned long long *)(uintptr_t)ga->trace;
-  p.sched = (const int32_t *)(uintptr_t)(w + l->sched);
-  p.claims = (int32_t *)(uintptr_t)(w + l->claims);
 
   TRY(gpu_make_current(a->ctx->gpu));
   void *args[] = {&p};
@@ -612,8 +564,6 @@ kvattn_status gpu_decode_warmup(const kvattn_attention_desc *desc, const char *a
       {"decode_paged.cu", defines, arch},
       {"merge_state.cu", merge_defines, arch},
       {"append_paged_kv.cu", append_defines, arch},
-      /* the SM rate probe (src/gpu_sm_rate.c) of the first decode attention, in the form it will run */
-      {"sm_rate.cu", getenv("KVATTN_SM_PROBE_DEFINES") ? getenv("KVATTN_SM_PROBE_DEFINES") : "", arch},
   };
   double total = 0;
   int n = 0;

@@ -84,18 +84,10 @@ kvattn_status gpu_context_init(kvattn_context *ctx) {
   TRY(jit_nvrtc_load(NULL, 0));
 
   struct gpu_context *g = calloc(1, sizeof *g);
-  pthread_mutex_t *lock = malloc(sizeof *lock), *rate_lock = malloc(sizeof *rate_lock);
-  if (!g || !lock || !rate_lock || pthread_mutex_init(lock, NULL) != 0) {
+  pthread_mutex_t *lock = malloc(sizeof *lock);
+  if (!g || !lock || pthread_mutex_init(lock, NULL) != 0) {
     free(g);
     free(lock);
-    free(rate_lock);
-    return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "gpu_context_init: out of host memory");
-  }
-  if (pthread_mutex_init(rate_lock, NULL) != 0) {
-    pthread_mutex_destroy(lock);
-    free(g);
-    free(lock);
-    free(rate_lock);
     return set_error(KVATTN_ERROR_OUT_OF_MEMORY, "gpu_context_init: out of host memory");
   }
   g->api = api;
@@ -105,16 +97,12 @@ kvattn_status gpu_context_init(kvattn_context *ctx) {
   g->sm_count = sms;
   g->max_smem_per_block_optin = smem_optin;
   g->lock = lock;
-  g->rate_lock = rate_lock;
-  snprintf(g->sm_rate_desc, sizeof g->sm_rate_desc, "not measured yet (at the first decode attention)");
   snprintf(g->name, sizeof g->name, "%s", name);
   arch_name(major, minor, g->arch, sizeof g->arch);
   snprintf(g->cache_dir, sizeof g->cache_dir, "%s", ctx->cache_dir);
   if ((r = api->cuDevicePrimaryCtxRetain(&g->cu_ctx, dev)) != 0) {
     pthread_mutex_destroy(lock);
-    pthread_mutex_destroy(rate_lock);
     free(lock);
-    free(rate_lock);
     free(g);
     return unavailable(api, r, "cuDevicePrimaryCtxRetain");
   }
@@ -132,10 +120,7 @@ void gpu_context_release(kvattn_context *ctx) {
     for (int i = 0; i < g->num_kernels; i++) api->cuModuleUnload(g->kernels[i].module);
   api->cuDevicePrimaryCtxRelease(g->dev);
   pthread_mutex_destroy((pthread_mutex_t *)g->lock);
-  pthread_mutex_destroy((pthread_mutex_t *)g->rate_lock);
   free(g->lock);
-  free(g->rate_lock);
-  free(g->sm_weight);
   free(g);
   ctx->gpu = NULL;
 }

@@ -167,22 +167,7 @@ struct gpu_context {
   gpu_kernel kernels[GPU_MAX_KERNELS]; /* memoized, loaded modules */
   int num_kernels;
   void *lock;                  /* a pthread_mutex_t* guarding `kernels` */
-  /* the SMs' relative streaming rates (src/gpu_sm_rate.c), measured at the first decode attention */
-  void *rate_lock;             /* a pthread_mutex_t* guarding the three below */
-  int sm_rate_done;
-  uint16_t *sm_weight;         /* [sm_count] in sixteenths (16 = the median SM), or NULL: none */
-  char sm_rate_desc[256];      /* what was measured, for `kvattn info` and the benchmarks */
 };
-
-/* The SMs' weights for the decode planner (NULL when KVATTN_DECODE_SM_WEIGHTS=0 or the probe could not run):
- * measured once per context, with `per_sm` CTAs of the probe on each SM, on the legacy default stream, which it
- * synchronizes. Fails only where the host is out of memory. */
-kvattn_status gpu_sm_weights(struct gpu_context *g, int per_sm, const uint16_t **weights);
-/* Weights from a list such as "1.25,1" (or "1.25:1"), cycled over `sms` SMs, in sixteenths; 0 when `s` is not
- * such a list. */
-int gpu_parse_sm_weights(const char *s, int sms, uint16_t *out);
-/* What gpu_sm_weights measured (or why not, or "not measured yet"), for kvattn_context_info. */
-void gpu_sm_rate_info(struct gpu_context *g, char *buf, size_t size);
 
 /* Make the context's device current on this thread (primary context). */
 kvattn_status gpu_make_current(struct gpu_context *g);

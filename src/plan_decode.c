@@ -27,9 +27,6 @@ void decode_config_init(decode_config *c, const kvattn_attention_desc *d, const 
   c->item_cost = 32;
   c->min_chunk = 256;
   c->min_chunk_small = 128; /* b1 x 4096 on the H200: 13.7 -> 12.8 us (256 CTAs of 2 tiles, not 128 of 4) */
-  /* weighted stretches from 8 tiles of 64 tokens a CTA: b16 x 4096 has 31; b1 x 4096 (2) keeps the claim-free
-   * start. (stretch_q32 and claim_per_sm stay unset: the GPU backend gives them.) */
-  c->weight_min_tokens = 512;
   c->causal = d->causal;
   c->window_left = d->window_left;
   c->disable_split = d->disable_split_kv;
@@ -68,10 +65,6 @@ void decode_layout_init(decode_layout *l, const decode_config *c) {
     l->max_slots = 2 * (int64_t)c->grid;
   }
   size_t off = 0;
-  l->sched = off;
-  off = align_up(off + 4 * sizeof(int32_t), 16);
-  l->claims = off;
-  off = align_up(off + ((size_t)c->grid + 2) * sizeof(int32_t), 16);
   l->counters = off;
   off = align_up(off + (size_t)l->max_splits * sizeof(int32_t), 16);
   l->splits = off;
@@ -123,24 +116,7 @@ typedef struct walker {
   int64_t n_items, n_splits, n_slots;
   int64_t b, cap, L, cta_cost, max_cta_cost;
   int64_t consumed; /* cost laid on the line so far */
-  int64_t line;     /* the line's length */
-  const uint64_t *q32; /* weighted stretches: CTA b's ends at line * q32[b] / 2^32; NULL: at (b + 1) L */
 } walker;
-
-/* Where CTA b's stretch ends on the line. */
-static inline int64_t stretch_end(const walker *w, int64_t b) {
-  if (!w->q32) return (b + 1) * w->L;
-  return (int64_t)(((unsigned __int128)(uint64_t)w->line * w->q32[b]) >> 32);
-}
-
-void decode_stretch_ends(const uint16_t *w, int grid, uint64_t *q32) {
-  uint64_t total = 0, cum = 0;
-  for (int b = 0; b < grid; b++) total += w[b];
-  for (int b = 0; b < grid; b++) {
-    cum += w[b];
-    q32[b] = total ? (uint64_t)(((unsigned __int128)cum << 32) / total) : (uint64_t)(b + 1) << 32;
-  }
-}
 
 static inline __attribute__((always_inline)) void close_cta(walker *w) {
   if (w->b >= w->c->grid - 1) return; /* the last CTA takes whatever is left */
@@ -148,7 +124,7 @@ static inline __attribute__((always_inline)) void close_cta(walker *w) {
   w->cta_indptr[++w->b] = (int32_t)w->n_items;
   /* CTA b's stretch ends at (b+1) L on the line: what a CTA left unfilled (or overfilled) is
    * given to (taken from) the next, so slack never piles up on the last CTA */
-  w->cap = stretch_end(w, w->b) - w->consumed;
+  w->cap = (w->b + 1) * w->L - w->consumed;
   w->cta_cost = 0;
 }
 
@@ -250,9 +226,7 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
   /* each CTA boundary may cut a unit once more, adding one item's fixed cost to the line */
   const int64_t line = total + (split_free ? (int64_t)(c->grid - 1) * c->item_cost : 0);
   w.L = max64(1, (line + c->grid - 1) / c->grid);
-  w.line = w.L * c->grid;
-  w.q32 = split_free && c->stretch_q32 && c->claim_per_sm > 0 && w.L >= c->weight_min_tokens ? c->stretch_q32 : NULL;
-  w.cap = stretch_end(&w, 0);
+  w.cap = w.L;
   /* smallest piece: min_chunk, or min_chunk_small when a CTA's stretch cannot hold min_chunk tokens */
   int64_t mc = c->min_chunk;
   if (c->min_chunk_small > 0 && c->min_chunk_small < mc && w.L - c->item_cost < mc) mc = c->min_chunk_small;
@@ -357,10 +331,6 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
   w.max_cta_cost = max64(w.max_cta_cost, w.cta_cost);
   for (int64_t b = w.b + 1; b <= c->grid; b++) w.cta_indptr[b] = (int32_t)w.n_items;
   memset(base + l->counters, 0, (size_t)l->max_splits * sizeof(int32_t));
-  memset(base + l->claims, 0, ((size_t)c->grid + 2) * sizeof(int32_t));
-  int32_t *sched = (int32_t *)(base + l->sched);
-  sched[0] = w.q32 ? c->claim_per_sm : 0;
-  sched[1] = sched[2] = sched[3] = 0;
 
   if (stats) {
     stats->items = w.n_items;
@@ -370,7 +340,6 @@ kvattn_status plan_decode(const decode_config *c, const decode_layout *l, const 
     stats->upload_bytes = l->items + (size_t)w.n_items * sizeof(decode_item);
     stats->max_cta_cost = w.max_cta_cost;
     stats->total_cost = total;
-    stats->weighted = w.q32 != NULL;
   }
   return KVATTN_SUCCESS;
 }

@@ -56,16 +56,6 @@ typedef struct decode_config {
   int32_t causal, window_left;
   int32_t disable_split;  /* desc.disable_split_kv */
   int32_t fixed_split_pages; /* desc.fixed_split_size (> 0: chunks of this many pages) */
-  /* Lists weighted by SM speed (NULL: every CTA's stretch of the line is equally long). Some SMs stream
-   * faster than others (on our H200, 24 of 132 by 22-28%: docs/perf.md), and with equal stretches the launch
-   * waits for the slow ones. CTA b's stretch ends at line * stretch_q32[b] / 2^32 (decode_stretch_ends makes
-   * them from the lists' weights; stretch_q32[grid - 1] = 2^32). List b is for SM b / claim_per_sm (the
-   * kernel's CTA takes a list of the SM it runs on, kernels/decode_paged.cu claim_list). Used only in
-   * split-free planning and when a CTA's average stretch is at least weight_min_tokens (a short batch gains
-   * nothing, and its CTAs would wait for the claim). */
-  const uint64_t *stretch_q32;
-  int32_t claim_per_sm;
-  int32_t weight_min_tokens;
   /* bounds */
   int64_t max_batch, max_qo_tokens, max_kv_entries;
 } decode_config;
@@ -73,9 +63,6 @@ typedef struct decode_config {
 /* Byte offsets of the work-list region (identical in the pinned host part and in device memory)
  * and of the partial states (device only). */
 typedef struct decode_layout {
-  size_t sched;         /* int32 [4]: [0] lists per SM when the lists are weighted (claimed by SM), else 0 */
-  size_t claims;        /* int32 [2 + grid]: a 64-bit ticket counter, then each list's generation (the kernel's
-                           claim_list); zero at every upload */
   size_t counters;      /* int32 [max_splits], zero at every upload */
   size_t splits;        /* decode_split [max_splits] */
   size_t cta_indptr;    /* int32 [grid + 1] */
@@ -99,12 +86,7 @@ typedef struct decode_plan_stats {
   int64_t items, splits, slots, units;
   size_t upload_bytes;  /* bytes of the region to copy to the device (a prefix of it) */
   int64_t max_cta_cost, total_cost; /* balance: the heaviest CTA's cost and the sum */
-  int weighted;         /* 1: the stretches follow stretch_q32 (sched[0] > 0) */
 } decode_plan_stats;
-
-/* stretch_q32 [grid] from the lists' weights (w[b] > 0 for list b): the cumulative share in 32-bit fixed point,
- * so the planner places a CTA's end with a multiply and a shift (a 128-bit division per CTA was 10 us a plan). */
-void decode_stretch_ends(const uint16_t *w, int grid, uint64_t *stretch_q32);
 
 /* Write the work lists of the paged batch `bv` into `host` (layout `l`), leaving the rope/alibi
  * tables alone. Each query row is planned with its own causal/window range (the GPU backend sends

@@ -72,9 +72,6 @@ typedef struct planned {
 
 /* the planner's tile mode (decode_config.tile) for plan_it: 0 = the token-cost planner */
 static int g_plan_tile = 0;
-/* weighted stretches for plan_it (decode_config.stretch_q32, claim_per_sm): NULL = equal stretches */
-static const uint64_t *g_plan_q32 = NULL;
-static int g_plan_per_sm = 0;
 
 static kvattn_status plan_it(planned *p, const batch *b, int kv_heads, int group, int head_dim, int grid, int causal,
                              int window, int disable, int fixed, int64_t slack_qo) {
@@ -92,8 +89,6 @@ static kvattn_status plan_it(planned *p, const batch *b, int kv_heads, int group
   bo.max_kv_entries = b->bv.kv_entries + 5;
   decode_config_init(&p->c, &d, &bo, grid);
   p->c.tile = g_plan_tile;
-  p->c.stretch_q32 = g_plan_q32;
-  p->c.claim_per_sm = g_plan_per_sm;
   decode_layout_init(&p->l, &p->c);
   p->host = malloc(p->l.worklist_bytes);
   memset(p->host, 0xA5, p->l.worklist_bytes); /* poison: the planner must write what the kernel reads */
@@ -122,12 +117,6 @@ static int verify(const planned *p, const batch *b, int64_t *max_cost_out) {
   if (p->st.splits > l->max_splits || p->st.slots > l->max_slots) FAIL("splits/slots over the layout");
   for (int64_t s = 0; s < l->max_splits; s++)
     if (counters[s] != 0) FAIL("counter %lld not zero", (long long)s);
-  const int32_t *claims = (const int32_t *)(base + l->claims), *sched = (const int32_t *)(base + l->sched);
-  for (int bi = 0; bi < c->grid + 2; bi++)
-    if (claims[bi] != 0) FAIL("claim word %d not zero", bi);
-  if (sched[0] != (p->st.weighted ? c->claim_per_sm : 0) || sched[1] || sched[2] || sched[3])
-    FAIL("sched {%d %d %d %d}, weighted %d", sched[0], sched[1], sched[2], sched[3], p->st.weighted);
-  if (p->st.weighted && (!c->stretch_q32 || c->claim_per_sm < 1)) FAIL("weighted without weights");
 
   /* coverage per unit */
   const int64_t units = b->bv.qo_tokens * heads;
@@ -288,27 +277,6 @@ TEST(random_batches_are_covered_exactly_once_with_complete_merges) {
     planned p;
     const int tiles[5] = {0, 0, 16, 32, 64};
     g_plan_tile = tiles[rnd() % 5];
-    /* a third of the cases with weighted stretches: weights 8..32 per SM, 1-3 lists per SM */
-    int64_t *cum = NULL;
-    uint64_t *q32 = NULL;
-    if (rnd() % 3 == 0) {
-      const int per_sm = (int)rnd_range(1, 3);
-      grid = grid / per_sm * per_sm + per_sm;
-      cum = malloc(sizeof(int64_t) * (grid + 1));
-      q32 = malloc(sizeof(uint64_t) * grid);
-      uint16_t *lw = malloc(sizeof(uint16_t) * grid);
-      cum[0] = 0;
-      int64_t w = rnd_range(8, 32);
-      for (int j = 0; j < grid; j++) {
-        if (j % per_sm == 0) w = rnd_range(8, 32);
-        lw[j] = (uint16_t)w;
-        cum[j + 1] = cum[j] + w;
-      }
-      decode_stretch_ends(lw, grid, q32);
-      free(lw);
-      g_plan_q32 = q32;
-      g_plan_per_sm = per_sm;
-    }
     int causal = multi && rnd() % 2, window = rnd() % 4 == 0 ? (int)rnd_range(0, 5000) : -1;
     kvattn_status s = plan_it(&p, &b, kv_heads, group, 128, grid, causal, window, mode == 4,
                               mode == 5 ? (int)rnd_range(1, 64) : 0, rnd_range(0, 3));
@@ -316,7 +284,7 @@ TEST(random_batches_are_covered_exactly_once_with_complete_merges) {
     int64_t max_cost = 0;
     CHECK_MSG(verify(&p, &b, &max_cost) == 0, "iter %d (n %d, page %d, heads %d x %d, grid %d, mode %d)", iter, n,
               page_size, kv_heads, group, grid, mode);
-    if (mode < 4 && !p.st.weighted) {
+    if (mode < 4) {
       /* balance: a CTA carries at most its stretch, the underfill carried over from the previous CTA
        * (< min_chunk + item_cost) and an overfill of min_chunk/2 */
       int64_t L = (p.st.total_cost + grid - 1) / grid;
@@ -324,29 +292,7 @@ TEST(random_batches_are_covered_exactly_once_with_complete_merges) {
       CHECK_MSG(max_cost <= bound, "iter %d (tile %d): heaviest CTA %lld > bound %lld (L %lld)", iter, g_plan_tile,
                 (long long)max_cost, (long long)bound, (long long)L);
     }
-    if (p.st.weighted) {
-      /* the same bound on each CTA's own stretch: line * w_b / W (the line is at most total + grid items) */
-      const int64_t line = (p.st.total_cost + (int64_t)grid * p.c.item_cost + grid - 1) / grid * grid;
-      const int32_t *cta = (const int32_t *)((char *)p.host + p.l.cta_indptr);
-      const decode_item *it = (const decode_item *)((char *)p.host + p.l.items);
-      const int64_t round = g_plan_tile > 1 ? g_plan_tile - 1 : 0;
-      for (int bi = 0; bi < grid - 1; bi++) {
-        int64_t cost = 0;
-        for (int32_t k = cta[bi]; k < cta[bi + 1]; k++)
-          cost += (((int64_t)(it[k].tok_end - it[k].tok_start) + round) & ~round) * (it[k].split < 0 ? it[k].piece : 1) +
-                  p.c.item_cost * (it[k].split < 0 ? it[k].piece : 1);
-        const int64_t stretch = line * (cum[bi + 1] - cum[bi]) / cum[grid] + 1;
-        const int64_t bound = stretch + 3 * p.c.min_chunk / 2 + 2 * p.c.item_cost + 2 * (round + 1);
-        CHECK_MSG(cost <= bound, "iter %d (weighted, tile %d): CTA %d costs %lld > bound %lld (stretch %lld)", iter,
-                  g_plan_tile, bi, (long long)cost, (long long)bound, (long long)stretch);
-        if (cost > bound) break;
-      }
-    }
     g_plan_tile = 0;
-    g_plan_q32 = NULL;
-    g_plan_per_sm = 0;
-    free(cum);
-    free(q32);
     free(p.host);
     free_batch(&b);
     free(kv);
@@ -477,80 +423,6 @@ TEST(tile_mode_cuts_whole_tiles_and_balances_tiles_per_cta) {
     CHECK_MSG(max_tiles <= mean + 2, "%d x %lld: heaviest CTA %lld tiles, mean %.2f", shapes[si].n,
               (long long)shapes[si].len, (long long)max_tiles, mean);
     free(p.host);
-    free_batch(&b);
-  }
-}
-
-/* Lists weighted by SM speed (decode_config.stretch_q32): 24 of 132 SMs at 1.25x, as measured on our H200. A
- * CTA's tiles follow its SM's weight to within a tile or two; a batch too short for weighting (b1 x 4096: 2
- * tiles a CTA) plans equal stretches and tells the kernel so (sched[0] = 0); disable_split and fixed splits
- * never weight. */
-TEST(weighted_stretches_give_fast_sms_proportionally_more_tiles) {
-  enum { SMS = 132, PER_SM = 2, GRID = SMS * PER_SM };
-  int64_t cum[GRID + 1];
-  uint64_t q32[GRID];
-  uint16_t lw[GRID];
-  int fast_sm[SMS] = {0};
-  const int fast[] = {16, 17, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 124, 125};
-  for (size_t i = 0; i < sizeof fast / sizeof fast[0]; i++) fast_sm[fast[i]] = 1;
-  cum[0] = 0;
-  for (int j = 0; j < GRID; j++) {
-    lw[j] = fast_sm[j / PER_SM] ? 20 : 16;
-    cum[j + 1] = cum[j] + lw[j];
-  }
-  decode_stretch_ends(lw, GRID, q32);
-  const struct { int n; int64_t len; int weighted; } shapes[] = {
-      {16, 4096, 1}, {64, 1024, 1}, {64, 4096, 1}, {128, 4096, 1}, {16, 16384, 1}, {256, 2048, 1}, {1, 4096, 0}};
-  for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
-    int64_t kv[256];
-    int qo[256];
-    for (int i = 0; i < shapes[si].n; i++) kv[i] = shapes[si].len, qo[i] = 1;
-    batch b;
-    make_batch(&b, shapes[si].n, kv, qo, 16);
-    planned p;
-    g_plan_tile = 64;
-    g_plan_q32 = q32;
-    g_plan_per_sm = PER_SM;
-    CHECK_OK(plan_it(&p, &b, 8, 4, 128, GRID, 0, -1, 0, 0, 0));
-    int64_t mc;
-    CHECK(verify(&p, &b, &mc) == 0);
-    CHECK_MSG(p.st.weighted == shapes[si].weighted, "%d x %lld: weighted %d", shapes[si].n, (long long)shapes[si].len,
-              p.st.weighted);
-    const decode_item *it = (const decode_item *)((char *)p.host + p.l.items);
-    const int32_t *cta = (const int32_t *)((char *)p.host + p.l.cta_indptr);
-    int64_t sum = 0, tiles[GRID];
-    for (int bi = 0; bi < GRID; bi++) {
-      tiles[bi] = 0;
-      for (int32_t k = cta[bi]; k < cta[bi + 1]; k++)
-        tiles[bi] += (it[k].tok_end - it[k].tok_start + 63) / 64 * (it[k].split < 0 ? it[k].piece : 1);
-      sum += tiles[bi];
-    }
-    double worst = 0, fast_mean = 0, slow_mean = 0;
-    for (int bi = 0; bi < GRID; bi++) {
-      const double want = shapes[si].weighted ? (double)sum * (cum[bi + 1] - cum[bi]) / cum[GRID] : (double)sum / GRID;
-      const double dev = tiles[bi] - want;
-      if (dev > worst) worst = dev;
-      if (fast_sm[bi / PER_SM]) fast_mean += tiles[bi] / 48.0;
-      else slow_mean += tiles[bi] / (GRID - 48.0);
-    }
-    printf("weighted, %d x %lld: %s, fast SMs' CTAs %.2f tiles, others %.2f, worst excess over the share %.2f\n",
-           shapes[si].n, (long long)shapes[si].len, p.st.weighted ? "weighted" : "equal", fast_mean, slow_mean, worst);
-    CHECK_MSG(worst <= 2.0, "%d x %lld: a CTA is %.2f tiles over its share", shapes[si].n, (long long)shapes[si].len,
-              worst);
-    if (shapes[si].weighted)
-      CHECK_MSG(fast_mean > 1.2 * slow_mean && fast_mean < 1.3 * slow_mean, "%d x %lld: fast %.2f vs %.2f tiles",
-                shapes[si].n, (long long)shapes[si].len, fast_mean, slow_mean);
-    free(p.host);
-    /* the modes that never weight */
-    CHECK_OK(plan_it(&p, &b, 8, 4, 128, GRID, 0, -1, 1, 0, 0));
-    CHECK(verify(&p, &b, &mc) == 0 && !p.st.weighted);
-    free(p.host);
-    CHECK_OK(plan_it(&p, &b, 8, 4, 128, GRID, 0, -1, 0, 16, 0));
-    CHECK(verify(&p, &b, &mc) == 0 && !p.st.weighted);
-    free(p.host);
-    g_plan_tile = 0;
-    g_plan_q32 = NULL;
-    g_plan_per_sm = 0;
     free_batch(&b);
   }
 }

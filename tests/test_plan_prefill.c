@@ -659,7 +659,7 @@ static CUresult f_errname(CUresult e, const char **s) { *s = "FAKE_ERROR"; retur
 
 static cuda_api g_fake_api;
 static struct gpu_context g_fake_gpu;
-static pthread_mutex_t g_fake_lock = PTHREAD_MUTEX_INITIALIZER, g_fake_rate_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_fake_lock = PTHREAD_MUTEX_INITIALIZER;
 static kvattn_context g_fake_ctx;
 
 static kvattn_context *fake_gpu_context(const char *cache_dir) {
@@ -693,8 +693,6 @@ static kvattn_context *fake_gpu_context(const char *cache_dir) {
   g_fake_gpu.max_smem_per_block_optin = 227 * 1024;
   snprintf(g_fake_gpu.cache_dir, sizeof g_fake_gpu.cache_dir, "%s", cache_dir);
   g_fake_gpu.lock = &g_fake_lock;
-  g_fake_gpu.rate_lock = &g_fake_rate_lock;
-  g_fake_gpu.sm_rate_done = 1; /* no SM rate probe on the fake: decode plans equal stretches */
   memset(&g_fake_ctx, 0, sizeof g_fake_ctx);
   g_fake_ctx.backend = KVATTN_BACKEND_CUDA;
   g_fake_ctx.gpu = &g_fake_gpu;
