@@ -203,7 +203,8 @@ def with_env(cfg, fn):
     i<item cost>p<0|1 tensor-core loader: 0 earlier, 1 ids staged in shared memory>n<min chunk when
     the batch is too small for min_chunk per CTA; 0 = min_chunk>e<0|1 refill before an item's merge>
     g<0|1 programmatic dependent launch>w<0|1 the narrow (32-bit offset) tensor-core loader>a<0|1 the
-    planner in whole kernel tiles>h<0|128|256 L2 prefetch size hint of the tensor-core K/V copies>"
+    planner in whole kernel tiles>h<0|128|256 L2 prefetch size hint of the tensor-core K/V copies>f<tiles
+    prefetched into L2 before the PDL wait>"
     (any part optional), read by kvattn when an attention is created. Or "@NAME=VALUE": that one environment
     variable (VALUE "@FILE": the file's text), e.g. "@KVATTN_DECODE_MIN_CHUNK=512"."""
     import re
@@ -224,10 +225,11 @@ def with_env(cfg, fn):
             "m": ("KVATTN_DECODE_MIN_CHUNK",), "i": ("KVATTN_DECODE_ITEM_COST",), "t": ("KVATTN_DECODE_PATH",),
             "p": ("KVATTN_DECODE_PIPE",), "n": ("KVATTN_DECODE_MIN_CHUNK_SMALL",),
             "e": ("KVATTN_DECODE_EARLY_REFILL",), "g": ("KVATTN_DECODE_PDL",), "w": ("KVATTN_DECODE_NARROW",),
-            "a": ("KVATTN_DECODE_TILE_PLAN",), "h": ("KVATTN_DECODE_L2_PREFETCH",)}
+            "a": ("KVATTN_DECODE_TILE_PLAN",), "h": ("KVATTN_DECODE_L2_PREFETCH",),
+            "f": ("KVATTN_DECODE_EARLY_PREFETCH",)}
     saved = {k: os.environ.get(k) for ks in keys.values() for k in ks}
     try:
-        for letter, value in re.findall(r"([scmitpnegwah])(\d+)", cfg):
+        for letter, value in re.findall(r"([scmitpnegwahf])(\d+)", cfg):
             for k in keys[letter]:
                 os.environ[k] = ({"0": "cc", "1": "tc"}[value] if letter == "t" else value)
         return fn()

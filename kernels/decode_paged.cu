@@ -19,6 +19,7 @@
  * and resets the counter, so one launch does everything and a captured graph can replay it.
  *
  * Specialization (-D):
+ *   DECODE_EARLY_PREFETCH (tiles prefetched into L2 before the wait: prefetch_early),
  *   HEAD_DIM 64|128|256, GROUP_SIZE (query heads per KV head), GROUP_HEADS (query heads per item,
  *   <= 8), HEAD_BLOCKS (ceil(GROUP_SIZE / GROUP_HEADS)), Q_DTYPE, KV_DTYPE, O_DTYPE (KV_F16|KV_BF16),
  *   STAGES (>= 2), NUM_WARPS, variant hooks SOFT_CAP, ALIBI, ROPE (0|1).
@@ -107,6 +108,12 @@
 /* DECODE_L2_PREFETCH 0|128|256: the L2 prefetch size hint on the tensor-core loader's K/V copies (an L2
  * miss fetches that much around the sector; a thread's copy is 16 bytes of a 256-byte row). H200:
  * 128 measured 0.4-2.5% faster than none on every decode row, 256 up to 3.5% slower (docs/perf.md). */
+/* DECODE_EARLY_PREFETCH n: before griddepcontrol.wait, while the kernel before it in the stream still runs,
+ * the CTA asks L2 for the K/V rows of its first n tiles (prefetch_early), so its first loads after the wait
+ * find them in L2 instead of DRAM. 0: no prefetch. */
+#ifndef DECODE_EARLY_PREFETCH
+#define DECODE_EARLY_PREFETCH 0
+#endif
 #ifndef DECODE_L2_PREFETCH
 #define DECODE_L2_PREFETCH 128
 #endif
@@ -172,6 +179,7 @@ struct decode_params {
   int k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int tg_pages, tg_slots;
   unsigned long long *trace; /* DECODE_TRACE: [grid][TRACE_WORDS] (see trace_mark); else unused */
+  i64 num_pages;            /* pages of the cache (K's first dimension): DECODE_EARLY_PREFETCH clamps ids to it */
 };
 
 /* DECODE_TRACE=1 (the host's KVATTN_DECODE_TRACE=file; a diagnostic specialization, never the
@@ -283,6 +291,42 @@ static __device__ __forceinline__ int split_pos(const struct decode_params &p, i
   *slot = pos - page_idx * p.page_size;
   return page_idx;
 }
+
+#if DECODE_EARLY_PREFETCH
+/* The early prefetch (DECODE_EARLY_PREFETCH): L2 prefetches of the K/V rows of the CTA's first tiles, issued
+ * before pdl_wait(). The kernel before this one may still be writing the page ids or the cache (an append of
+ * the new tokens, a page table update): a prefetch is only a hint and L2 is coherent, so a line it brings in
+ * is updated by those writes, and after the wait every load reads the written data. A page id read here may
+ * be stale, which only costs a useless prefetch: it is read through L2 (ld.global.cg, no L1 line that a later
+ * load could hit) and clamped to the cache, so no address leaves it. One thread per row of a tile. */
+static __device__ __forceinline__ int ld_cg_int(const int *a) {
+  int v;
+  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(a));
+  return v;
+}
+static __device__ void prefetch_early(const struct decode_params &p, struct tile_iter ti) {
+  for (int n = 0; n < DECODE_EARLY_PREFETCH && iter_valid(&ti); n++) {
+    const int kv_head = ti.it.unit_head / HEAD_BLOCKS;
+    for (int r = threadIdx.x; r < TILE; r += NUM_THREADS) {
+      const int pos = ti.tok + r;
+      if (pos >= ti.it.tok_end) break;
+      int off;
+      const int page_idx = split_pos(p, pos, &off);
+      i64 page = ti.it.page_base + page_idx;
+      if (p.indices) page = ld_cg_int(p.indices + page * p.indices_stride);
+      if (page < 0 || page >= p.num_pages) continue;
+      const u16 *k = p.k + page * p.k_stride_page + (i64)off * p.k_stride_tok + (i64)kv_head * p.k_stride_head;
+      const u16 *v = p.v + page * p.v_stride_page + (i64)off * p.v_stride_tok + (i64)kv_head * p.v_stride_head;
+#pragma unroll
+      for (int l = 0; l < (HEAD_DIM * 2 + 127) / 128; l++) {
+        prefetch_l2(k + l * 64);
+        prefetch_l2(v + l * 64);
+      }
+    }
+    iter_next(&ti, p);
+  }
+}
+#endif
 
 /* Issue the query rows of an item's head block into a stage's query slot (padding rows: zeros). */
 static __device__ __forceinline__ void issue_q(const struct decode_params &p, const struct tile_iter *ti, u16 *sq,
@@ -504,7 +548,8 @@ static __device__ __forceinline__ void store4(u16 *dst, float4 o) {
 
 /* Programmatic dependent launch (common.cuh; the host asks for it with KVATTN_DECODE_PDL): before
  * pdl_wait() the kernel reads only its work lists (cta_indptr, items) and writes nothing; q, K/V, the
- * page ids, the outputs, the partial states and the split counters are touched only after it. */
+ * page ids, the outputs, the partial states and the split counters are touched only after it (except the
+ * early prefetch's hints, prefetch_early, which change no result). */
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 decode_paged_kernel(const struct decode_params p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -529,6 +574,9 @@ decode_paged_kernel(const struct decode_params p) {
     trace_gt(p, TR_GT_EXIT);
     return;
   }
+#if DECODE_EARLY_PREFETCH
+  prefetch_early(p, ld);
+#endif
   pdl_wait(); /* from here on, the earlier kernel's writes (q, K/V, page ids, outputs, counters) are visible */
   trace_mark(p, TR_WAITED);
 #if DECODE_TRACE

@@ -51,6 +51,7 @@ typedef struct decode_params {
   int32_t k_page_bytes, k_tok_bytes, v_page_bytes, v_tok_bytes;
   int32_t tg_pages, tg_slots;
   unsigned long long *trace;
+  int64_t num_pages;
 } decode_params;
 
 enum { MODE_NONE = 0, MODE_DECODE = 1, MODE_PREFILL = 2 };
@@ -111,6 +112,9 @@ static int decode_l2_prefetch(void) {
  * and everything else after it, so the launch and the CTAs' first dependent loads overlap the previous
  * kernel's tail. 0 = plain launch. */
 static int decode_pdl(void) { return env_int("KVATTN_DECODE_PDL", 1, 0, 1); }
+/* The early prefetch (kernels/decode_paged.cu prefetch_early): the K/V tiles a CTA asks L2 for before
+ * griddepcontrol.wait, overlapping the kernel before it; 0 = none. */
+static int decode_early_prefetch(void) { return env_int("KVATTN_DECODE_EARLY_PREFETCH", 2, 0, 8); }
 /* The tensor-core loader's 32-bit row offsets (kernels/decode_paged.cu, issue_tile_narrow) where the
  * strides allow them (gpu_run checks); 0 = the 64-bit loader everywhere (A/B runs). */
 static int decode_narrow(void) { return env_int("KVATTN_DECODE_NARROW", 1, 0, 1); }
@@ -181,10 +185,11 @@ static void decode_defines(const decode_config *c, const kvattn_attention_desc *
   snprintf(out, size,
            "-DHEAD_DIM=%d -DGROUP_SIZE=%d -DGROUP_HEADS=%d -DHEAD_BLOCKS=%d -DQ_DTYPE=%d -DKV_DTYPE=%d -DO_DTYPE=%d "
            "-DSTAGES=%d -DNUM_WARPS=%d -DSOFT_CAP=%d -DALIBI=%d -DROPE=%d -DDECODE_TC=%d -DDECODE_PIPE=%d "
-           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d%s",
+           "-DDECODE_EARLY_REFILL=%d -DDECODE_L2_PREFETCH=%d -DDECODE_EARLY_PREFETCH=%d%s",
            c->head_dim, c->group_size, c->group_heads, c->head_blocks, dtype_code(d->q_dtype), dtype_code(d->kv_dtype),
            dtype_code(d->o_dtype), stages, DECODE_WARPS, d->logits_soft_cap > 0.0f, d->alibi != 0, d->rope != 0,
            decode_use_tc(d), decode_pipe(decode_use_tc(d)), decode_early_refill(), decode_l2_prefetch(),
+           decode_early_prefetch(),
            decode_trace_path() ? " -DDECODE_TRACE=1" : "");
 }
 
@@ -405,6 +410,7 @@ kvattn_status gpu_run(kvattn_attention *a, const run_tensors *t, kvattn_stream s
   }
 
   p.trace = (unsigned long long *)(uintptr_t)ga->trace;
+  p.num_pages = t->k.shape[0];
 
   TRY(gpu_make_current(a->ctx->gpu));
   void *args[] = {&p};
