@@ -4,7 +4,9 @@ streaming at the rate a trace measured for it (KVATTN_DECODE_TRACE; bench/decode
 
     python3 bench/decode_balance_sim.py bench/results/logs/decode-trace-h200-20261203T1935-tr-b64-L4096.txt
 
-A model, not a measurement: a CTA's rate is taken as fixed (it is not when the fast SMs get more work
+Measured since (docs/perf.md, sixth session): the split by rate, built with the kernel's own traced rates as
+weights, gained nothing (b64 x 4096 254.7 vs 253.8 us): the rates are not fixed, the fast SMs win a shared
+bandwidth. A model, not a measurement: a CTA's rate is taken as fixed (it is not when the fast SMs get more work
 and DRAM saturates: --dram-tbs caps the result at the bytes over that read rate), every extra item costs
 --item-us of that CTA's time (the epilogue and the merge that a cut adds), and:
   equal      every CTA the same tiles (kvattn today): the slowest CTA ends the launch
