@@ -122,7 +122,13 @@ static __device__ __forceinline__ void prefetch_l2(const void *p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-/* Loads that skip L1: data another CTA wrote during this launch. */
+/* Loads that skip L1: data another CTA wrote during this launch (or, ld_cg_s32 in decode's early prefetch,
+ * data the kernel before may still be writing: no L1 line is left for a later load to hit). */
+static __device__ __forceinline__ int ld_cg_s32(const int *p) {
+  int v;
+  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
 static __device__ __forceinline__ float ld_cg_f32(const float *p) {
   float v;
   asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));

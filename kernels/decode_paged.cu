@@ -297,13 +297,8 @@ static __device__ __forceinline__ int split_pos(const struct decode_params &p, i
  * before pdl_wait(). The kernel before this one may still be writing the page ids or the cache (an append of
  * the new tokens, a page table update): a prefetch is only a hint and L2 is coherent, so a line it brings in
  * is updated by those writes, and after the wait every load reads the written data. A page id read here may
- * be stale, which only costs a useless prefetch: it is read through L2 (ld.global.cg, no L1 line that a later
+ * be stale, which only costs a useless prefetch: it is read through L2 (ld_cg_s32, no L1 line that a later
  * load could hit) and clamped to the cache, so no address leaves it. One thread per row of a tile. */
-static __device__ __forceinline__ int ld_cg_int(const int *a) {
-  int v;
-  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(a));
-  return v;
-}
 static __device__ void prefetch_early(const struct decode_params &p, struct tile_iter ti) {
   for (int n = 0; n < DECODE_EARLY_PREFETCH && iter_valid(&ti); n++) {
     const int kv_head = ti.it.unit_head / HEAD_BLOCKS;
@@ -313,7 +308,7 @@ static __device__ void prefetch_early(const struct decode_params &p, struct tile
       int off;
       const int page_idx = split_pos(p, pos, &off);
       i64 page = ti.it.page_base + page_idx;
-      if (p.indices) page = ld_cg_int(p.indices + page * p.indices_stride);
+      if (p.indices) page = ld_cg_s32(p.indices + page * p.indices_stride);
       if (page < 0 || page >= p.num_pages) continue;
       const u16 *k = p.k + page * p.k_stride_page + (i64)off * p.k_stride_tok + (i64)kv_head * p.k_stride_head;
       const u16 *v = p.v + page * p.v_stride_page + (i64)off * p.v_stride_tok + (i64)kv_head * p.v_stride_head;
